@@ -1,0 +1,36 @@
+# The two set-up commands: `make serve` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: serve test lint typecheck unit integration clean
+
+$(STAMP): pyproject.toml
+	@echo "==> creating $(VENV) and installing fashionserve (PyTorch CPU build included)"
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/fashionserve serve
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy fashionserve export model_repository gateway clients loadtest tests
+
+unit: $(STAMP)
+	$(BIN)/pytest -q tests/unit
+
+integration: $(STAMP)
+	$(BIN)/pytest -q tests/integration
+
+test: lint typecheck
+	$(BIN)/pytest -q -ra
+
+clean:
+	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache
