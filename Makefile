@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint typecheck unit integration clean
+.PHONY: serve test lint typecheck unit integration clean protos
 
 $(STAMP): pyproject.toml
 	@echo "==> creating $(VENV) and installing fashionserve (PyTorch CPU build included)"
@@ -34,3 +34,7 @@ test: lint typecheck
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache
+
+# Regenerates the Python code of the gRPC contract; tests check it is up to date.
+protos: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. protos/fashion/v1/analysis_service.proto
