@@ -116,8 +116,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             arch=data["arch"]["name"],
             arch_params=dict(data["arch"].get("params", {})),
             input_size=(int(inp["height"]), int(inp["width"])),
-            mean=tuple(inp["mean"]),  # type: ignore[arg-type]
-            std=tuple(inp["std"]),  # type: ignore[arg-type]
+            mean=(float(inp["mean"][0]), float(inp["mean"][1]), float(inp["mean"][2])),
+            std=(float(inp["std"][0]), float(inp["std"][1]), float(inp["std"][2])),
             state_dict=data["state_dict"],
             taxonomy=taxonomy,
             training=dict(data.get("training", {})),

@@ -11,6 +11,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -84,8 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, handler: Handler, help: str, parent=sub) -> argparse.ArgumentParser:  # type: ignore[no-untyped-def]
-        p = parent.add_parser(name, help=help, description=help)
+    def command(
+        name: str, handler: Handler, help: str, parent: Any = sub
+    ) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = parent.add_parser(name, help=help, description=help)
         p.set_defaults(handler=handler)
         return p
 

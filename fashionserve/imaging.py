@@ -34,8 +34,14 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     if not data:
         raise ImageDecodeError("EMPTY_IMAGE", "image is empty (0 bytes)")
     try:
-        img = Image.open(io.BytesIO(data))
+        img: Image.Image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError("TOO_MANY_PIXELS", f"image is a decompression bomb: {exc}") from exc
     except Exception as exc:
+        if sniff_format(data) in ALLOWED_FORMATS:
+            raise ImageDecodeError(
+                "CORRUPT_IMAGE", f"{sniff_format(data)} header is corrupt or truncated: {exc}"
+            ) from exc
         raise ImageDecodeError("NOT_AN_IMAGE", f"bytes are not a recognised image: {exc}") from exc
     if img.format not in ALLOWED_FORMATS:
         raise ImageDecodeError(
@@ -56,7 +62,20 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     except ImageDecodeError:
         raise
     except Exception as exc:
-        raise ImageDecodeError("CORRUPT_IMAGE", f"image data is corrupt or truncated: {exc}") from exc
+        raise ImageDecodeError(
+            "CORRUPT_IMAGE", f"image data is corrupt or truncated: {exc}"
+        ) from exc
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The format named by the magic number at the start of ``data``, without decoding."""
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None
 
 
 def to_rgb(img: Image.Image) -> np.ndarray:

@@ -244,7 +244,9 @@ class Taxonomy:
             table = tables[group.name]
             if group.exclusive:
                 best = max(table, key=table.__getitem__)
-                kept = [best] if table[best] >= self.threshold("exclusive", best, group.name) else []
+                kept = (
+                    [best] if table[best] >= self.threshold("exclusive", best, group.name) else []
+                )
             else:
                 kept = [
                     lbl
@@ -309,7 +311,9 @@ def _parse(data: Any, source: str) -> Taxonomy:
                 problems.append(f"{here}: empty category name")
                 continue
             if name in where:
-                problems.append(f"{here}: duplicate category name {name!r} (first at {where[name]})")
+                problems.append(
+                    f"{here}: duplicate category name {name!r} (first at {where[name]})"
+                )
                 continue
             where[name] = here
             path = (*parent.path, name) if parent else (name,)
@@ -349,7 +353,11 @@ def _parse(data: Any, source: str) -> Taxonomy:
             problems.append(f"{here}.exclusive: expected true or false")
             exclusive = False
         labels = g.get("labels")
-        if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+        if (
+            not isinstance(labels, list)
+            or not labels
+            or not all(isinstance(x, str) for x in labels)
+        ):
             problems.append(f"{here}.labels: expected a non-empty list of names")
             labels = []
         for j, label in enumerate(labels):
@@ -387,9 +395,7 @@ def _parse(data: Any, source: str) -> Taxonomy:
             elif label not in by_group[gname].labels:
                 problems.append(f"{here}: unknown label {label!r} in group {gname!r}")
         elif key not in where:
-            problems.append(
-                f"{here}: unknown category {key!r} (tags are named 'group/label')"
-            )
+            problems.append(f"{here}: unknown category {key!r} (tags are named 'group/label')")
         if (
             isinstance(value, bool)
             or not isinstance(value, int | float)
