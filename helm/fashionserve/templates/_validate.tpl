@@ -1,0 +1,32 @@
+{{/*
+Cross-field checks that a JSON schema cannot express; rendering stops with a message that
+names the values to fix. Included once, at the top of gateway-configmap.yaml (always rendered).
+*/}}
+{{- define "fashionserve.validate" -}}
+{{- $gw := .Values.gateway -}}
+{{- if le (int $gw.terminationGracePeriodSeconds) (add $gw.preStopSleepSeconds $gw.shutdownGraceSeconds | int) -}}
+{{- fail (printf "gateway.terminationGracePeriodSeconds (%v) must exceed gateway.preStopSleepSeconds + gateway.shutdownGraceSeconds (%v + %v), or Kubernetes kills requests still draining" $gw.terminationGracePeriodSeconds $gw.preStopSleepSeconds $gw.shutdownGraceSeconds) -}}
+{{- end -}}
+{{- if le (int .Values.triton.terminationGracePeriodSeconds) (int .Values.triton.exitTimeoutSeconds) -}}
+{{- fail (printf "triton.terminationGracePeriodSeconds (%v) must exceed triton.exitTimeoutSeconds (%v)" .Values.triton.terminationGracePeriodSeconds .Values.triton.exitTimeoutSeconds) -}}
+{{- end -}}
+{{- if and .Values.engineBuild.enabled (ne .Values.modelRepository.source "pvc") -}}
+{{- fail "engineBuild writes engines into the repository PVC: it needs modelRepository.source=pvc" -}}
+{{- end -}}
+{{- if and .Values.engineBuild.enabled .Values.engineBuild.hook (not .Values.modelRepository.pvc.existingClaim) -}}
+{{- fail "engineBuild.hook runs before the chart creates its PVC: set modelRepository.pvc.existingClaim (or engineBuild.hook=false)" -}}
+{{- end -}}
+{{- if and .Values.metrics.serviceMonitor.enabled .Values.networkPolicy.enabled (not .Values.networkPolicy.metricsFrom) -}}
+{{- fail "metrics.serviceMonitor.enabled with networkPolicy.enabled: set networkPolicy.metricsFrom to the Prometheus pods, or the NetworkPolicy blocks the scrapes" -}}
+{{- end -}}
+{{- if and (eq .Values.modelRepository.source "objectStorage") (not .Values.modelRepository.objectStorage.url) -}}
+{{- fail "modelRepository.source=objectStorage needs modelRepository.objectStorage.url (s3://... or gs://...)" -}}
+{{- end -}}
+{{- $pvc := .Values.modelRepository.pvc -}}
+{{- if and (eq .Values.modelRepository.source "pvc") (not $pvc.create) (not $pvc.existingClaim) -}}
+{{- fail "modelRepository.source=pvc needs modelRepository.pvc.create=true or modelRepository.pvc.existingClaim" -}}
+{{- end -}}
+{{- if and .Values.modelRepository.objectStorage.gcsCredentialsKey (not .Values.modelRepository.objectStorage.existingSecret) -}}
+{{- fail "modelRepository.objectStorage.gcsCredentialsKey names a key of modelRepository.objectStorage.existingSecret, which is empty" -}}
+{{- end -}}
+{{- end -}}
