@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -74,8 +75,26 @@ def _triton(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from fashionserve.evaluate import evaluate
 
-    evaluate(args.data, triton=args.triton, json_out=args.json_out)
+    evaluate(
+        args.data,
+        triton=args.triton,
+        json_out=args.json_out,
+        gateway=args.gateway,
+        api_key=args.api_key,
+    )
     return 0
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from clients.cli import run
+
+    return run(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from fashionserve.serve import run
+
+    return run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,8 +165,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("evaluate", _evaluate, "measure quality through the served ensemble")
     p.add_argument("--data", type=Path, required=True, help="a `data synth` directory")
-    p.add_argument("--triton", required=True, metavar="HOST:PORT", help="Triton gRPC address")
+    through = p.add_mutually_exclusive_group(required=True)
+    through.add_argument("--triton", metavar="HOST:PORT", help="Triton gRPC address")
+    through.add_argument("--gateway", metavar="HOST:PORT", help="gateway address (public API)")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("FASHIONSERVE_API_KEY"),
+        help="with --gateway (env FASHIONSERVE_API_KEY)",
+    )
     p.add_argument("--json-out", type=Path, help="write the figures as JSON")
+
+    from clients.cli import add_arguments as add_analyze_arguments
+    from fashionserve.serve import add_arguments as add_serve_arguments
+
+    add_analyze_arguments(command("analyze", _analyze, "analyse images through the gateway"))
+    add_serve_arguments(
+        command("serve", _serve, "build what is missing, then run Triton and the gateway")
+    )
+    from gateway.cli import add_gateway_commands
+
+    add_gateway_commands(sub)
+    from loadtest.cli import add_loadtest_commands
+
+    add_loadtest_commands(sub)
     return parser
 
 

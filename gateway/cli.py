@@ -1,0 +1,130 @@
+"""The ``fashionserve gateway`` and ``fashionserve keys create`` commands.
+
+Only argparse is imported at module level: ``fashionserve --help`` must stay fast, so the
+gateway's heavy imports (grpc, tritonclient) happen when the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+KEY_SCOPES = ("analyze", "embed", "admin")  # gateway.auth.SCOPES, without importing grpc
+
+
+def add_gateway_commands(subparsers: Any) -> None:
+    """Add ``gateway`` and ``keys create`` to the ``fashionserve`` command line."""
+    p = subparsers.add_parser(
+        "gateway",
+        help="run the gRPC gateway in front of Triton",
+        description="Run the gRPC gateway (fashion.v1.FashionAnalysisService) in front of "
+        "Triton. Settings come from FASHIONSERVE_GATEWAY_* environment variables, then the "
+        "--config YAML file, then these flags (flags win).",
+    )
+    p.set_defaults(handler=_gateway)
+    p.add_argument(
+        "--config",
+        type=Path,
+        help="settings YAML file (default: $FASHIONSERVE_GATEWAY_CONFIG, if set)",
+    )
+    p.add_argument("--listen-address", metavar="HOST:PORT", help="default 127.0.0.1:50051")
+    p.add_argument("--triton-url", metavar="HOST:PORT", help="default localhost:8001")
+    p.add_argument("--api-keys-file", type=Path, help="API key file (`fashionserve keys create`)")
+    p.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="turn API-key authentication off: local development only",
+    )
+    p.add_argument("--taxonomy-file", type=Path, help="taxonomy YAML (default: the packaged one)")
+    p.add_argument("--max-batch-size", type=int, help="images per ensemble call (default 8)")
+    p.add_argument(
+        "--max-queue-delay-microseconds",
+        type=int,
+        help="how long a batch waits to fill (default 2000)",
+    )
+    p.add_argument("--log-format", choices=["text", "json"])
+    p.add_argument(
+        "--ready-file",
+        type=Path,
+        help='write {"address": "HOST:PORT", "port": N} here once listening',
+    )
+
+    keys = subparsers.add_parser("keys", help="API keys").add_subparsers(
+        dest="keys_command", required=True, metavar="COMMAND"
+    )
+    k = keys.add_parser(
+        "create",
+        help="create an API key and append its hash to a key file",
+        description="Create an API key, print it once, and append its salted hash to the "
+        "key file (created with mode 0600 if missing). The key cannot be shown again.",
+    )
+    k.set_defaults(handler=_keys_create)
+    k.add_argument("--id", required=True, help="key id (A-Z a-z 0-9 _ -), shown in logs")
+    k.add_argument("--tenant", default="default", help="tenant the key belongs to")
+    k.add_argument(
+        "--scopes",
+        nargs="+",
+        choices=KEY_SCOPES,
+        default=list(KEY_SCOPES),
+        help="what the key may do (default: all)",
+    )
+    k.add_argument("--file", type=Path, required=True, help="the key file")
+
+
+def _gateway(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from gateway.server import configure_logging, serve
+    from gateway.settings import SettingsError, load_settings
+
+    flags: dict[str, Any] = {
+        "listen_address": args.listen_address,
+        "triton_url": args.triton_url,
+        "api_keys_file": args.api_keys_file,
+        "taxonomy_file": args.taxonomy_file,
+        "max_batch_size": args.max_batch_size,
+        "max_queue_delay_microseconds": args.max_queue_delay_microseconds,
+        "log_format": args.log_format,
+    }
+    if args.no_auth:
+        flags["auth_enabled"] = False
+    try:
+        settings = load_settings(args.config, **flags)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:
+        print(f"error: invalid gateway settings:\n{_describe(exc)}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_format, verbose=bool(getattr(args, "verbose", False)))
+    return serve(settings, ready_file=args.ready_file)
+
+
+def _describe(exc: Any) -> str:
+    lines = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error.get("loc", ())) or "settings"
+        lines.append(f"  - {where}: {error.get('msg')}")
+    return "\n".join(lines)
+
+
+def _keys_create(args: argparse.Namespace) -> int:
+    from gateway.auth import KeyFileError, create_key
+
+    try:
+        key = create_key(args.file, args.id, tenant=args.tenant, scopes=args.scopes)
+    except KeyFileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(key)  # stdout holds the key alone, for scripts
+    print(
+        f"API key {args.id!r} created; its hash was added to {args.file}. "
+        "Store the key now: it cannot be shown again.",
+        file=sys.stderr,
+    )
+    return 0

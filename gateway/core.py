@@ -1,0 +1,319 @@
+"""The gateway's request flow, free of gRPC: validate, batch, infer, decode.
+
+:class:`Analyzer` serves the three analysis calls on plain data (bytes and
+:class:`~gateway.validation.AnalyzeOptions` in, :class:`~gateway.results.ImageResult` or a
+:class:`~gateway.errors.GatewayError` out). :class:`ServingMonitor` keeps track of what
+Triton serves: the health service and every request consult it, so the gateway never
+decodes logits with a taxonomy other than the one the served tagger was exported with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from fashionserve.taxonomy import Taxonomy
+from gateway import __version__
+from gateway.auth import require_scope
+from gateway.batcher import BatcherClosed, MicroBatcher, bounded_map
+from gateway.errors import (
+    DeadlineExceeded,
+    GatewayError,
+    Unavailable,
+    as_gateway_error,
+)
+from gateway.results import ImageOutput, ImageResult, assemble_result
+from gateway.settings import GatewaySettings
+from gateway.triton_client import ServedModel, ServedState, TritonPipeline
+from gateway.validation import (
+    ACCEPTED_FORMATS,
+    AnalyzeOptions,
+    ImageLimits,
+    inspect_image,
+    validate_image_count,
+    validate_options,
+    validate_request_id,
+)
+
+log = logging.getLogger(__name__)
+
+# Until Triton has told us its cap (ensemble parameter max_crops_per_image), accept any
+# max_garments up to this; the ensemble never returns more than its own cap anyway.
+FALLBACK_MAX_GARMENTS = 1024
+# A request that finds the pipeline not serving re-checks Triton at most this often.
+_RECHECK_SECONDS = 0.5
+
+
+@dataclass(frozen=True)
+class RawOptions:
+    """Options as the caller sent them (zero values mean defaults)."""
+
+    min_score: float = 0.0
+    max_garments: int = 0
+    include_embeddings: bool = False
+    include_probability_tables: bool = False
+
+
+@dataclass(frozen=True)
+class StreamItem:
+    """One request of a stream."""
+
+    request_id: str
+    image: bytes
+    options: RawOptions
+
+
+@dataclass(frozen=True)
+class StreamOutcome:
+    """The answer to one stream request: a result or an error, with its id."""
+
+    request_id: str
+    outcome: ImageResult | GatewayError
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a caller may send (GetServingInfo)."""
+
+    max_image_bytes: int
+    max_image_pixels: int
+    max_images_per_batch: int
+    max_message_bytes: int
+    accepted_formats: tuple[str, ...]
+    max_garments_per_image: int
+    embedding_dimension: int
+
+
+@dataclass(frozen=True)
+class ServingInfo:
+    """What is served and the limits (GetServingInfo)."""
+
+    models: tuple[ServedModel, ...]
+    taxonomy_version: str
+    taxonomy_hash: str
+    limits: Limits
+    gateway_version: str
+
+
+class ServingMonitor:
+    """Whether the pipeline can serve: Triton ready and the served taxonomy hash equal to
+    the gateway's. :meth:`run` re-checks every ``interval`` seconds and reports changes to
+    ``on_change(serving)``."""
+
+    def __init__(
+        self,
+        pipeline: TritonPipeline,
+        taxonomy: Taxonomy,
+        interval: float,
+        on_change: Callable[[bool], Awaitable[None]] | None = None,
+    ) -> None:
+        self.pipeline = pipeline
+        self.taxonomy = taxonomy
+        self.interval = interval
+        self.on_change = on_change
+        self.state = ServedState(False, "not checked yet")
+        self.serving = False
+        self.problem = "not checked yet"
+        self._refreshing: asyncio.Task[bool] | None = None
+        self._last_refresh = 0.0
+
+    async def refresh(self) -> bool:
+        """Check Triton now (concurrent callers share one check); return ``serving``."""
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.ensure_future(self._refresh())
+        return await asyncio.shield(self._refreshing)
+
+    async def _refresh(self) -> bool:
+        self._last_refresh = time.monotonic()
+        state = await self.pipeline.describe()
+        if not state.ready:
+            serving, problem = False, state.problem
+        elif state.taxonomy_hash != self.taxonomy.hash:
+            serving = False
+            problem = (
+                f"the served tagger was exported with taxonomy "
+                f"{state.taxonomy_version or '?'} (hash {state.taxonomy_hash[:12] or 'unknown'}), "
+                f"the gateway decodes with {self.taxonomy.version} "
+                f"(hash {self.taxonomy.hash[:12]})"
+            )
+        else:
+            serving, problem = True, ""
+        self.state = state
+        changed = serving != self.serving or problem != self.problem
+        self.serving, self.problem = serving, problem
+        if changed:
+            if serving:
+                log.info("pipeline SERVING (Triton %s ready, taxonomy matches)", self.pipeline.url)
+            else:
+                log.warning("pipeline NOT_SERVING: %s", problem)
+            if self.on_change is not None:
+                await self.on_change(serving)
+        return serving
+
+    async def run(self) -> None:
+        """Re-check forever (cancel to stop)."""
+        while True:
+            try:
+                await self.refresh()
+            except Exception:  # the monitor must survive anything a check throws
+                log.exception("serving check failed")
+            await asyncio.sleep(self.interval)
+
+    async def require_serving(self) -> None:
+        """Raise UNAVAILABLE unless serving (re-checking at most every half second)."""
+        if self.serving:
+            return
+        if time.monotonic() - self._last_refresh >= _RECHECK_SECONDS and await self.refresh():
+            return
+        self.check_taxonomy()
+        raise Unavailable("NOT_SERVING", f"the pipeline is not serving: {self.problem}")
+
+    def check_taxonomy(self) -> None:
+        """Raise UNAVAILABLE (TAXONOMY_MISMATCH) if the served tagger is known to have been
+        exported with another taxonomy than the gateway's: its logits cannot be decoded."""
+        if self.state.ready and self.state.taxonomy_hash != self.taxonomy.hash:
+            raise Unavailable(
+                "TAXONOMY_MISMATCH",
+                self.problem,
+                {
+                    "servedTaxonomyHash": self.state.taxonomy_hash,
+                    "gatewayTaxonomyHash": self.taxonomy.hash,
+                },
+            )
+
+
+class Analyzer:
+    """Validate, micro-batch, infer and decode: the three analysis calls on plain data."""
+
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        taxonomy: Taxonomy,
+        pipeline: TritonPipeline,
+        monitor: ServingMonitor,
+    ) -> None:
+        self.settings = settings
+        self.taxonomy = taxonomy
+        self.pipeline = pipeline
+        self.monitor = monitor
+        self.limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
+        self.batcher: MicroBatcher[bytes, ImageOutput] = MicroBatcher(
+            pipeline.infer,
+            max_batch_size=settings.max_batch_size,
+            max_queue_delay_microseconds=settings.max_queue_delay_microseconds,
+            max_batches_in_flight=settings.max_batches_in_flight,
+        )
+
+    def start(self) -> None:
+        """Start the batcher (inside the event loop)."""
+        self.batcher.start()
+
+    async def close(self) -> None:
+        """Stop taking requests and finish the batches in flight."""
+        await self.batcher.close()
+
+    # ------------------------------------------------------------------ options
+    def resolve_options(self, raw: RawOptions) -> AnalyzeOptions:
+        """Validate the caller's options against the served caps and the caller's scopes."""
+        cap = self.monitor.state.max_crops_per_image or FALLBACK_MAX_GARMENTS
+        options = validate_options(
+            raw.min_score,
+            raw.max_garments,
+            raw.include_embeddings,
+            raw.include_probability_tables,
+            max_garments_cap=cap,
+        )
+        if options.include_embeddings:
+            require_scope("embed")
+        return options
+
+    # ------------------------------------------------------------------ analysis
+    async def analyze(self, image: bytes, raw: RawOptions) -> ImageResult:
+        """Analyze one image; raises :class:`GatewayError`."""
+        options = self.resolve_options(raw)
+        inspect_image(image, self.limits)
+        await self.monitor.require_serving()
+        return await self._infer(image, options)
+
+    async def analyze_batch(
+        self, images: Sequence[bytes], raw: RawOptions
+    ) -> list[ImageResult | GatewayError]:
+        """Analyze several images; one outcome per image, in order.
+
+        An image's own problem (bad bytes, refused by the pipeline) is that entry's error.
+        A problem of the service (not serving, Triton unreachable, too slow) fails the
+        whole call, so that callers retry it as a whole.
+        """
+        validate_image_count(len(images), self.settings.max_images_per_batch_request)
+        options = self.resolve_options(raw)
+        await self.monitor.require_serving()
+        outcomes = await asyncio.gather(*(self._analyze_safe(img, options) for img in images))
+        for outcome in outcomes:
+            if isinstance(outcome, Unavailable | DeadlineExceeded):
+                raise outcome
+        return list(outcomes)
+
+    async def analyze_stream(
+        self, items: AsyncIterator[StreamItem]
+    ) -> AsyncIterator[StreamOutcome]:
+        """Answer a stream of requests, out of order, each with its id.
+
+        At most ``max_stream_in_flight`` requests are read but not yet answered: the next
+        request is read only when one has been answered (flow control). Every problem,
+        including an unavailable pipeline, is the error of the request it concerns; the
+        stream goes on.
+        """
+
+        async def answer(item: StreamItem) -> StreamOutcome:
+            try:
+                validate_request_id(item.request_id)
+                result = await self.analyze(item.image, item.options)
+            except Exception as exc:
+                return StreamOutcome(item.request_id, as_gateway_error(exc))
+            return StreamOutcome(item.request_id, result)
+
+        async for outcome in bounded_map(items, answer, self.settings.max_stream_in_flight):
+            yield outcome
+
+    async def _analyze_safe(
+        self, image: bytes, options: AnalyzeOptions
+    ) -> ImageResult | GatewayError:
+        try:
+            inspect_image(image, self.limits)
+            return await self._infer(image, options)
+        except Exception as exc:
+            return as_gateway_error(exc)
+
+    async def _infer(self, image: bytes, options: AnalyzeOptions) -> ImageResult:
+        try:
+            output = await self.batcher.submit(image)
+        except BatcherClosed as exc:
+            raise Unavailable("SHUTTING_DOWN", "the gateway is shutting down; retry") from exc
+        # The served model may have changed while the batch ran (a reload).
+        self.monitor.check_taxonomy()
+        return assemble_result(output, self.taxonomy, options)
+
+    # ------------------------------------------------------------------ info
+    async def serving_info(self) -> ServingInfo:
+        """Served model versions, taxonomy and the limits a caller must respect."""
+        if not self.monitor.state.ready:
+            await self.monitor.refresh()
+        state = self.monitor.state
+        return ServingInfo(
+            models=state.models,
+            taxonomy_version=self.taxonomy.version,
+            taxonomy_hash=self.taxonomy.hash,
+            limits=Limits(
+                max_image_bytes=self.settings.max_image_bytes,
+                max_image_pixels=self.settings.max_image_pixels,
+                max_images_per_batch=self.settings.max_images_per_batch_request,
+                max_message_bytes=self.settings.max_message_bytes,
+                accepted_formats=ACCEPTED_FORMATS,
+                max_garments_per_image=state.max_crops_per_image,
+                embedding_dimension=state.embedding_dimension,
+            ),
+            gateway_version=__version__,
+        )

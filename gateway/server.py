@@ -1,0 +1,258 @@
+"""The gateway process: a grpc.aio server with our service, health and reflection.
+
+``create_server(settings)`` builds everything and returns it with the bound port (bind
+port 0 in tests); ``serve(settings)`` runs it until SIGINT/SIGTERM and shuts down
+gracefully: health turns NOT_SERVING, new calls are refused, calls in flight get
+``shutdown_grace_seconds`` to finish, then the batcher and the Triton channel close.
+
+Health (``grpc.health.v1`` on the same port): the services ``""`` and
+``fashion.v1.FashionAnalysisService`` are SERVING only while Triton is ready and the served
+tagger's taxonomy hash equals the gateway's; a background task re-checks every
+``health_check_interval_seconds``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from fashionserve.taxonomy import Taxonomy, load_taxonomy
+from gateway import __version__
+from gateway.auth import AuthInterceptor, KeyStore
+from gateway.core import Analyzer, ServingMonitor
+from gateway.errors import ErrorInterceptor
+from gateway.servicer import SERVICE_NAME, FashionAnalysisServicer
+from gateway.settings import GatewaySettings
+from gateway.triton_client import TritonPipeline
+from protos.fashion.v1 import analysis_service_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+HEALTH_SERVICES = ("", SERVICE_NAME)
+
+
+class GatewayServer:
+    """The running parts of one gateway: the grpc.aio server (:attr:`grpc_server`), the
+    analyzer with its batcher, the Triton client and the health monitor."""
+
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        grpc_server: grpc.aio.Server,
+        analyzer: Analyzer,
+        monitor: ServingMonitor,
+        pipeline: TritonPipeline,
+        health_servicer: health.aio.HealthServicer,
+        port: int,
+    ) -> None:
+        self.settings = settings
+        self.grpc_server = grpc_server
+        self.analyzer = analyzer
+        self.monitor = monitor
+        self.pipeline = pipeline
+        self.health = health_servicer
+        self.port = port
+        self._monitor_task: asyncio.Task[None] | None = None
+
+    @property
+    def address(self) -> str:
+        """host:port actually bound."""
+        return f"{self.settings.bind_host}:{self.port}"
+
+    async def start(self) -> None:
+        """Start serving and the health monitor."""
+        self.analyzer.start()
+        await self.grpc_server.start()
+        self._monitor_task = asyncio.get_running_loop().create_task(
+            self.monitor.run(), name="serving-monitor"
+        )
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful stop: NOT_SERVING, refuse new calls, let calls in flight finish."""
+        grace = self.settings.shutdown_grace_seconds if grace is None else grace
+        if self._monitor_task is not None:
+            self._monitor_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor_task
+        await self.health.enter_graceful_shutdown()
+        await self.grpc_server.stop(grace)
+        await self.analyzer.close()
+        await self.pipeline.close()
+        sizes, waits = self.analyzer.batcher.batch_size, self.analyzer.batcher.queue_wait_seconds
+        log.info(
+            "served %d image(s) in %d batch(es): mean batch size %.2f, mean queue wait %.2f ms",
+            waits.count,
+            sizes.count,
+            sizes.mean,
+            waits.mean * 1e3,
+        )
+
+    async def wait_for_termination(self) -> None:
+        """Block until the server stops."""
+        await self.grpc_server.wait_for_termination()
+
+
+async def create_server(
+    settings: GatewaySettings, taxonomy: Taxonomy | None = None
+) -> tuple[GatewayServer, int]:
+    """Build the gateway and bind its port; returns ``(server, port)``. Call
+    ``await server.start()`` to serve. Must run inside the event loop that will serve."""
+    taxonomy = taxonomy or load_taxonomy(settings.taxonomy_file)
+    store: KeyStore | None = None
+    if settings.auth_enabled:
+        assert settings.api_keys_file is not None  # the settings model guarantees it
+        store = KeyStore(settings.api_keys_file)
+        if not len(store):
+            log.warning(
+                "API key file %s holds no key: every call will be refused", settings.api_keys_file
+            )
+    else:
+        log.warning(
+            "!!! AUTHENTICATION IS OFF (--no-auth / auth_enabled=false): anyone who can reach "
+            "%s can use the service. Use this for local development only. !!!",
+            settings.listen_address,
+        )
+
+    pipeline = TritonPipeline(
+        settings.triton_url,
+        max_batch_size=settings.max_batch_size,
+        max_image_bytes=settings.max_image_bytes,
+        request_timeout_seconds=settings.request_timeout_seconds,
+    )
+    health_servicer = health.aio.HealthServicer()
+    for service in HEALTH_SERVICES:  # NOT_SERVING until the monitor has seen Triton ready
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def on_change(serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in HEALTH_SERVICES:
+            await health_servicer.set(service, status)
+
+    monitor = ServingMonitor(
+        pipeline, taxonomy, settings.health_check_interval_seconds, on_change=on_change
+    )
+    analyzer = Analyzer(settings, taxonomy, pipeline, monitor)
+
+    server = grpc.aio.server(
+        # ErrorInterceptor first: it maps what AuthInterceptor raises.
+        interceptors=[ErrorInterceptor(), AuthInterceptor(store)],
+        options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            # Without this a second gateway on the same port would start and silently
+            # share the port (gRPC sets SO_REUSEPORT by default on Linux).
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    pb_grpc.add_FashionAnalysisServiceServicer_to_server(FashionAnalysisServicer(analyzer), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    try:
+        port = server.add_insecure_port(settings.listen_address)
+    except RuntimeError as exc:
+        await pipeline.close()
+        raise OSError(f"cannot listen on {settings.listen_address}: {exc}") from exc
+    if port == 0:
+        await pipeline.close()
+        raise OSError(f"cannot listen on {settings.listen_address} (in use?)")
+    gateway = GatewayServer(settings, server, analyzer, monitor, pipeline, health_servicer, port)
+    return gateway, port
+
+
+# ------------------------------------------------------------------------ logging
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line (for log collectors)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The record as JSON: time, level, logger, message and any exception."""
+        doc: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc)
+
+
+def configure_logging(log_format: str, verbose: bool = False) -> None:
+    """Send logs to stderr as text or JSON lines."""
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+# ------------------------------------------------------------------------ serve
+async def serve_async(
+    settings: GatewaySettings, on_ready: Callable[[GatewayServer], None] | None = None
+) -> None:
+    """Run the gateway until SIGINT or SIGTERM, then shut down gracefully."""
+    gateway, _ = await create_server(settings)
+    await gateway.start()
+    log.info(
+        "fashionserve gateway %s listening on %s (Triton %s, auth %s)",
+        __version__,
+        gateway.address,
+        settings.triton_url,
+        "on" if settings.auth_enabled else "OFF",
+    )
+    if on_ready is not None:
+        on_ready(gateway)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        log.info("shutting down (grace %.1f s)", settings.shutdown_grace_seconds)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await gateway.stop()
+    log.info("gateway stopped")
+
+
+def serve(settings: GatewaySettings, ready_file: Path | None = None) -> int:
+    """Blocking entry point of ``fashionserve gateway``; returns the exit code.
+
+    With ``ready_file``, writes ``{"address": "HOST:PORT"}`` there once listening (for
+    scripts and tests that bind port 0).
+    """
+
+    def on_ready(gateway: GatewayServer) -> None:
+        if ready_file is not None:
+            tmp = ready_file.with_name(ready_file.name + ".tmp")
+            tmp.write_text(json.dumps({"address": gateway.address, "port": gateway.port}))
+            tmp.replace(ready_file)
+
+    try:
+        asyncio.run(serve_async(settings, on_ready))
+    except OSError as exc:
+        log.error("%s", exc)
+        return 1
+    return 0

@@ -1,0 +1,184 @@
+"""The gRPC servicer: protobuf in, domain call, protobuf out. Nothing else lives here.
+
+Validation, batching and decoding are in :mod:`gateway.core` and the modules it uses;
+errors raised there are mapped to ``google.rpc.Status`` by
+:class:`gateway.errors.ErrorInterceptor`, or become ``ItemError`` entries here.
+
+(KServe: ``protocol/grpc/servicer.py`` over ``protocol/dataplane.py``.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from fashionserve.taxonomy import ScoredLabel, Taxonomy
+from gateway.core import Analyzer, RawOptions, ServingInfo, StreamItem
+from gateway.errors import GatewayError
+from gateway.results import Box, GarmentResult, ImageResult
+from protos.fashion.v1 import analysis_service_pb2 as pb
+from protos.fashion.v1 import analysis_service_pb2_grpc as pb_grpc
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FashionAnalysisService"].full_name
+
+
+# ------------------------------------------------------------------ protobuf -> domain
+def options_from_pb(options: pb.AnalyzeOptions) -> RawOptions:
+    """The caller's options as plain data."""
+    return RawOptions(
+        min_score=options.min_score,
+        max_garments=options.max_garments,
+        include_embeddings=options.include_embeddings,
+        include_probability_tables=options.include_probability_tables,
+    )
+
+
+# ------------------------------------------------------------------ domain -> protobuf
+def _box(box: Box) -> pb.Box:
+    return pb.Box(x_min=box.x_min, y_min=box.y_min, x_max=box.x_max, y_max=box.y_max)
+
+
+def _labels(labels: list[ScoredLabel]) -> list[pb.ScoredLabel]:
+    return [pb.ScoredLabel(name=s.name, probability=s.probability) for s in labels]
+
+
+def garment_to_pb(g: GarmentResult) -> pb.Garment:
+    """One garment as the API describes it."""
+    return pb.Garment(
+        box=_box(g.box),
+        normalized_box=_box(g.normalized_box),
+        detector_score=g.detector_score,
+        detector_class=g.detector_class,
+        category_path=_labels(g.category_path),
+        tag_groups=[pb.TagGroupResult(group=n, labels=_labels(ls)) for n, ls in g.tag_groups],
+        embedding=g.embedding or [],
+        probability_tables=[
+            pb.ProbabilityTable(name=n, labels=_labels(ls)) for n, ls in g.probability_tables
+        ],
+    )
+
+
+def result_to_pb(result: ImageResult) -> pb.ImageResult:
+    """One image's result."""
+    return pb.ImageResult(
+        width=result.width,
+        height=result.height,
+        garments=[garment_to_pb(g) for g in result.garments],
+    )
+
+
+def item_error_to_pb(err: GatewayError) -> pb.ItemError:
+    """A per-item error, shaped like google.rpc.Status with its one ErrorInfo flattened."""
+    return pb.ItemError(
+        code=err.code_number, message=err.message, reason=err.reason, metadata=err.metadata
+    )
+
+
+def taxonomy_to_pb(taxonomy: Taxonomy) -> pb.GetTaxonomyResponse:
+    """The taxonomy: categories parents first, then the tag groups."""
+    order = sorted(taxonomy.nodes.values(), key=lambda n: len(n.path))  # stable: parents first
+    return pb.GetTaxonomyResponse(
+        version=taxonomy.version,
+        hash=taxonomy.hash,
+        categories=[
+            pb.Category(name=n.name, parent=n.parent or "", path=list(n.path)) for n in order
+        ],
+        tag_groups=[
+            pb.TagGroup(
+                name=g.name,
+                exclusive=g.exclusive,
+                labels=list(g.labels),
+                applies_to=list(g.applies_to or ()),
+            )
+            for g in taxonomy.groups
+        ],
+    )
+
+
+def serving_info_to_pb(info: ServingInfo) -> pb.GetServingInfoResponse:
+    """What is served and the limits."""
+    lim = info.limits
+    return pb.GetServingInfoResponse(
+        models=[
+            pb.ServedModel(name=m.name, version=m.version, artifact_sha256=m.artifact_sha256)
+            for m in info.models
+        ],
+        taxonomy_version=info.taxonomy_version,
+        taxonomy_hash=info.taxonomy_hash,
+        limits=pb.Limits(
+            max_image_bytes=lim.max_image_bytes,
+            max_image_pixels=lim.max_image_pixels,
+            max_images_per_batch=lim.max_images_per_batch,
+            max_message_bytes=lim.max_message_bytes,
+            accepted_formats=list(lim.accepted_formats),
+            max_garments_per_image=lim.max_garments_per_image,
+            embedding_dimension=lim.embedding_dimension,
+        ),
+        gateway_version=info.gateway_version,
+    )
+
+
+class FashionAnalysisServicer(pb_grpc.FashionAnalysisServiceServicer):
+    """fashion.v1.FashionAnalysisService over :class:`gateway.core.Analyzer`."""
+
+    def __init__(self, analyzer: Analyzer) -> None:
+        self.analyzer = analyzer
+
+    async def Analyze(
+        self, request: pb.AnalyzeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AnalyzeResponse:
+        """One image."""
+        result = await self.analyzer.analyze(request.image.data, options_from_pb(request.options))
+        return pb.AnalyzeResponse(result=result_to_pb(result))
+
+    async def BatchAnalyze(
+        self, request: pb.BatchAnalyzeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.BatchAnalyzeResponse:
+        """Several images; per-image errors are entries, not a failed call."""
+        outcomes = await self.analyzer.analyze_batch(
+            [image.data for image in request.images], options_from_pb(request.options)
+        )
+        return pb.BatchAnalyzeResponse(
+            entries=[
+                pb.BatchAnalyzeEntry(error=item_error_to_pb(o))
+                if isinstance(o, GatewayError)
+                else pb.BatchAnalyzeEntry(result=result_to_pb(o))
+                for o in outcomes
+            ]
+        )
+
+    async def StreamAnalyze(
+        self,
+        request_iterator: AsyncIterator[pb.StreamAnalyzeRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.StreamAnalyzeResponse]:
+        """A stream of images; responses out of order, each with its request id."""
+
+        async def items() -> AsyncIterator[StreamItem]:
+            async for request in request_iterator:
+                yield StreamItem(
+                    request.request_id, request.image.data, options_from_pb(request.options)
+                )
+
+        async for answer in self.analyzer.analyze_stream(items()):
+            if isinstance(answer.outcome, GatewayError):
+                yield pb.StreamAnalyzeResponse(
+                    request_id=answer.request_id, error=item_error_to_pb(answer.outcome)
+                )
+            else:
+                yield pb.StreamAnalyzeResponse(
+                    request_id=answer.request_id, result=result_to_pb(answer.outcome)
+                )
+
+    async def GetTaxonomy(
+        self, request: pb.GetTaxonomyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetTaxonomyResponse:
+        """The taxonomy the gateway decodes with (equal to the served one when SERVING)."""
+        return taxonomy_to_pb(self.analyzer.taxonomy)
+
+    async def GetServingInfo(
+        self, request: pb.GetServingInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetServingInfoResponse:
+        """Served models and limits."""
+        return serving_info_to_pb(await self.analyzer.serving_info())

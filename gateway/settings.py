@@ -1,0 +1,209 @@
+"""The gateway's settings: one validated model, read from three places.
+
+Precedence, lowest to highest: environment variables (``FASHIONSERVE_GATEWAY_<FIELD>``),
+then a YAML file (``--config FILE`` or ``FASHIONSERVE_GATEWAY_CONFIG``), then command-line
+flags. A flag wins over the YAML file, which wins over the environment; a field set
+nowhere takes its default. The same field names are used in all three places (the Helm
+chart renders the YAML file). Relative paths in the YAML file are relative to that file.
+
+The batcher fields are named like Triton's dynamic batcher (``max_batch_size``,
+``max_queue_delay_microseconds``) because they mean the same thing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+ENV_PREFIX = "FASHIONSERVE_GATEWAY_"
+CONFIG_ENV = f"{ENV_PREFIX}CONFIG"
+MIB = 1024 * 1024
+# gRPC message lengths are C ints.
+GRPC_MAX_MESSAGE = 2**31 - 1
+
+_ADDRESS = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]*):\d{1,5}$")
+
+# The YAML layer for the settings being built; a ContextVar rather than a class attribute
+# so two settings objects built at once (tests) do not see each other's file.
+_yaml_layer: ContextVar[dict[str, Any] | None] = ContextVar("_yaml_layer", default=None)
+
+
+class SettingsError(ValueError):
+    """The settings file could not be read."""
+
+
+class GatewaySettings(BaseSettings):
+    """Everything the gateway can be told. Build with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="forbid", validate_default=True, frozen=True
+    )
+
+    listen_address: str = Field(
+        "127.0.0.1:50051",
+        description="host:port the gRPC server listens on; port 0 picks a free port. "
+        "Use 0.0.0.0:50051 in containers.",
+    )
+    triton_url: str = Field("localhost:8001", description="Triton's gRPC address, host:port.")
+    auth_enabled: bool = Field(
+        True,
+        description="Require an API key (metadata x-api-key) on every analysis call. "
+        "Turn off for local use only: the gateway logs a warning.",
+    )
+    api_keys_file: Path | None = Field(
+        None,
+        description="YAML file of salted API-key hashes (`fashionserve keys create`). "
+        "Required when auth_enabled; re-read when it changes.",
+    )
+    max_batch_size: int = Field(
+        8,
+        ge=1,
+        le=256,
+        description="Most images in one ensemble call; must not exceed the ensemble's "
+        "max_images_per_request.",
+    )
+    max_queue_delay_microseconds: int = Field(
+        2000,
+        ge=0,
+        le=1_000_000,
+        description="How long the first request of a batch waits for others to join it.",
+    )
+    max_batches_in_flight: int = Field(
+        4, ge=1, le=256, description="Most ensemble calls outstanding at once."
+    )
+    max_image_bytes: int = Field(
+        20 * MIB, ge=1, le=GRPC_MAX_MESSAGE, description="Largest encoded image accepted, bytes."
+    )
+    max_image_pixels: int = Field(
+        50_000_000,
+        ge=1,
+        description="Largest image accepted, width x height (read from the header, "
+        "before any decode).",
+    )
+    max_message_bytes: int = Field(
+        64 * MIB,
+        ge=MIB,
+        le=GRPC_MAX_MESSAGE,
+        description="Largest gRPC message the gateway receives or sends; larger ones are "
+        "refused by gRPC itself with RESOURCE_EXHAUSTED.",
+    )
+    max_images_per_batch_request: int = Field(
+        16, ge=1, le=1024, description="Most images in one BatchAnalyze call."
+    )
+    max_stream_in_flight: int = Field(
+        32,
+        ge=1,
+        le=4096,
+        description="Most requests of one StreamAnalyze call read but not yet answered; the "
+        "gateway stops reading the stream until one is answered (flow control).",
+    )
+    request_timeout_seconds: float = Field(
+        30.0, gt=0, le=3600, description="Deadline of each ensemble call to Triton."
+    )
+    shutdown_grace_seconds: float = Field(
+        10.0, ge=0, le=3600, description="On SIGTERM, how long in-flight calls may finish."
+    )
+    health_check_interval_seconds: float = Field(
+        1.0,
+        gt=0,
+        le=300,
+        description="How often the gateway checks Triton's readiness and the served "
+        "taxonomy hash for the health service.",
+    )
+    taxonomy_file: Path | None = Field(
+        None,
+        description="Taxonomy YAML the gateway decodes with (default: the packaged one); "
+        "its hash must match the served tagger's.",
+    )
+    log_format: Literal["text", "json"] = Field("text", description="Log line format.")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Flags (init arguments) over the YAML file over the environment."""
+        yaml_source = InitSettingsSource(settings_cls, init_kwargs=_yaml_layer.get() or {})
+        return (init_settings, yaml_source, env_settings)
+
+    @field_validator("listen_address", "triton_url")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        if not _ADDRESS.match(value) or int(value.rsplit(":", 1)[1]) > 65535:
+            raise ValueError(f"expected host:port, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GatewaySettings:
+        if self.auth_enabled and self.api_keys_file is None:
+            raise ValueError(
+                "auth_enabled is true but api_keys_file is not set: create a key with "
+                "`fashionserve keys create --id dev --file keys.yaml` and pass "
+                "--api-keys-file keys.yaml (or --no-auth for local use only)"
+            )
+        if self.max_message_bytes < self.max_image_bytes:
+            raise ValueError(
+                f"max_message_bytes ({self.max_message_bytes}) must be at least "
+                f"max_image_bytes ({self.max_image_bytes}): an accepted image must fit a message"
+            )
+        return self
+
+    @property
+    def bind_host(self) -> str:
+        """The host part of :attr:`listen_address`."""
+        return self.listen_address.rsplit(":", 1)[0]
+
+
+def read_settings_file(path: Path) -> dict[str, Any]:
+    """Parse a settings YAML file: a mapping of field names to values.
+
+    Relative ``api_keys_file`` and ``taxonomy_file`` paths are made relative to the file.
+    """
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise SettingsError(f"cannot read settings file {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"settings file {path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SettingsError(f"settings file {path}: expected a mapping of setting names to values")
+    for key in ("api_keys_file", "taxonomy_file"):
+        value = data.get(key)
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            data[key] = str(path.parent / value)
+    return data
+
+
+def load_settings(config_file: Path | None = None, **flags: Any) -> GatewaySettings:
+    """Build the settings from the environment, the YAML file, then ``flags``.
+
+    ``config_file`` defaults to ``$FASHIONSERVE_GATEWAY_CONFIG``. Flags whose value is
+    None are treated as not given. Raises :class:`SettingsError` for an unreadable file and
+    ``pydantic.ValidationError`` for invalid values (each names the field).
+    """
+    if config_file is None and os.environ.get(CONFIG_ENV):
+        config_file = Path(os.environ[CONFIG_ENV])
+    layer = read_settings_file(config_file) if config_file is not None else {}
+    token = _yaml_layer.set(layer)
+    try:
+        return GatewaySettings(**{k: v for k, v in flags.items() if v is not None})
+    finally:
+        _yaml_layer.reset(token)

@@ -1,0 +1,261 @@
+"""Request checks done in the gateway, before anything is sent to Triton.
+
+Images are checked from their bytes and header only, never fully decoded here (decoding is
+the preprocess step's job, on Triton): the size in bytes, the format by its magic number
+against the allow-list, the dimensions from the header against the pixel limit
+(decompression bombs are refused before a pixel is decoded), and a cheap truncation check
+(a WebP must hold the bytes its RIFF header announces, a JPEG must end with its EOI marker,
+a PNG with IEND; a JPEG or PNG that does not is decoded here at 1/8 scale, or its chunks
+verified, to tell a truncated file from one with trailing data). Damage that only a full
+decode can see is reported by Triton's preprocess step and mapped back to the image.
+
+Every failure is an :class:`~gateway.errors.InvalidArgument` whose reason names the
+problem: EMPTY_IMAGE, IMAGE_TOO_LARGE, NOT_AN_IMAGE, UNSUPPORTED_FORMAT, TOO_MANY_PIXELS,
+CORRUPT_IMAGE, INVALID_OPTION, INVALID_REQUEST_ID, NO_IMAGES, TOO_MANY_IMAGES.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image
+
+from fashionserve.imaging import ALLOWED_FORMATS
+from gateway.errors import InvalidArgument
+
+ACCEPTED_FORMATS: tuple[str, ...] = tuple(sorted(ALLOWED_FORMATS))
+"""The formats the pipeline decodes (shared with Triton's preprocess step)."""
+
+MAX_REQUEST_ID_CHARS = 128
+
+# Magic numbers of formats we can name when refusing them. Only the accepted formats are
+# ever handed to PIL, and only to their own plugin: other parsers are attack surface.
+_UNSUPPORTED_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"\x00\x00\x01\x00", "ICO"),
+    (b"8BPS", "PSD"),
+    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG2000"),
+    (b"\xff\x4f\xff\x51", "JPEG2000"),
+    (b"\xff\x0a", "JPEGXL"),
+    (b"\x00\x00\x00\x0cJXL \r\n\x87\n", "JPEGXL"),
+    (b"%PDF", "PDF"),
+    (b"qoif", "QOI"),
+)
+_FTYP_BRANDS: dict[bytes, str] = {
+    b"heic": "HEIF",
+    b"heix": "HEIF",
+    b"mif1": "HEIF",
+    b"msf1": "HEIF",
+    b"avif": "AVIF",
+    b"avis": "AVIF",
+}
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What a single image may be."""
+
+    max_image_bytes: int
+    max_image_pixels: int
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the header says about an accepted image (dimensions as stored, before EXIF
+    rotation)."""
+
+    format: str
+    width: int
+    height: int
+    size_bytes: int
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The container format named by the magic number, accepted or not; None if unknown."""
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    for magic, name in _UNSUPPORTED_MAGIC:
+        if data.startswith(magic):
+            return name
+    if data[4:8] == b"ftyp":
+        return _FTYP_BRANDS.get(data[8:12], "ISOBMFF")
+    head = data[:256].lstrip().lower()
+    if head.startswith((b"<svg", b"<?xml")) and b"<svg" in head:
+        return "SVG"
+    return None
+
+
+def inspect_image(data: bytes, limits: ImageLimits) -> ImageInfo:
+    """Check one encoded image without decoding it; return what its header says.
+
+    Raises :class:`InvalidArgument` with the reason naming the first problem found.
+    """
+    size = len(data)
+    if size == 0:
+        raise InvalidArgument("EMPTY_IMAGE", "the image is empty (0 bytes)")
+    if size > limits.max_image_bytes:
+        raise InvalidArgument(
+            "IMAGE_TOO_LARGE",
+            f"the image is {size} bytes, over the limit of {limits.max_image_bytes}",
+            {"imageBytes": size, "maxImageBytes": limits.max_image_bytes},
+        )
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise InvalidArgument(
+            "NOT_AN_IMAGE",
+            f"the bytes are not a recognised image (accepted: {', '.join(ACCEPTED_FORMATS)})",
+            {"acceptedFormats": ",".join(ACCEPTED_FORMATS)},
+        )
+    if fmt not in ALLOWED_FORMATS:
+        raise InvalidArgument(
+            "UNSUPPORTED_FORMAT",
+            f"{fmt} images are not accepted (accepted: {', '.join(ACCEPTED_FORMATS)})",
+            {"format": fmt, "acceptedFormats": ",".join(ACCEPTED_FORMATS)},
+        )
+    if fmt == "WEBP":
+        # The RIFF header says how long the file is: a shorter one was cut (checked before
+        # PIL, whose WebP plugin sets up a decoder when it opens the file).
+        declared = int.from_bytes(data[4:8], "little") + 8
+        if declared > size:
+            raise _truncated(
+                fmt, ValueError(f"the RIFF header declares {declared} bytes, {size} present")
+            )
+    try:
+        with warnings.catch_warnings():
+            # Our own pixel limit applies below; PIL's bomb warning would only be noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=[fmt])
+    except Image.DecompressionBombError as exc:
+        raise InvalidArgument(
+            "TOO_MANY_PIXELS",
+            f"the image header declares more pixels than the limit of {limits.max_image_pixels}",
+            {"maxImagePixels": limits.max_image_pixels},
+        ) from exc
+    except Exception as exc:
+        raise InvalidArgument(
+            "CORRUPT_IMAGE",
+            f"the {fmt} header cannot be parsed: {exc}",
+            {"format": fmt},
+        ) from exc
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        raise InvalidArgument(
+            "CORRUPT_IMAGE", f"the {fmt} header declares a {width}x{height} image", {"format": fmt}
+        )
+    if width * height > limits.max_image_pixels:
+        raise InvalidArgument(
+            "TOO_MANY_PIXELS",
+            f"the image is {width}x{height} = {width * height} pixels, over the limit of "
+            f"{limits.max_image_pixels}",
+            {"width": width, "height": height, "maxImagePixels": limits.max_image_pixels},
+        )
+    _check_complete(data, fmt, img)
+    return ImageInfo(fmt, width, height, size)
+
+
+def _check_complete(data: bytes, fmt: str, img: Image.Image) -> None:
+    """Refuse a truncated file, cheaply: look at its end first, decode only if in doubt."""
+    if fmt == "JPEG":
+        if data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+            return
+        # No EOI at the end: either data trails the image (some cameras append a
+        # preview or a video) or the file is cut short. A 1/8-scale decode parses the
+        # whole entropy-coded stream at a fraction of the cost of a full decode.
+        try:
+            img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
+            img.load()
+        except Exception as exc:
+            raise _truncated(fmt, exc) from exc
+    elif fmt == "PNG":
+        if b"IEND" in data[-64:]:
+            return
+        try:
+            img.verify()  # walks every chunk to IEND checking CRCs; no decompression
+        except Exception as exc:
+            raise _truncated(fmt, exc) from exc
+
+
+def _truncated(fmt: str, exc: Exception) -> InvalidArgument:
+    return InvalidArgument(
+        "CORRUPT_IMAGE",
+        f"the {fmt} image is truncated or corrupt: {exc}",
+        {"format": fmt},
+    )
+
+
+# ------------------------------------------------------------------------- options
+@dataclass(frozen=True)
+class AnalyzeOptions:
+    """Per-request options after validation; ``max_garments`` is resolved (never 0)."""
+
+    min_score: float
+    max_garments: int
+    include_embeddings: bool = False
+    include_probability_tables: bool = False
+
+
+def validate_options(
+    min_score: float,
+    max_garments: int,
+    include_embeddings: bool,
+    include_probability_tables: bool,
+    *,
+    max_garments_cap: int,
+) -> AnalyzeOptions:
+    """Check the options a caller sent; zero values mean the served defaults.
+
+    ``min_score`` must be in [0, 1] (a value below the served floor has the floor's
+    effect); ``max_garments`` must not exceed the served cap, and 0 means the cap.
+    """
+    if math.isnan(min_score) or not 0.0 <= min_score <= 1.0:
+        raise InvalidArgument(
+            "INVALID_OPTION",
+            f"options.min_score must be in [0, 1], got {min_score}",
+            {"option": "minScore", "value": min_score},
+        )
+    if max_garments < 0 or max_garments > max_garments_cap:
+        raise InvalidArgument(
+            "INVALID_OPTION",
+            f"options.max_garments must be in [0, {max_garments_cap}] (0 means "
+            f"{max_garments_cap}), got {max_garments}",
+            {"option": "maxGarments", "value": max_garments, "max": max_garments_cap},
+        )
+    return AnalyzeOptions(
+        min_score=float(min_score),
+        max_garments=max_garments or max_garments_cap,
+        include_embeddings=include_embeddings,
+        include_probability_tables=include_probability_tables,
+    )
+
+
+def validate_request_id(request_id: str) -> None:
+    """A stream request id is at most :data:`MAX_REQUEST_ID_CHARS` characters."""
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidArgument(
+            "INVALID_REQUEST_ID",
+            f"request_id is {len(request_id)} characters, over the limit of {MAX_REQUEST_ID_CHARS}",
+            {"maxChars": MAX_REQUEST_ID_CHARS},
+        )
+
+
+def validate_image_count(count: int, max_images: int) -> None:
+    """A BatchAnalyze call holds between 1 and ``max_images`` images."""
+    if count == 0:
+        raise InvalidArgument("NO_IMAGES", "the request holds no image")
+    if count > max_images:
+        raise InvalidArgument(
+            "TOO_MANY_IMAGES",
+            f"the request holds {count} images, over the limit of {max_images} per call",
+            {"imageCount": count, "maxImagesPerBatch": max_images},
+        )

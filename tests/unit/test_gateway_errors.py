@@ -1,0 +1,168 @@
+"""The one error model: domain errors become google.rpc.Status with exactly one ErrorInfo;
+anything else becomes a generic INTERNAL that leaks nothing and quotes a request id.
+
+The interceptor is exercised on a real grpc.aio server over a real socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from gateway.errors import (
+    DOMAIN,
+    ErrorInterceptor,
+    InvalidArgument,
+    Unavailable,
+    request_id_var,
+    to_rpc_status,
+)
+
+
+def aio(test: Callable[..., Awaitable[None]]) -> Callable[..., None]:
+    """Run an async test in a fresh event loop (no pytest plugin needed)."""
+
+    @functools.wraps(test)
+    def run(*args: Any, **kwargs: Any) -> None:
+        asyncio.run(asyncio.wait_for(test(*args, **kwargs), timeout=30))
+
+    return run
+
+
+def error_info(status: Any) -> error_details_pb2.ErrorInfo:
+    assert len(status.details) == 1, "exactly one detail"
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info)
+    return info
+
+
+def test_domain_error_maps_to_status_with_one_error_info() -> None:
+    err = InvalidArgument(
+        "CORRUPT_IMAGE", "the JPEG image is truncated", {"format": "JPEG", "n": 3}
+    )
+    status = to_rpc_status(err)
+    assert status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert status.message == "the JPEG image is truncated"
+    info = error_info(status)
+    assert (info.reason, info.domain) == ("CORRUPT_IMAGE", DOMAIN)
+    assert dict(info.metadata) == {"format": "JPEG", "n": "3"}
+
+
+# ---------------------------------------------------------------- over a socket
+async def _boom_unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    if request == b"domain":
+        raise Unavailable("TRITON_UNAVAILABLE", "the inference server cannot be reached")
+    if request == b"rid":
+        return request_id_var.get().encode()
+    raise RuntimeError("secret internal detail: password=hunter2")
+
+
+async def _boom_stream(
+    requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+) -> AsyncIterator[bytes]:
+    async for request in requests:
+        if request == b"fail":
+            raise InvalidArgument("INVALID_OPTION", "bad option", {"option": "minScore"})
+        yield request
+
+
+class _Handlers(grpc.GenericRpcHandler):
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        if details.method == "/fashion.v1.Test/Unary":
+            return grpc.unary_unary_rpc_method_handler(_boom_unary)
+        if details.method == "/fashion.v1.Test/Stream":
+            return grpc.stream_stream_rpc_method_handler(_boom_stream)
+        return None
+
+
+async def _serve() -> tuple[grpc.aio.Server, str]:
+    server = grpc.aio.server(interceptors=[ErrorInterceptor()])
+    server.add_generic_rpc_handlers([_Handlers()])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+@aio
+async def test_domain_error_reaches_the_caller_as_status() -> None:
+    server, address = await _serve()
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            call = channel.unary_unary("/fashion.v1.Test/Unary")
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await call(b"domain")
+            err = info.value
+            assert err.code() == grpc.StatusCode.UNAVAILABLE
+            assert err.details() == "the inference server cannot be reached"
+            status = rpc_status.from_call(err)
+            assert status is not None
+            assert error_info(status).reason == "TRITON_UNAVAILABLE"
+    finally:
+        await server.stop(0)
+
+
+@aio
+async def test_unexpected_exception_is_generic_internal_with_request_id(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server, address = await _serve()
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            call = channel.unary_unary("/fashion.v1.Test/Unary")
+            with caplog.at_level(logging.ERROR), pytest.raises(grpc.aio.AioRpcError) as info:
+                await call(b"crash", metadata=(("x-request-id", "req-42"),))
+            err = info.value
+            assert err.code() == grpc.StatusCode.INTERNAL
+            assert "hunter2" not in (err.details() or "")
+            assert "req-42" in (err.details() or "")
+            status = rpc_status.from_call(err)
+            assert status is not None
+            info_ = error_info(status)
+            assert info_.reason == "INTERNAL" and info_.metadata["requestId"] == "req-42"
+            # The gateway's log has the details, under the same request id.
+            logged = "\n".join(r.getMessage() + str(r.exc_info) for r in caplog.records)
+            assert "req-42" in logged and "secret internal detail" in logged
+    finally:
+        await server.stop(0)
+
+
+@aio
+async def test_each_call_gets_a_request_id() -> None:
+    server, address = await _serve()
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            call = channel.unary_unary("/fashion.v1.Test/Unary")
+            a, b = await call(b"rid"), await call(b"rid")
+            assert a and b and a != b
+            assert await call(b"rid", metadata=(("x-request-id", "mine"),)) == b"mine"
+    finally:
+        await server.stop(0)
+
+
+@aio
+async def test_error_in_a_stream_ends_it_with_the_status() -> None:
+    server, address = await _serve()
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            call = channel.stream_stream("/fashion.v1.Test/Stream")(
+                iter([b"a", b"b", b"fail", b"c"])
+            )
+            got = []
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                async for item in call:
+                    got.append(item)
+            assert got == [b"a", b"b"]
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            status = rpc_status.from_call(info.value)
+            assert status is not None
+            assert dict(error_info(status).metadata) == {"option": "minScore"}
+    finally:
+        await server.stop(0)

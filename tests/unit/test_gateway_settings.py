@@ -1,0 +1,129 @@
+"""Gateway settings: defaults, precedence (environment < YAML file < flags), validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from gateway.settings import GatewaySettings, SettingsError, load_settings
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("FASHIONSERVE_GATEWAY_"):
+            monkeypatch.delenv(name)
+
+
+def test_defaults_match_the_documented_table(tmp_path: Path) -> None:
+    s = load_settings(api_keys_file=tmp_path / "keys.yaml")
+    assert s.listen_address == "127.0.0.1:50051"
+    assert s.triton_url == "localhost:8001"
+    assert s.auth_enabled is True
+    assert (s.max_batch_size, s.max_queue_delay_microseconds, s.max_batches_in_flight) == (
+        8,
+        2000,
+        4,
+    )
+    assert s.max_image_bytes == 20 * 1024 * 1024
+    assert s.max_image_pixels == 50_000_000
+    assert s.max_message_bytes == 64 * 1024 * 1024
+    assert (s.max_images_per_batch_request, s.max_stream_in_flight) == (16, 32)
+    assert (s.request_timeout_seconds, s.shutdown_grace_seconds) == (30.0, 10.0)
+    assert s.taxonomy_file is None and s.log_format == "text"
+
+
+def test_every_field_is_described() -> None:
+    for name, field in GatewaySettings.model_fields.items():
+        assert field.description, name
+
+
+def test_precedence_environment_then_yaml_then_flags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FASHIONSERVE_GATEWAY_AUTH_ENABLED", "false")
+    monkeypatch.setenv("FASHIONSERVE_GATEWAY_MAX_BATCH_SIZE", "2")
+    monkeypatch.setenv("FASHIONSERVE_GATEWAY_MAX_STREAM_IN_FLIGHT", "5")
+    monkeypatch.setenv("FASHIONSERVE_GATEWAY_TRITON_URL", "env-host:1")
+    config = tmp_path / "gateway.yaml"
+    config.write_text("max_batch_size: 3\ntriton_url: yaml-host:2\n")
+
+    s = load_settings(config, triton_url="flag-host:3")
+    assert s.max_stream_in_flight == 5  # environment only
+    assert s.max_batch_size == 3  # YAML over environment
+    assert s.triton_url == "flag-host:3"  # flag over YAML and environment
+    assert s.auth_enabled is False
+
+
+def test_config_file_from_environment_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "gateway.yaml"
+    config.write_text("auth_enabled: false\nmax_queue_delay_microseconds: 500\n")
+    monkeypatch.setenv("FASHIONSERVE_GATEWAY_CONFIG", str(config))
+    assert load_settings().max_queue_delay_microseconds == 500
+
+
+def test_flags_set_to_none_count_as_not_given(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.yaml"
+    config.write_text("auth_enabled: false\nlisten_address: 0.0.0.0:6000\n")
+    assert load_settings(config, listen_address=None).listen_address == "0.0.0.0:6000"
+
+
+def test_relative_paths_in_yaml_are_relative_to_the_file(tmp_path: Path) -> None:
+    (tmp_path / "conf").mkdir()
+    config = tmp_path / "conf" / "gateway.yaml"
+    config.write_text("api_keys_file: keys.yaml\n")
+    assert load_settings(config).api_keys_file == tmp_path / "conf" / "keys.yaml"
+
+
+def test_auth_on_needs_a_key_file() -> None:
+    with pytest.raises(ValidationError, match="api_keys_file"):
+        load_settings()
+    assert load_settings(auth_enabled=False).api_keys_file is None
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("max_batch_size", 0),
+        ("max_queue_delay_microseconds", -1),
+        ("max_image_bytes", 0),
+        ("max_stream_in_flight", 0),
+        ("request_timeout_seconds", 0),
+        ("listen_address", "no-port"),
+        ("triton_url", "host:99999"),
+        ("log_format", "xml"),
+    ],
+)
+def test_out_of_range_values_name_the_field(field: str, value: object) -> None:
+    with pytest.raises(ValidationError) as info:
+        flags: dict[str, Any] = {field: value}
+        load_settings(auth_enabled=False, **flags)
+    assert field in str(info.value)
+
+
+def test_message_limit_must_fit_an_image() -> None:
+    with pytest.raises(ValidationError, match="max_message_bytes"):
+        load_settings(auth_enabled=False, max_image_bytes=8 << 20, max_message_bytes=4 << 20)
+
+
+def test_unknown_yaml_key_is_an_error(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.yaml"
+    config.write_text("auth_enabled: false\nmax_bach_size: 4\n")
+    with pytest.raises(ValidationError, match="max_bach_size"):
+        load_settings(config)
+
+
+def test_unreadable_or_malformed_file(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="cannot read"):
+        load_settings(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(SettingsError, match="mapping"):
+        load_settings(bad)

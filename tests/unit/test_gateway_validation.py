@@ -1,0 +1,199 @@
+"""What the gateway accepts and refuses before anything reaches Triton, and why."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gateway.errors import InvalidArgument
+from gateway.validation import (
+    ImageLimits,
+    inspect_image,
+    validate_image_count,
+    validate_options,
+    validate_request_id,
+)
+
+LIMITS = ImageLimits(max_image_bytes=2_000_000, max_image_pixels=4_000_000)
+
+
+def encode(fmt: str, size: tuple[int, int] = (64, 48), mode: str = "RGB", **kw: object) -> bytes:
+    rng = np.random.default_rng(0)
+    w, h = size
+    if mode == "RGB":
+        img = Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8))
+    elif mode == "RGBA":
+        img = Image.fromarray((rng.random((h, w, 4)) * 255).astype(np.uint8), "RGBA")
+    elif mode == "I;16":
+        img = Image.fromarray((rng.random((h, w)) * 65535).astype(np.uint16))
+    else:
+        img = Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def reason(data: bytes, limits: ImageLimits = LIMITS) -> str:
+    with pytest.raises(InvalidArgument) as info:
+        inspect_image(data, limits)
+    assert info.value.code.name == "INVALID_ARGUMENT"
+    return info.value.reason
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose IHDR declares width x height, with a tiny (wrong) IDAT."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0"))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize(
+    ("fmt", "mode", "kw"),
+    [
+        ("JPEG", "RGB", {"quality": 90}),
+        ("JPEG", "L", {}),
+        ("JPEG", "CMYK", {}),
+        ("JPEG", "RGB", {"progressive": True}),
+        ("PNG", "RGB", {}),
+        ("PNG", "RGBA", {}),
+        ("PNG", "P", {}),
+        ("PNG", "I;16", {}),
+        ("WEBP", "RGB", {}),
+        ("WEBP", "RGBA", {"lossless": True}),
+    ],
+)
+def test_accepted_images_pass_with_their_header_facts(
+    fmt: str, mode: str, kw: dict[str, object]
+) -> None:
+    data = encode(fmt, (64, 48), mode, **kw)
+    info = inspect_image(data, LIMITS)
+    assert (info.format, info.width, info.height, info.size_bytes) == (fmt, 64, 48, len(data))
+
+
+def test_jpeg_with_trailing_data_after_eoi_is_accepted() -> None:
+    # Some cameras append a preview or a video after the image.
+    data = encode("JPEG") + b"trailer" * 100
+    assert inspect_image(data, LIMITS).format == "JPEG"
+
+
+def test_empty_bytes() -> None:
+    assert reason(b"") == "EMPTY_IMAGE"
+
+
+@pytest.mark.parametrize(
+    "data", [b"hello, this is not an image", b"\x00" * 100, b'{"json": true}', b"\xff\xd8"]
+)
+def test_bytes_that_are_not_an_image(data: bytes) -> None:
+    assert reason(data) == "NOT_AN_IMAGE"
+
+
+@pytest.mark.parametrize(
+    ("fmt", "name"), [("GIF", "GIF"), ("BMP", "BMP"), ("TIFF", "TIFF"), ("ICO", "ICO")]
+)
+def test_unsupported_formats_are_named(fmt: str, name: str) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        inspect_image(encode(fmt, (32, 32)), LIMITS)
+    assert info.value.reason == "UNSUPPORTED_FORMAT"
+    assert info.value.metadata["format"] == name
+    assert name in info.value.message and "JPEG" in info.value.message
+
+
+def test_svg_and_heif_are_named_unsupported() -> None:
+    assert reason(b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg"></svg>') == (
+        "UNSUPPORTED_FORMAT"
+    )
+    assert reason(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic") == "UNSUPPORTED_FORMAT"
+
+
+def test_too_many_bytes() -> None:
+    small = ImageLimits(max_image_bytes=1000, max_image_pixels=LIMITS.max_image_pixels)
+    with pytest.raises(InvalidArgument) as info:
+        inspect_image(encode("PNG", (64, 64)), small)
+    assert info.value.reason == "IMAGE_TOO_LARGE"
+    assert info.value.metadata["maxImageBytes"] == "1000"
+
+
+def test_too_many_pixels_is_refused_from_the_header() -> None:
+    buf = io.BytesIO()
+    Image.new("L", (3000, 2000)).save(buf, "PNG")  # 6 MP over a 4 MP limit, a few kB
+    data = buf.getvalue()
+    with pytest.raises(InvalidArgument) as info:
+        inspect_image(data, LIMITS)
+    assert info.value.reason == "TOO_MANY_PIXELS"
+    assert info.value.metadata["width"] == "3000"
+    assert "3000x2000" in info.value.message
+
+
+def test_decompression_bomb_header_is_refused_without_decoding() -> None:
+    # 100k x 100k declared in a file of a few dozen bytes: refused from the header.
+    assert reason(png_header_only(100_000, 100_000)) == "TOO_MANY_PIXELS"
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_truncated_images_are_corrupt(fmt: str) -> None:
+    data = encode(fmt, (200, 150))
+    with pytest.raises(InvalidArgument) as info:
+        inspect_image(data[: len(data) * 2 // 3], LIMITS)
+    assert info.value.reason == "CORRUPT_IMAGE"
+    assert "truncated" in info.value.message
+
+
+def test_jpeg_cut_just_before_eoi_is_corrupt() -> None:
+    assert reason(encode("JPEG", (200, 150))[:-2]) == "CORRUPT_IMAGE"
+
+
+def test_jpeg_with_garbage_header_is_corrupt() -> None:
+    assert reason(b"\xff\xd8\xff" + b"\x00" * 64) == "CORRUPT_IMAGE"
+
+
+# ------------------------------------------------------------------------ options
+def test_zero_options_mean_served_defaults() -> None:
+    opts = validate_options(0.0, 0, False, False, max_garments_cap=16)
+    assert (opts.min_score, opts.max_garments) == (0.0, 16)
+
+
+@pytest.mark.parametrize("score", [-0.1, 1.5, float("nan"), float("inf")])
+def test_min_score_out_of_range(score: float) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        validate_options(score, 0, False, False, max_garments_cap=16)
+    assert info.value.reason == "INVALID_OPTION"
+    assert info.value.metadata["option"] == "minScore"
+
+
+def test_max_garments_over_the_cap() -> None:
+    with pytest.raises(InvalidArgument) as info:
+        validate_options(0.5, 17, False, False, max_garments_cap=16)
+    assert info.value.reason == "INVALID_OPTION"
+    assert info.value.metadata == {"option": "maxGarments", "value": "17", "max": "16"}
+    assert validate_options(0.5, 3, True, True, max_garments_cap=16).max_garments == 3
+
+
+def test_request_id_length() -> None:
+    validate_request_id("x" * 128)
+    validate_request_id("")
+    with pytest.raises(InvalidArgument) as info:
+        validate_request_id("x" * 129)
+    assert info.value.reason == "INVALID_REQUEST_ID"
+
+
+def test_image_count() -> None:
+    validate_image_count(16, 16)
+    for count, expected in ((0, "NO_IMAGES"), (17, "TOO_MANY_IMAGES")):
+        with pytest.raises(InvalidArgument) as info:
+            validate_image_count(count, 16)
+        assert info.value.reason == expected
