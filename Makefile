@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint typecheck unit integration clean protos
+.PHONY: serve test lint typecheck unit integration clean protos bench
 
 $(STAMP): pyproject.toml
 	@echo "==> creating $(VENV) and installing fashionserve (PyTorch CPU build included)"
@@ -38,3 +38,10 @@ clean:
 # Regenerates the Python code of the gRPC contract; tests check it is up to date.
 protos: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. protos/fashion/v1/analysis_service.proto
+
+# The standard benchmark on the embedded default stack: writes BENCHMARKS.md (section
+# cpu-default) and benchmarks/cpu-default/. SOAK=120 shortens the memory soak. Run it on a
+# quiet machine, not while `make serve` runs (both use var/).
+SOAK ?= 600
+bench: $(STAMP)
+	$(BIN)/fashionserve loadtest bench --soak-duration $(SOAK)
