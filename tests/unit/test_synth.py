@@ -1,0 +1,227 @@
+"""The synthetic data set: deterministic, well-formed labels, images that match them."""
+
+from __future__ import annotations
+
+import collections
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fashionserve.data.synth import SPLITS, synthesize
+from fashionserve.imaging import decode_image
+from fashionserve.taxonomy import Taxonomy, load_taxonomy
+
+IMAGES = 40
+
+
+@pytest.fixture(scope="module")
+def taxonomy() -> Taxonomy:
+    return load_taxonomy()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, taxonomy: Taxonomy) -> dict[str, Any]:
+    """Seed 0 rendered in-process and with two workers, and seed 1."""
+    root = tmp_path_factory.mktemp("synth")
+    return {
+        "a": (root / "a", synthesize(root / "a", IMAGES, 0, taxonomy, workers=1, progress=False)),
+        "b": (root / "b", synthesize(root / "b", IMAGES, 0, taxonomy, workers=2, progress=False)),
+        "c": (root / "c", synthesize(root / "c", IMAGES, 1, taxonomy, workers=1, progress=False)),
+    }
+
+
+def labels(root: Path, split: str) -> dict[str, Any]:
+    return json.loads((root / split / "labels.json").read_text())
+
+
+def files(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def test_same_seed_gives_identical_bytes_whatever_the_worker_count(runs: dict[str, Any]) -> None:
+    a, b = files(runs["a"][0]), files(runs["b"][0])
+    assert a.keys() == b.keys()
+    assert [k for k in a if a[k] != b[k]] == []
+
+
+def test_different_seed_gives_different_data(runs: dict[str, Any]) -> None:
+    a, c = runs["a"][0], runs["c"][0]
+    assert labels(a, "train")["annotations"] != labels(c, "train")["annotations"]
+    assert (a / "train/images/000001.jpg").read_bytes() != (
+        c / "train/images/000001.jpg"
+    ).read_bytes()
+
+
+def test_summary_counts_match_the_files(runs: dict[str, Any]) -> None:
+    root, summary = runs["a"]
+    assert summary["splits"]["train"]["images"] == IMAGES
+    assert summary["products"] >= 10
+    for split in SPLITS:
+        lab = labels(root, split)
+        assert summary["splits"][split] == {
+            "images": len(lab["images"]),
+            "annotations": len(lab["annotations"]),
+        }
+        assert len(list((root / split / "images").glob("*.jpg"))) == len(lab["images"])
+
+
+def test_labels_are_coco_style_and_valid_in_the_taxonomy(
+    runs: dict[str, Any], taxonomy: Taxonomy
+) -> None:
+    root = runs["a"][0]
+    for split in SPLITS:
+        lab = labels(root, split)
+        assert lab["info"] == {
+            "seed": 0,
+            "split": split,
+            "taxonomy_version": taxonomy.version,
+            "taxonomy_hash": taxonomy.hash,
+        }
+        cats = {c["id"]: c for c in lab["categories"]}
+        assert [c["name"] for c in lab["categories"]] == taxonomy.leaves
+        for c in lab["categories"]:
+            assert c["path"] == list(taxonomy.path(c["name"]))
+            assert c["supercategory"] == c["path"][-2]
+        images = {im["id"]: im for im in lab["images"]}
+        assert [im["file_name"] for im in lab["images"]] == [
+            f"{i:06d}.jpg" for i in range(1, len(images) + 1)
+        ]
+        assert [a["id"] for a in lab["annotations"]] == list(range(1, len(lab["annotations"]) + 1))
+        for ann in lab["annotations"]:
+            im = images[ann["image_id"]]
+            x, y, w, h = ann["bbox"]
+            assert w > 0 and h > 0 and x >= 0 and y >= 0
+            assert x + w <= im["width"] and y + h <= im["height"]
+            assert ann["area"] == w * h and ann["iscrowd"] == 0
+            path = ann["category_path"]
+            assert cats[ann["category_id"]]["path"] == path
+            assert path[-1] in taxonomy.leaves and list(taxonomy.path(path[-1])) == path
+            applicable = {g.name for g in taxonomy.groups if taxonomy.group_applies(g, path)}
+            assert set(ann["tags"]) == applicable
+            for group in taxonomy.groups:
+                if group.name not in applicable:
+                    continue
+                value = ann["tags"][group.name]
+                if group.exclusive:
+                    assert value in group.labels
+                else:
+                    assert isinstance(value, list) and set(value) <= set(group.labels)
+            assert isinstance(ann["product_id"], int)
+
+
+def test_sleeve_only_on_tops_and_full_body(runs: dict[str, Any]) -> None:
+    anns = labels(runs["a"][0], "train")["annotations"]
+    with_sleeve = {a["category_path"][0] for a in anns if "sleeve" in a["tags"]}
+    without = {a["category_path"][0] for a in anns if "sleeve" not in a["tags"]}
+    assert with_sleeve == {"top", "full-body"} and without == {"bottom"}
+
+
+def test_every_leaf_appears_in_every_split(runs: dict[str, Any], taxonomy: Taxonomy) -> None:
+    for split in SPLITS:
+        seen = {a["category_path"][-1] for a in labels(runs["a"][0], split)["annotations"]}
+        assert seen == set(taxonomy.leaves), split
+
+
+def test_products_repeat_in_train_and_gallery_has_one_shop_image_each(
+    runs: dict[str, Any],
+) -> None:
+    root, summary = runs["a"]
+    train = labels(root, "train")["annotations"]
+    counts = collections.Counter(a["product_id"] for a in train)
+    assert len(counts) == summary["products"]
+    assert min(counts.values()) >= 3
+    gallery = labels(root, "gallery")
+    assert len(gallery["images"]) == summary["products"]
+    per_image = collections.Counter(a["image_id"] for a in gallery["annotations"])
+    assert set(per_image.values()) == {1} and len(per_image) == len(gallery["images"])
+    assert sorted(a["product_id"] for a in gallery["annotations"]) == sorted(counts)
+    # A product keeps its labels wherever it appears.
+    described = {a["product_id"]: (a["category_path"], a["tags"]) for a in gallery["annotations"]}
+    for split in ("train", "val", "query"):
+        for a in labels(root, split)["annotations"]:
+            assert described[a["product_id"]] == (a["category_path"], a["tags"])
+
+
+def test_query_shows_every_product_with_one_or_two_garments(runs: dict[str, Any]) -> None:
+    root, summary = runs["a"]
+    query = labels(root, "query")
+    per_image = collections.Counter(a["image_id"] for a in query["annotations"])
+    assert len(per_image) == len(query["images"])
+    assert set(per_image.values()) <= {1, 2}
+    assert {a["product_id"] for a in query["annotations"]} == set(range(1, summary["products"] + 1))
+
+
+def test_scenes_hold_zero_to_four_garments_with_some_empty(runs: dict[str, Any]) -> None:
+    root = runs["a"][0]
+    for split in ("train", "val"):
+        lab = labels(root, split)
+        per_image = collections.Counter(a["image_id"] for a in lab["annotations"])
+        assert max(per_image.values()) <= 4
+    train = labels(root, "train")
+    empty = {im["id"] for im in train["images"]} - {a["image_id"] for a in train["annotations"]}
+    assert empty, "some train images should have no garment"
+
+
+def test_images_decode_at_their_declared_size(runs: dict[str, Any]) -> None:
+    root = runs["a"][0]
+    for split in SPLITS:
+        for im in labels(root, split)["images"]:
+            pixels = decode_image((root / split / "images" / im["file_name"]).read_bytes())
+            assert pixels.shape == (im["height"], im["width"], 3)
+
+
+def test_image_sizes_and_aspect_ratios_vary(runs: dict[str, Any]) -> None:
+    images = labels(runs["a"][0], "train")["images"]
+    sizes = {(im["width"], im["height"]) for im in images}
+    assert len(sizes) > len(images) // 2
+    aspects = [im["width"] / im["height"] for im in images]
+    assert min(aspects) < 0.8 and max(aspects) > 1.25
+    assert all(180 <= v <= 650 for im in images for v in (im["width"], im["height"]))
+
+
+def test_garments_are_a_sizeable_share_of_the_image(runs: dict[str, Any]) -> None:
+    lab = labels(runs["a"][0], "train")
+    images = {im["id"]: im for im in lab["images"]}
+    for a in lab["annotations"]:
+        im = images[a["image_id"]]
+        share = max(a["bbox"][2] / im["width"], a["bbox"][3] / im["height"])
+        assert 0.1 <= share <= 1.0
+
+
+def test_a_taxonomy_subset_restricts_the_labels(tmp_path: Path) -> None:
+    tax = Taxonomy.from_dict(
+        {
+            "version": "t1",
+            "categories": [
+                {"name": "top", "children": ["shirt", "t-shirt"]},
+                {"name": "bottom", "children": ["skirt"]},
+            ],
+            "tag_groups": [
+                {"name": "colour", "exclusive": True, "labels": ["red", "blue"]},
+                {
+                    "name": "sleeve",
+                    "exclusive": True,
+                    "labels": ["short", "long"],
+                    "applies_to": ["top"],
+                },
+            ],
+        }
+    )
+    synthesize(tmp_path, 24, 3, tax, workers=1, progress=False)
+    anns = labels(tmp_path, "train")["annotations"]
+    assert {a["category_path"][-1] for a in anns} == {"shirt", "t-shirt", "skirt"}
+    assert {a["tags"]["colour"] for a in anns} == {"red", "blue"}
+    assert {a["tags"].get("sleeve") for a in anns} <= {"short", "long", None}
+    assert all(set(a["tags"]) == {"colour"} for a in anns if a["category_path"][0] == "bottom")
+
+
+def test_categories_the_renderer_cannot_draw_are_refused(tmp_path: Path) -> None:
+    tax = Taxonomy.from_dict(
+        {"version": "t2", "categories": [{"name": "accessory", "children": ["hat"]}]}
+    )
+    with pytest.raises(ValueError, match="hat"):
+        synthesize(tmp_path, 24, 0, tax, workers=1, progress=False)
