@@ -1,0 +1,596 @@
+"""``fashionserve serve``: the whole stack on localhost, from a fresh clone, in one command.
+
+On the first run it builds what it needs under the work directory, showing each step:
+
+1. checkpoints: the committed demo checkpoints (``checkpoints/``), or, when they are
+   absent, a synthetic data set rendered and the three models trained on it;
+2. the model repository: each checkpoint exported (ONNX, parity-checked) and the
+   ``fashion_pipeline`` ensemble assembled, only when missing or when a checkpoint changed
+   (its sha256 differs from the one in the served version's manifest);
+3. a development API key (its hash in ``keys.yaml``, the key itself in ``dev-api-key``,
+   both readable by their owner only) and a sample image;
+
+then starts Triton (loopback only, chosen free ports) and the gateway in this process,
+waits until the gateway's health service reports SERVING, and prints one ready line.
+Later runs reuse everything, so they are ready in the time Triton takes to load.
+
+Ctrl-C or SIGTERM stops the gateway (in-flight calls get ``shutdown_grace_seconds``), then
+Triton and its python-backend processes; the ready file is removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shlex
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fashionserve.triton import TritonServer
+    from model_repository.build import RepositorySettings
+
+LOG = logging.getLogger(__name__)
+
+MODELS = ("detector", "tagger", "embedder")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+COMMITTED_CHECKPOINTS = REPO_ROOT / "checkpoints"
+CHECKPOINTS_ENV = "FASHIONSERVE_CHECKPOINTS"
+DEV_KEY_ID = "dev"
+READY_TIMEOUT = 300.0  # seconds for Triton to load every model and the gateway to report it
+
+
+class ServeError(RuntimeError):
+    """The stack could not be built or started; the message says what to do."""
+
+
+class _StopRequested(Exception):
+    """SIGTERM or SIGINT arrived while building or starting."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``serve`` flags to ``parser``."""
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("var"),
+        help="where built artefacts, keys and logs live (default: ./var)",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="gateway listen host")
+    parser.add_argument("--port", type=int, default=50051, help="gateway port (0 picks a free one)")
+    parser.add_argument(
+        "--ready-file",
+        type=Path,
+        metavar="PATH",
+        help='once ready, write {"address": "HOST:PORT", "api_key": "..."} here (for scripts)',
+    )
+    env_checkpoints = os.environ.get(CHECKPOINTS_ENV)
+    parser.add_argument(
+        "--checkpoints",
+        type=Path,
+        default=Path(env_checkpoints) if env_checkpoints else None,
+        help=f"directory with detector.pt, tagger.pt, embedder.pt (env {CHECKPOINTS_ENV}; "
+        "default: the committed demo checkpoints, else ones trained under the workdir)",
+    )
+    parser.add_argument(
+        "--train-images",
+        type=int,
+        default=3000,
+        help="train-split size when no checkpoints exist and they must be trained",
+    )
+    parser.add_argument(
+        "--train-budget",
+        type=float,
+        default=1.0,
+        help="fraction of the standard training schedule when training is needed",
+    )
+    parser.add_argument(
+        "--ready-timeout", type=float, default=READY_TIMEOUT, help="seconds to wait for ready"
+    )
+
+
+# ------------------------------------------------------------------------------ layout
+
+
+@dataclass(frozen=True)
+class Workdir:
+    """The files ``serve`` keeps under its work directory."""
+
+    root: Path
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def repository(self) -> Path:
+        return self.root / "model_repository"
+
+    @property
+    def keys_file(self) -> Path:
+        return self.root / "keys.yaml"
+
+    @property
+    def key_file(self) -> Path:
+        return self.root / "dev-api-key"
+
+    @property
+    def gateway_config(self) -> Path:
+        return self.root / "gateway.yaml"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "serve-state.json"
+
+    @property
+    def sample(self) -> Path:
+        return self.root / "sample.jpg"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+
+class Progress:
+    """Numbered steps with their durations, on stderr."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.n = 0
+
+    @contextlib.contextmanager
+    def step(self, title: str) -> Iterator[Callable[[str], None]]:
+        """A step; the yielded function adds a detail line to it."""
+        self.n += 1
+        started = time.monotonic()
+        _say(f"[{self.n}/{self.total}] {title}")
+        yield lambda detail: _say(f"      {detail}")
+        _say(f"      done in {time.monotonic() - started:.1f}s")
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------ build phases
+
+
+def resolve_checkpoints(requested: Path | None, wd: Workdir) -> tuple[Path, bool]:
+    """``(directory, complete)``: where the checkpoints are or will be trained."""
+    if requested is not None:
+        if not all((requested / f"{m}.pt").is_file() for m in MODELS):
+            raise ServeError(f"--checkpoints {requested} lacks one of {', '.join(MODELS)} (.pt)")
+        return requested, True
+    for candidate in (COMMITTED_CHECKPOINTS, wd.checkpoints):
+        if all((candidate / f"{m}.pt").is_file() for m in MODELS):
+            return candidate, True
+    return wd.checkpoints, False
+
+
+def train_checkpoints(
+    wd: Workdir, images: int, budget: float, detail: Callable[[str], None]
+) -> None:
+    """Render the synthetic data set (if not already there) and train what is missing."""
+    from fashionserve.data.synth import synthesize
+    from fashionserve.taxonomy import load_taxonomy
+    from fashionserve.train import train_all
+
+    if not (wd.data / "train" / "labels.json").is_file():
+        detail(f"rendering {images} synthetic training images into {wd.data}")
+        synthesize(wd.data, images=images, seed=0, taxonomy=load_taxonomy())
+    missing = [m for m in MODELS if not (wd.checkpoints / f"{m}.pt").is_file()]
+    detail(f"training {', '.join(missing)} (budget {budget}) into {wd.checkpoints}")
+    train_all(wd.data, wd.checkpoints, seed=0, models=missing, budget=budget)
+
+
+def stale_models(checkpoints: Path, repository: Path) -> dict[str, str]:
+    """Models whose newest served version was not exported from the current checkpoint.
+
+    Returns ``{model: why}``; compares each checkpoint's sha256 with the
+    ``source_checkpoint.sha256`` of the newest version's manifest.
+    """
+    from fashionserve.checkpoint import file_sha256
+    from model_repository.build import RepositoryError, newest_version
+
+    stale: dict[str, str] = {}
+    for model in MODELS:
+        sha = file_sha256(checkpoints / f"{model}.pt")
+        try:
+            served = newest_version(repository, model).manifest
+        except RepositoryError:
+            stale[model] = "not exported yet"
+            continue
+        served_sha = (served.get("source_checkpoint") or {}).get("sha256")
+        if served_sha != sha:
+            stale[model] = f"checkpoint changed ({str(served_sha)[:12]} -> {sha[:12]})"
+    return stale
+
+
+def repository_settings() -> RepositorySettings:
+    """The ensemble settings ``serve`` uses: the defaults, python-ort (embedded Triton)."""
+    from model_repository.build import RepositorySettings
+
+    return RepositorySettings.model_validate({"flavour": "python-ort"})
+
+
+def builder_fingerprint() -> str:
+    """A hash of the code ``build_repository`` copies into a repository (python models,
+    config templates): after an update of that code the ensemble is assembled again."""
+    import hashlib
+
+    import model_repository
+
+    root = Path(model_repository.__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".pbtxt")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def ensure_repository(checkpoints: Path, wd: Workdir, detail: Callable[[str], None]) -> bool:
+    """Export stale models and (re)assemble the ensemble when needed; True if it did work."""
+    from model_repository.build import build_repository
+
+    settings = repository_settings()
+    stale = stale_models(checkpoints, wd.repository)
+    state = _read_json(wd.state)
+    wanted = {
+        "repository_settings": settings.model_dump(mode="json"),
+        "builder": builder_fingerprint(),
+    }
+    assembled = (wd.repository / "fashion_pipeline" / "config.pbtxt").is_file()
+    if not stale and assembled and all(state.get(k) == v for k, v in wanted.items()):
+        detail(f"up to date: {wd.repository}")
+        return False
+    from export.exporter import ExportError, ParityError, export_checkpoint
+    from export.publish import PublishError
+    from fashionserve.checkpoint import CheckpointError
+    from model_repository.build import RepositoryError
+
+    try:
+        wd.repository.mkdir(parents=True, exist_ok=True)
+        for model, why in stale.items():
+            detail(f"exporting {model}: {why}")
+            export_checkpoint(checkpoints / f"{model}.pt", wd.repository, echo=None)
+        detail("assembling the fashion_pipeline ensemble")
+        build_repository(wd.repository, settings)
+    except (CheckpointError, ExportError, ParityError, PublishError, RepositoryError) as exc:
+        raise ServeError(f"cannot build the model repository: {exc}") from exc
+    _write_json(wd.state, {**state, **wanted})
+    return True
+
+
+def ensure_api_key(wd: Workdir) -> str:
+    """The development API key: reused while it still matches the keys file, else new."""
+    from gateway.auth import KeyFileError, create_key, read_keys_file, verify_secret
+
+    with contextlib.suppress(OSError, KeyFileError, ValueError):
+        key = wd.key_file.read_text().strip()
+        key_id, secret = key.split(".", 1)
+        records = {r.id: r for r in read_keys_file(wd.keys_file)}
+        if key_id in records and verify_secret(secret, records[key_id].hash):
+            return key
+    # No usable pair: start both files over so the keys file holds only this key.
+    wd.keys_file.unlink(missing_ok=True)
+    key = create_key(wd.keys_file, DEV_KEY_ID, tenant="dev")
+    _write_private(wd.key_file, key + "\n")
+    return key
+
+
+def ensure_sample(wd: Workdir) -> Path:
+    """A synthetic street scene to try the service on (rendered once, a few seconds)."""
+    if wd.sample.is_file():
+        return wd.sample
+    with tempfile.TemporaryDirectory(prefix="sample-", dir=wd.root) as tmp:
+        image = render_scene(Path(tmp), seed=7)[0]
+        _write_atomic(wd.sample, image.read_bytes(), mode=0o644)
+    return wd.sample
+
+
+def render_scene(tmp: Path, seed: int) -> tuple[Path, list[dict[str, Any]]]:
+    """Render a small synthetic data set into ``tmp`` and pick a val scene to show: one
+    with several garments (up to three), large ones first.
+
+    Returns the image path and its COCO annotations (ground truth). The smallest data set
+    the renderer accepts takes a few seconds; its summary line goes to stderr so that
+    stdout keeps only the ready line.
+    """
+    from fashionserve.data.synth import synthesize
+    from fashionserve.taxonomy import load_taxonomy
+
+    with contextlib.redirect_stdout(sys.stderr):
+        synthesize(tmp, images=12, seed=seed, taxonomy=load_taxonomy(), workers=1, progress=False)
+    labels = json.loads((tmp / "val" / "labels.json").read_text())
+    by_image: dict[int, list[dict[str, Any]]] = {}
+    for ann in labels["annotations"]:
+        by_image.setdefault(ann["image_id"], []).append(ann)
+
+    def showcase(im: dict[str, Any]) -> tuple[int, float]:
+        anns = by_image.get(im["id"], [])
+        covered = sum(a["area"] for a in anns) / (im["width"] * im["height"])
+        return min(len(anns), 3), covered
+
+    best = max(labels["images"], key=showcase)
+    return tmp / "val" / "images" / best["file_name"], by_image.get(best["id"], [])
+
+
+def write_gateway_config(wd: Workdir, listen: str, triton_url: str, max_batch_size: int) -> Path:
+    """The gateway's YAML config for this stack (also usable with ``fashionserve gateway``)."""
+    import yaml
+
+    doc = {
+        "listen_address": listen,
+        "triton_url": triton_url,
+        "auth_enabled": True,
+        "api_keys_file": str(wd.keys_file.resolve()),
+        "max_batch_size": max_batch_size,
+    }
+    text = "# Written by `fashionserve serve` on each start.\n" + yaml.safe_dump(doc)
+    _write_atomic(wd.gateway_config, text.encode(), mode=0o644)
+    return wd.gateway_config
+
+
+# -------------------------------------------------------------------------------- run
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``fashionserve serve``; returns the exit status."""
+    wd = Workdir(args.workdir.resolve())
+    ready_file: Path | None = args.ready_file.resolve() if args.ready_file else None
+    if ready_file is not None:
+        ready_file.unlink(missing_ok=True)  # never leave a stale "ready" from a past run
+    previous = _raise_on_signals()
+    triton: TritonServer | None = None
+    started = time.monotonic()
+    try:
+        check_port_free(args.host, args.port)
+        wd.root.mkdir(parents=True, exist_ok=True)
+        progress = Progress(total=4)
+        api_key, sample = _build(args, wd, progress)
+        with progress.step("starting Triton and the gateway") as detail:
+            triton = _start_triton(wd, args.ready_timeout, detail)
+        # From here the asyncio loop owns SIGINT/SIGTERM.
+        _restore_signals(previous)
+        return asyncio.run(_serve_gateway(args, wd, triton, api_key, sample, ready_file, started))
+    except _StopRequested:
+        _say("stopped before the stack was ready")
+        return 0
+    except ServeError as exc:
+        _say(f"error: {exc}")
+        return 1
+    finally:
+        _restore_signals(previous)
+        if triton is not None:
+            _say("stopping Triton")
+            triton.stop()
+        if ready_file is not None:
+            ready_file.unlink(missing_ok=True)
+
+
+def _build(args: argparse.Namespace, wd: Workdir, progress: Progress) -> tuple[str, Path]:
+    """Steps 1-3: checkpoints, repository, key and sample; returns ``(api_key, sample)``.
+
+    What the build steps print (export parity tables, data set summaries) goes to stderr
+    with the progress: stdout carries the ready line alone, for scripts.
+    """
+    with contextlib.redirect_stdout(sys.stderr):
+        checkpoints, complete = resolve_checkpoints(args.checkpoints, wd)
+        with progress.step("checkpoints") as detail:
+            if complete:
+                detail(f"using {_rel(checkpoints)}")
+            else:
+                detail(f"no checkpoints in {_rel(COMMITTED_CHECKPOINTS)}: training demo models")
+                train_checkpoints(wd, args.train_images, args.train_budget, detail)
+        with progress.step("model repository") as detail:
+            ensure_repository(checkpoints, wd, detail)
+        with progress.step("API key and sample image") as detail:
+            api_key = ensure_api_key(wd)
+            sample = ensure_sample(wd)
+            detail(f"keys {_rel(wd.keys_file)}, sample {_rel(sample)}")
+    return api_key, sample
+
+
+def _start_triton(wd: Workdir, timeout: float, detail: Callable[[str], None]) -> TritonServer:
+    from fashionserve.triton import TritonError, TritonServer
+
+    log = wd.logs / "triton.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("")  # this run's log only
+    server = TritonServer(wd.repository, log_file=log, ready_timeout=timeout)
+    detail(f"Triton loading the models (log: {_rel(log)})")
+    try:
+        server.start()
+    except TritonError as exc:
+        raise ServeError(str(exc)) from exc
+    detail(f"Triton ready in {server.startup_seconds or 0:.1f}s on {server.grpc_url}")
+    return server
+
+
+async def _serve_gateway(
+    args: argparse.Namespace,
+    wd: Workdir,
+    triton: TritonServer,
+    api_key: str,
+    sample: Path,
+    ready_file: Path | None,
+    started: float,
+) -> int:
+    """Run the gateway until a signal, or until Triton dies; returns the exit status."""
+    from gateway.server import create_server
+    from gateway.settings import load_settings
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    config = write_gateway_config(
+        wd,
+        f"{args.host}:{args.port}",
+        triton.grpc_url,
+        max_batch_size=min(8, repository_settings().max_images_per_request),
+    )
+    settings = load_settings(config)
+    try:
+        server, port = await create_server(settings)
+    except OSError as exc:  # the port is taken
+        _say(f"error: the gateway {exc}")
+        return 1
+    await server.start()
+    address = f"{args.host}:{port}"
+    try:
+        if not await _wait_serving(address, stop, triton, args.ready_timeout):
+            if stop.is_set():
+                return 0
+            _say(
+                "error: the gateway did not report SERVING in time; Triton log tail:\n"
+                + "\n".join(triton.log_tail(20))
+            )
+            return 1
+        if ready_file is not None:
+            _write_atomic(
+                ready_file,
+                json.dumps({"address": address, "api_key": api_key}).encode(),
+                mode=0o600,
+            )
+        print(_ready_line(address, api_key, sample, time.monotonic() - started), flush=True)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=1.0)
+            if triton.process is not None and triton.process.poll() is not None:
+                _say(
+                    f"error: Triton exited with code {triton.process.returncode}; log tail:\n"
+                    + "\n".join(triton.log_tail(20))
+                )
+                return 1
+        _say("stopping the gateway")
+        return 0
+    finally:
+        await server.stop()
+
+
+async def _wait_serving(
+    address: str, stop: asyncio.Event, triton: TritonServer, timeout: float
+) -> bool:
+    """Poll the gateway's health service until SERVING; False on stop, Triton death, timeout."""
+    import grpc.aio
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while not stop.is_set() and time.monotonic() < deadline:
+            if triton.process is not None and triton.process.poll() is not None:
+                return False
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=0.25)
+    return False
+
+
+def _ready_line(address: str, api_key: str, sample: Path, seconds: float) -> str:
+    try_it = shlex.join(
+        [_command_name(), "analyze", _rel(sample), "--gateway", address, "--api-key", api_key]
+    )
+    return (
+        f"fashionserve ready in {seconds:.0f}s: gateway {address}, API key {api_key}; "
+        f"try: {try_it}   (Ctrl-C stops)"
+    )
+
+
+def _command_name() -> str:
+    """How to run this ``fashionserve`` from the shell: plain if on PATH, else its path."""
+    import shutil
+
+    local = Path(sys.executable).parent / "fashionserve"
+    on_path = shutil.which("fashionserve")
+    if on_path is not None and (not local.is_file() or Path(on_path).resolve() == local.resolve()):
+        return "fashionserve"
+    return _rel(local) if local.is_file() else "fashionserve"
+
+
+# -------------------------------------------------------------------------- utilities
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fail fast, before minutes of building, when the gateway's port is taken."""
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise ServeError(
+                f"cannot listen on {host}:{port} ({exc.strerror}): is another `fashionserve "
+                "serve` running? Stop it, or pick another --port"
+            ) from exc
+
+
+def _raise_on_signals() -> dict[int, Any]:
+    """Turn SIGINT/SIGTERM into :class:`_StopRequested` during the blocking phases."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise _StopRequested(signal.Signals(signum).name)
+
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _restore_signals(previous: dict[int, Any]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+def _rel(path: Path) -> str:
+    """``path`` relative to the working directory when inside it (shorter to copy)."""
+    with contextlib.suppress(ValueError):
+        return str(path.resolve().relative_to(Path.cwd()))
+    return str(path)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    _write_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode(), 0o644)
+
+
+def _write_private(path: Path, text: str) -> None:
+    _write_atomic(path, text.encode(), mode=0o600)
+
+
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Write ``data`` aside and rename it in, so readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
