@@ -270,11 +270,17 @@ class KeyStore:
         record = self._records.get(key_id) if dot else None
         # Hash even for an unknown id so a caller cannot tell ids apart by timing.
         ok = verify_secret(secret, record.hash if record else hash_secret("", b"\0" * 16))
+        if not dot:
+            raise Unauthenticated(
+                "API_KEY_INVALID",
+                "the API key is malformed: expected '<key_id>.<secret>' as printed by "
+                "`fashionserve keys create`",
+                {"header": API_KEY_HEADER},
+            )
         if record is None or not ok:
             raise Unauthenticated(
                 "API_KEY_INVALID",
-                "the API key is not valid (expected '<key_id>.<secret>' as created by "
-                "`fashionserve keys create`)",
+                "the API key is not valid: unknown key id or wrong secret",
                 {"header": API_KEY_HEADER},
             )
         return Identity(record.id, record.tenant, record.scopes)
