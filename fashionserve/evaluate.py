@@ -1,0 +1,385 @@
+"""``fashionserve evaluate``: quality measured through the served ensemble, never PyTorch.
+
+Every image of the data set's ``val``, ``query`` and ``gallery`` splits is sent, encoded as
+stored, to ``fashion_pipeline`` on a running Triton, in requests of several images; the
+answers are scored against the labels with :mod:`fashionserve.metrics`, the way training's
+own validation scores the PyTorch models (``train.validate_pipeline``), so the two can be
+compared: a gap means serving differs from training (a coordinate, crop or taxonomy bug).
+
+* detection: mAP@0.5 over the garments the ensemble returns (after its score floor and cap);
+* category and exclusive-tag accuracy: logits decoded with ``Taxonomy.decode``, over the
+  ground-truth garments a returned garment matches at IoU >= 0.5;
+* retrieval: each query garment (ground truth matched at IoU >= 0.5) ranks the gallery (the
+  returned garment that best overlaps each gallery image's ground truth) by embedding;
+  Acc@k counts unmatched query garments as misses.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fashionserve import ensemble, metrics
+from fashionserve.taxonomy import Taxonomy, load_taxonomy
+
+if TYPE_CHECKING:
+    import tritonclient.grpc as grpcclient
+
+    from clients.evaluation import DecodedGarment
+
+    # Through Triton the garments carry logits, decoded here; through the gateway they
+    # come decoded by it (clients.evaluation), so the gateway's decoding is what is scored.
+    Found = ensemble.Garment | DecodedGarment
+
+InferFn = Callable[[list[bytes]], list[list[Any]]]
+"""Encoded images in; per image, the garments found."""
+
+LOG = logging.getLogger(__name__)
+
+MATCH_IOU = 0.5
+DEFAULT_BATCH = 8
+CONCURRENT_REQUESTS = 2  # keeps Triton's preprocess busy while the models run
+
+
+class EvaluationError(RuntimeError):
+    """The evaluation cannot run: Triton unreachable, data missing, taxonomy mismatch."""
+
+
+@dataclass
+class LabelledImage:
+    """One image of a split: its file and its ground-truth garments."""
+
+    path: Path
+    width: int
+    height: int
+    boxes: np.ndarray  # [m, 4] x1, y1, x2, y2
+    annotations: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class LabelledSplit:
+    name: str
+    info: dict[str, Any]
+    images: list[LabelledImage]
+
+    @property
+    def garments(self) -> int:
+        return sum(len(img.annotations) for img in self.images)
+
+
+def load_labels(data: Path, split: str) -> LabelledSplit:
+    """``data/<split>/labels.json`` (COCO-style, as ``data synth`` writes it)."""
+    root = Path(data) / split
+    labels_path = root / "labels.json"
+    if not labels_path.is_file():
+        raise EvaluationError(f"{labels_path} is missing: is {data} a `data synth` directory?")
+    labels = json.loads(labels_path.read_text())
+    by_id: dict[int, list[dict[str, Any]]] = {}
+    for ann in labels.get("annotations", []):
+        by_id.setdefault(int(ann["image_id"]), []).append(ann)
+    images = []
+    for entry in labels["images"]:
+        anns = by_id.get(int(entry["id"]), [])
+        boxes = np.array(
+            [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)], np.float64
+        ).reshape(-1, 4)
+        images.append(
+            LabelledImage(
+                root / "images" / entry["file_name"],
+                int(entry["width"]),
+                int(entry["height"]),
+                boxes,
+                anns,
+            )
+        )
+    return LabelledSplit(split, dict(labels.get("info", {})), images)
+
+
+# ------------------------------------------------------------------------ inference
+def analyse(
+    infer: InferFn,
+    paths: Sequence[Path],
+    batch: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[list[Found]]:
+    """Every image through ``infer`` (the ensemble or the gateway), ``batch`` images per
+    request, in order."""
+    chunks = [list(paths[i : i + batch]) for i in range(0, len(paths), batch)]
+    done = 0
+
+    def run(chunk: list[Path]) -> list[list[Found]]:
+        return infer([p.read_bytes() for p in chunk])
+
+    results: list[list[Found]] = []
+    with ThreadPoolExecutor(CONCURRENT_REQUESTS) as pool:
+        for garments in pool.map(run, chunks):
+            results.extend(garments)
+            done += len(garments)
+            if progress is not None:
+                progress(done, len(paths))
+    return results
+
+
+def _detections(garments: Sequence[Found]) -> metrics.Detections:
+    boxes = np.array([g.box for g in garments], np.float64).reshape(-1, 4)
+    scores = np.array([g.score for g in garments], np.float64)
+    classes = np.array([g.detector_class for g in garments], np.int64)
+    return boxes, scores, classes
+
+
+# ------------------------------------------------------------------------- scoring
+def score_val(
+    split: LabelledSplit, answers: Sequence[Sequence[Found]], taxonomy: Taxonomy
+) -> dict[str, Any]:
+    """Detection mAP@0.5, leaf-category and exclusive-tag accuracy on matched garments."""
+    roots = list(taxonomy.roots)
+    predictions = [_detections(a) for a in answers]
+    truth = [
+        (img.boxes, np.array([roots.index(a["category_path"][0]) for a in img.annotations]))
+        for img in split.images
+    ]
+    det = metrics.detection_map50(predictions, truth, len(roots))
+    pred_leaf: list[str | None] = []
+    true_leaf: list[str] = []
+    pred_tags: list[dict[str, str | None]] = []
+    true_tags: list[dict[str, Any]] = []
+    exclusive = [g.name for g in taxonomy.groups if g.exclusive]
+    for img, garments, (boxes, scores, _) in zip(split.images, answers, predictions, strict=True):
+        match = metrics.match_detections(boxes, scores, img.boxes, iou=MATCH_IOU)
+        for ann, p in zip(img.annotations, match, strict=True):
+            if p < 0:
+                continue
+            found = garments[p]
+            decoded = (
+                taxonomy.decode(found.logits)
+                if isinstance(found, ensemble.Garment)
+                else found.decoded
+            )
+            pred_leaf.append(decoded.leaf)
+            true_leaf.append(ann["category_path"][-1])
+            pred_tags.append({k: (v[0].name if v else None) for k, v in decoded.tags.items()})
+            true_tags.append({k: v for k, v in ann.get("tags", {}).items() if k in exclusive})
+    tags = metrics.exclusive_tag_accuracy(pred_tags, true_tags, exclusive)
+    return {
+        "detector_map50": det["map50"],
+        "ap50_per_class": dict(zip(roots, det["ap"], strict=True)),
+        "category_accuracy": metrics.category_accuracy(pred_leaf, true_leaf),
+        "tag_accuracy": tags["overall"],
+        "tag_accuracy_per_group": {k: v for k, v in tags.items() if k != "overall"},
+        "val_images": len(split.images),
+        "val_garments": split.garments,
+        "val_matched_garments": len(true_leaf),
+        "val_detections": sum(len(a) for a in answers),
+    }
+
+
+def score_retrieval(
+    query: LabelledSplit,
+    query_answers: Sequence[Sequence[Found]],
+    gallery: LabelledSplit,
+    gallery_answers: Sequence[Sequence[Found]],
+) -> dict[str, Any]:
+    """Acc@1 and Acc@10 of query garments against the gallery; unmatched queries miss."""
+    g_emb, g_ids = [], []
+    for img, garments in zip(gallery.images, gallery_answers, strict=True):
+        if not garments or not img.annotations:
+            continue
+        boxes, _, _ = _detections(garments)
+        for ann, gt_box in zip(img.annotations, img.boxes, strict=True):
+            overlaps = metrics.box_iou(gt_box[None], boxes)[0]
+            best = int(np.argmax(overlaps))
+            if overlaps[best] > 0:
+                g_emb.append(garments[best].embedding)
+                g_ids.append(int(ann["product_id"]))
+    q_emb, q_ids, total = [], [], 0
+    for img, garments in zip(query.images, query_answers, strict=True):
+        boxes, scores, _ = _detections(garments)
+        match = metrics.match_detections(boxes, scores, img.boxes, iou=MATCH_IOU)
+        for ann, p in zip(img.annotations, match, strict=True):
+            total += 1
+            if p >= 0:
+                q_emb.append(garments[p].embedding)
+                q_ids.append(int(ann["product_id"]))
+    counts = {
+        "query_garments": total,
+        "query_matched": len(q_ids),
+        "gallery_images": len(gallery.images),
+        "gallery_items": len(g_ids),
+    }
+    if not q_emb or not g_emb:
+        return {"retrieval_acc1": math.nan, "retrieval_acc10": math.nan, **counts}
+    acc = metrics.retrieval_accuracy(np.stack(q_emb), q_ids, np.stack(g_emb), g_ids, ks=(1, 10))
+    found = len(q_ids) / total
+    return {
+        "retrieval_acc1": acc["acc@1"] * found,
+        "retrieval_acc10": acc["acc@10"] * found,
+        **counts,
+    }
+
+
+# ------------------------------------------------------------------------- command
+def resolve_taxonomy(
+    data: Path, splits: Sequence[LabelledSplit], served: dict[str, str]
+) -> Taxonomy:
+    """The data set's taxonomy (``data/taxonomy.yaml``, else the packaged default), checked
+    against the hash the data was labelled with and the hash of the served tagger."""
+    own = Path(data) / "taxonomy.yaml"
+    taxonomy = load_taxonomy(own if own.is_file() else None)
+    for split in splits:
+        labelled = split.info.get("taxonomy_hash")
+        if labelled and labelled != taxonomy.hash:
+            raise EvaluationError(
+                f"{split.name} was labelled with taxonomy {labelled[:12]} "
+                f"(version {split.info.get('taxonomy_version')}), not {taxonomy.hash[:12]} "
+                f"({taxonomy.version}): put the data set's taxonomy in {own}"
+            )
+    served_hash = served.get("taxonomy_hash")
+    if served_hash and served_hash != taxonomy.hash:
+        raise EvaluationError(
+            f"the served tagger was trained on taxonomy {served_hash[:12]} "
+            f"(version {served.get('taxonomy_version')}), the data uses {taxonomy.hash[:12]} "
+            f"({taxonomy.version}): its logits cannot be decoded with this taxonomy"
+        )
+    return taxonomy
+
+
+def _connect(triton: str) -> tuple[grpcclient.InferenceServerClient, dict[str, str]]:
+    from tritonclient.utils import InferenceServerException
+
+    client = ensemble.connect(triton)
+    try:
+        ready = client.is_server_ready() and client.is_model_ready(ensemble.MODEL_NAME)
+    except InferenceServerException as exc:
+        raise EvaluationError(f"Triton at {triton} is not reachable: {exc}") from exc
+    if not ready:
+        raise EvaluationError(f"Triton at {triton} is up but {ensemble.MODEL_NAME} is not ready")
+    return client, ensemble.pipeline_parameters(client)
+
+
+def evaluate(
+    data: Path,
+    triton: str | None = None,
+    json_out: Path | None = None,
+    batch_size: int = DEFAULT_BATCH,
+    echo: Callable[[str], None] = print,
+    *,
+    gateway: str | None = None,
+    api_key: str | None = None,
+) -> dict[str, Any]:
+    """Score the served ensemble on ``data``'s val, query and gallery splits.
+
+    Prints a table and returns (and writes to ``json_out``, if given) ``detector_map50``,
+    ``category_accuracy``, ``tag_accuracy``, ``retrieval_acc1``, ``retrieval_acc10``, the
+    counts behind them and throughput figures.
+    """
+    infer: InferFn
+    if gateway is not None:
+        from clients.evaluation import gateway_backend
+
+        try:
+            infer, served = gateway_backend(gateway, api_key)
+        except RuntimeError as exc:
+            raise EvaluationError(str(exc)) from exc
+    elif triton is not None:
+        client, served = _connect(triton)
+
+        def infer(images: list[bytes]) -> list[list[Any]]:
+            return list(ensemble.infer(client, images, timeout=300.0))
+    else:
+        raise EvaluationError("evaluate through Triton (triton=...) or the gateway (gateway=...)")
+    batch = max(1, min(batch_size, int(served.get("max_images_per_request") or batch_size)))
+    val, query, gallery = (load_labels(data, s) for s in ("val", "query", "gallery"))
+    taxonomy = resolve_taxonomy(data, (val, query, gallery), served)
+
+    answers: dict[str, list[list[Found]]] = {}
+    images = 0
+    started = time.monotonic()
+    for split in (val, query, gallery):
+        t0 = time.monotonic()
+        answers[split.name] = analyse(infer, [img.path for img in split.images], batch)
+        seconds = time.monotonic() - t0
+        images += len(split.images)
+        echo(
+            f"  {split.name}: {len(split.images)} images in {seconds:.1f}s "
+            f"({len(split.images) / max(seconds, 1e-9):.1f} images/s)"
+        )
+    elapsed = time.monotonic() - started
+
+    result: dict[str, Any] = {}
+    result.update(score_val(val, answers["val"], taxonomy))
+    result.update(score_retrieval(query, answers["query"], gallery, answers["gallery"]))
+    result.update(
+        {
+            "images": images,
+            "seconds": round(elapsed, 2),
+            "images_per_second": round(images / max(elapsed, 1e-9), 2),
+            "request_batch": batch,
+            "triton": triton,
+            "gateway": gateway,
+            "served": served,
+            "taxonomy": {"version": taxonomy.version, "hash": taxonomy.hash},
+        }
+    )
+    result = _finite(result)
+    echo(format_table(result))
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+        echo(f"wrote {json_out}")
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The headline figures as a small aligned table."""
+
+    def fmt(value: Any) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    rows = [
+        (
+            "detector mAP@0.5",
+            fmt(result.get("detector_map50")),
+            f"{result.get('val_images')} images, {result.get('val_garments')} garments",
+        ),
+        (
+            "category accuracy",
+            fmt(result.get("category_accuracy")),
+            f"{result.get('val_matched_garments')} matched garments",
+        ),
+        ("exclusive-tag accuracy", fmt(result.get("tag_accuracy")), "same garments"),
+        (
+            "retrieval Acc@1",
+            fmt(result.get("retrieval_acc1")),
+            f"{result.get('query_garments')} query garments "
+            f"({result.get('query_matched')} matched), {result.get('gallery_items')} gallery",
+        ),
+        ("retrieval Acc@10", fmt(result.get("retrieval_acc10")), ""),
+    ]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'metric'.ljust(width)}  value  over", f"{'-' * width}  -----  ----"]
+    lines += [f"{name.ljust(width)}  {value:>5}  {over}".rstrip() for name, value, over in rows]
+    lines.append(
+        f"{result.get('images')} images in {result.get('seconds')}s "
+        f"({result.get('images_per_second')} images/s, {result.get('request_batch')} per request)"
+    )
+    return "\n".join(lines)
+
+
+def _finite(value: Any) -> Any:
+    """NaN (a metric with nothing to measure) becomes None, so the JSON stays standard."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value

@@ -1,0 +1,554 @@
+"""Start and stop the real ``tritonserver`` shipped in the ``nvidia-pytriton`` wheel.
+
+The wheel carries Triton 2.51 (NGC 24.10), its python backend and one python-backend stub
+per Python version. Triton wants them laid out as a server tree with the stub beside the
+backend, so :func:`prepare_runtime` copies the tree once into a writable cache directory;
+:class:`TritonServer` then runs it with the wheel's libraries on ``LD_LIBRARY_PATH`` and this
+virtualenv's ``bin/`` first on ``PATH``, so the stubs import this environment's numpy,
+onnxruntime and fashionserve.
+
+Triton runs in its own session (process group). Stopping sends SIGTERM to Triton (it
+unloads the models, which ends the stubs and frees their shared memory), waits, then
+SIGKILLs whatever is left of the group and removes any python-backend shared-memory region
+this server created (each server gets its own region prefix, so only its regions are
+touched).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import ctypes
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import IO
+
+LOG = logging.getLogger(__name__)
+
+STUB_NAME = "triton_python_backend_stub"
+SHM_DIR = Path("/dev/shm")
+_MARKER = ".fashionserve-runtime-complete"
+
+
+# Error lines Triton prints on every CPU-only start; they are not why a start failed.
+_HARMLESS_ERRORS = ("CudaDriverHelper has not been initialized",)
+_ERROR_LINE = re.compile(r"^E\d{4} [\d:.]+ +\d+ (?P<where>\S+)\] (?P<text>.*)$")
+
+
+class TritonError(RuntimeError):
+    """Triton could not be prepared, did not start, or died.
+
+    ``errors`` holds the error lines Triton logged (first line of each), ``log_tail`` its
+    last lines; both are in the message.
+    """
+
+    def __init__(
+        self, message: str, log_tail: Sequence[str] = (), errors: Sequence[str] = ()
+    ) -> None:
+        self.log_tail = list(log_tail)
+        self.errors = list(errors)
+        if self.errors:
+            message += "\n--- errors Triton logged ---\n" + "\n".join(self.errors)
+        if self.log_tail:
+            message += "\n--- last lines of the Triton log ---\n" + "\n".join(self.log_tail)
+        super().__init__(message)
+
+
+def _error_summary(line: str) -> str | None:
+    """The gist of a Triton error log line (``E1122 ... file.cc:123] "text"``), else None."""
+    match = _ERROR_LINE.match(line)
+    if match is None:
+        return None
+    text = match.group("text").strip().strip('"')
+    if any(h in text for h in _HARMLESS_ERRORS):
+        return None
+    text = text.split("\\n")[0]  # Triton escapes the traceback's newlines as \n
+    return text if len(text) <= 400 else text[:400] + "..."
+
+
+# --------------------------------------------------------------------------- runtime
+def _pytriton_root() -> Path:
+    try:
+        import pytriton
+    except ImportError as exc:  # pragma: no cover - dependency of the package
+        raise TritonError("nvidia-pytriton is not installed: it carries tritonserver") from exc
+    return Path(pytriton.__file__).resolve().parent
+
+
+def wheel_paths() -> tuple[Path, Path]:
+    """``(tritonserver tree, nvidia_pytriton.libs)`` inside the installed wheel."""
+    root = _pytriton_root()
+    return root / "tritonserver", root.parent / "nvidia_pytriton.libs"
+
+
+def _pytriton_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("nvidia-pytriton")
+    except PackageNotFoundError:  # pragma: no cover
+        return "unknown"
+
+
+def default_runtime_dir() -> Path:
+    """``$FASHIONSERVE_TRITON_HOME``, else ``~/.cache/fashionserve/triton-<wheel>-py<X.Y>``."""
+    env = os.environ.get("FASHIONSERVE_TRITON_HOME")
+    if env:
+        return Path(env)
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    py = f"{sys.version_info.major}.{sys.version_info.minor}"
+    return cache / "fashionserve" / f"triton-{_pytriton_version()}-py{py}"
+
+
+def prepare_runtime(runtime_dir: Path | None = None) -> Path:
+    """A runnable Triton tree (``bin/``, ``backends/python/`` with the stub, ``caches/``).
+
+    Copied from the wheel once and reused; built in a temporary sibling and renamed into
+    place so concurrent callers (parallel test sessions) never see half a tree.
+    """
+    target = Path(runtime_dir) if runtime_dir is not None else default_runtime_dir()
+    if (target / _MARKER).is_file():
+        return target
+    tree, _ = wheel_paths()
+    py = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = tree / "python_backend_stubs" / py / STUB_NAME
+    if not (tree / "bin" / "tritonserver").is_file():
+        raise TritonError(f"no tritonserver binary in {tree}: is nvidia-pytriton installed?")
+    if not stub.is_file():
+        raise TritonError(f"nvidia-pytriton has no python-backend stub for Python {py} ({stub})")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        work = staging / "tree"
+        shutil.copytree(
+            tree, work, ignore=shutil.ignore_patterns("python_backend_stubs", "__pycache__")
+        )
+        shutil.copy2(stub, work / "backends" / "python" / STUB_NAME)
+        (work / _MARKER).write_text(f"nvidia-pytriton {_pytriton_version()}, python {py}\n")
+        try:
+            work.rename(target)
+        except OSError:
+            if not (target / _MARKER).is_file():  # lost a race to a complete copy: fine
+                shutil.rmtree(target, ignore_errors=True)
+                work.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    LOG.info("prepared Triton runtime in %s", target)
+    return target
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free right now on ``host`` (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def shm_regions(prefix: str) -> list[Path]:
+    """Python-backend shared-memory regions in /dev/shm whose name starts with ``prefix``."""
+    if not SHM_DIR.is_dir():
+        return []
+    return sorted(p for p in SHM_DIR.iterdir() if p.name.startswith(prefix))
+
+
+def _parent_death_signal() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes Linux SIGTERM Triton when the thread that started it dies.
+
+    libc's ``prctl`` is looked up here, in the parent: between fork and exec the child may
+    only run code that takes no lock another thread could hold (no dlopen, no imports).
+    """
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+    sigterm = int(signal.SIGTERM)
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, sigterm)
+
+    return preexec
+
+
+# ---------------------------------------------------------------------------- server
+class TritonServer:
+    """A ``tritonserver`` process serving one model repository.
+
+    Use as a context manager (``with TritonServer(repo) as server: ...``) or call
+    :meth:`start` and :meth:`stop`. Ports given as 0 are chosen free before start.
+    ``grpc_url``/``http_url`` give ``host:port`` for clients.
+
+    ``log_file`` receives Triton's whole log; with ``echo`` each line is also written to
+    stderr prefixed with ``log_prefix``. ``kill_with_parent`` asks Linux to SIGTERM Triton
+    if the thread that started it dies (keep it for tests and the CLI; turn it off when
+    starting from a short-lived worker thread).
+    """
+
+    def __init__(
+        self,
+        repository: Path,
+        *,
+        grpc_port: int = 0,
+        http_port: int = 0,
+        metrics_port: int = 0,
+        host: str = "127.0.0.1",
+        runtime_dir: Path | None = None,
+        log_file: Path | None = None,
+        echo: bool = False,
+        log_prefix: str = "[triton] ",
+        ready_timeout: float = 120.0,
+        stop_timeout: float = 30.0,
+        extra_args: Sequence[str] = (),
+        kill_with_parent: bool = True,
+    ) -> None:
+        self.repository = Path(repository).resolve()
+        self.host = host
+        self.grpc_port = grpc_port
+        self.http_port = http_port
+        self.metrics_port = metrics_port
+        self.runtime_dir = runtime_dir
+        self.log_file = log_file
+        self.echo = echo
+        self.log_prefix = log_prefix
+        self.ready_timeout = ready_timeout
+        self.stop_timeout = stop_timeout
+        self.extra_args = list(extra_args)
+        self.kill_with_parent = kill_with_parent
+        # Unique per server so stop() can tell its own shared-memory regions from others'.
+        self.shm_prefix = f"fashionserve-{os.getpid()}-{uuid.uuid4().hex[:8]}-"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.startup_seconds: float | None = None
+        self._tail: collections.deque[str] = collections.deque(maxlen=200)
+        self._errors: collections.deque[str] = collections.deque(maxlen=20)
+        self._reader: threading.Thread | None = None
+        self._log_handle: IO[str] | None = None
+
+    # ------------------------------------------------------------------ addresses
+    @property
+    def grpc_url(self) -> str:
+        """``host:port`` of the KServe v2 gRPC endpoint."""
+        return f"{self._client_host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"{self._client_host}:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self._client_host}:{self.metrics_port}/metrics"
+
+    @property
+    def _client_host(self) -> str:
+        return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    def log_tail(self, lines: int = 40) -> list[str]:
+        """The last ``lines`` lines Triton wrote."""
+        return list(self._tail)[-lines:]
+
+    def errors(self) -> list[str]:
+        """The error lines Triton logged so far (gist of each, harmless CPU ones left out)."""
+        return list(self._errors)
+
+    def command(self, runtime: Path) -> list[str]:
+        """The ``tritonserver`` command line."""
+        return [
+            str(runtime / "bin" / "tritonserver"),
+            f"--model-repository={self.repository}",
+            f"--backend-directory={runtime / 'backends'}",
+            f"--cache-directory={runtime / 'caches'}",
+            f"--grpc-address={self.host}",
+            f"--grpc-port={self.grpc_port}",
+            f"--http-address={self.host}",
+            f"--http-port={self.http_port}",
+            f"--metrics-address={self.host}",
+            f"--metrics-port={self.metrics_port}",
+            # Not ready until every model is: a client never meets a half-loaded ensemble.
+            "--strict-readiness=true",
+            # No model loading over the API: Triton runs model code unsandboxed.
+            "--model-control-mode=none",
+            "--exit-on-error=true",
+            # Configs are generated complete; do not let backends guess.
+            "--disable-auto-complete-config",
+            "--log-verbose=0",
+            f"--exit-timeout-secs={max(1, int(self.stop_timeout) - 5)}",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+            *self.extra_args,
+        ]
+
+    def environment(self) -> dict[str, str]:
+        """Triton's environment: wheel libraries, this virtualenv first on PATH."""
+        env = dict(os.environ)
+        _, libs = wheel_paths()
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p
+        )
+        venv_bin = str(Path(sys.executable).parent)
+        env["PATH"] = os.pathsep.join(p for p in (venv_bin, env.get("PATH", "")) if p)
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> TritonServer:
+        """Start Triton and wait until it reports ready; raises :class:`TritonError`."""
+        if self.process is not None:
+            raise TritonError("this TritonServer is already started")
+        if not (self.repository.is_dir()):
+            raise TritonError(f"model repository {self.repository} does not exist")
+        runtime = prepare_runtime(self.runtime_dir)
+        bind = self.host if self.host not in ("", "0.0.0.0") else "0.0.0.0"
+        for attr in ("grpc_port", "http_port", "metrics_port"):
+            if getattr(self, attr) == 0:
+                setattr(self, attr, free_port(bind))
+        if self.log_file is not None:
+            self.log_file.parent.mkdir(parents=True, exist_ok=True)
+            self._log_handle = open(self.log_file, "a", encoding="utf-8")  # noqa: SIM115
+        cmd = self.command(runtime)
+        LOG.info("starting Triton: %s", " ".join(cmd))
+        started = time.monotonic()
+        self.process = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=self.environment(),
+            cwd=str(runtime),
+            start_new_session=True,
+            preexec_fn=_parent_death_signal() if self.kill_with_parent else None,
+        )
+        self._reader = threading.Thread(target=self._pump, name="triton-log", daemon=True)
+        self._reader.start()
+        try:
+            self.wait_ready(self.ready_timeout)
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_seconds = time.monotonic() - started
+        LOG.info(
+            "Triton ready in %.1fs: grpc %s, http %s, metrics %s",
+            self.startup_seconds,
+            self.grpc_url,
+            self.http_url,
+            self.metrics_port,
+        )
+        return self
+
+    def _pump(self) -> None:
+        """Copy Triton's output to the tail buffer, the log file and (with echo) stderr."""
+        assert self.process is not None and self.process.stdout is not None
+        for raw in iter(self.process.stdout.readline, b""):
+            line = raw.decode("utf-8", errors="replace").rstrip("\n")
+            self._tail.append(line)
+            summary = _error_summary(line)
+            if summary is not None:
+                self._errors.append(summary)
+            if self._log_handle is not None:
+                with contextlib.suppress(ValueError):
+                    self._log_handle.write(line + "\n")
+                    self._log_handle.flush()
+            if self.echo:
+                with contextlib.suppress(ValueError, OSError):
+                    print(f"{self.log_prefix}{line}", file=sys.stderr, flush=True)
+
+    def is_ready(self, timeout: float = 2.0) -> bool:
+        """Whether Triton answers ``/v2/health/ready`` with 200 (every model loaded)."""
+        url = f"http://{self.http_url}/v2/health/ready"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                return int(response.status) == 200
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+
+    def wait_ready(self, timeout: float) -> None:
+        """Poll readiness; raise early with the log tail if Triton exits meanwhile."""
+        assert self.process is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            code = self.process.poll()
+            if code is not None:
+                if self._reader is not None:
+                    self._reader.join(timeout=5)
+                raise TritonError(
+                    f"tritonserver exited with code {code} before it was ready "
+                    f"(repository {self.repository})",
+                    self.log_tail(15),
+                    self.errors(),
+                )
+            if self.is_ready(timeout=1.0):
+                return
+            if time.monotonic() > deadline:
+                raise TritonError(
+                    f"tritonserver was not ready after {timeout:.0f}s (repository {self.repository})",
+                    self.log_tail(15),
+                    self.errors(),
+                )
+            time.sleep(0.2)
+
+    def stop(self) -> int | None:
+        """Stop Triton and everything it started; returns its exit code (None if never run).
+
+        SIGTERM to Triton, up to ``stop_timeout`` seconds for it to unload, then SIGKILL
+        to its whole process group (stubs included); finally remove any shared-memory
+        region with this server's prefix that a killed stub could not release.
+        """
+        proc = self.process
+        if proc is None:
+            return None
+        code = proc.poll()
+        if code is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                code = proc.wait(timeout=self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                LOG.warning("Triton did not stop within %.0fs: killing it", self.stop_timeout)
+                self._kill_group()
+                code = proc.wait(timeout=10)
+        # Stubs stop on their own once Triton unloads them (or notices it died); give them
+        # a moment, then kill whatever of the group is left.
+        self._wait_group_gone(proc.pid, timeout=5.0)
+        self._kill_group()
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+        if proc.stdout is not None:
+            proc.stdout.close()
+        for region in shm_regions(self.shm_prefix):
+            with contextlib.suppress(OSError):
+                region.unlink()
+                LOG.warning("removed leftover shared-memory region %s", region)
+        if self._log_handle is not None:
+            self._log_handle.close()
+            self._log_handle = None
+        return code
+
+    def group_pids(self) -> list[int]:
+        """Live processes of Triton's process group (Triton and its stubs)."""
+        if self.process is None:
+            return []
+        return _group_members(self.process.pid)
+
+    def _kill_group(self) -> None:
+        if self.process is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+
+    def _wait_group_gone(self, pgid: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while _group_members(pgid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    # ---------------------------------------------------------------- context manager
+    def __enter__(self) -> TritonServer:
+        return self.start() if self.process is None else self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def _group_members(pgid: int) -> list[int]:
+    """PIDs (not zombies) whose process group is ``pgid``, read from /proc."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # Fields after the ")" that closes the command name: state ppid pgrp ...
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(entry.name))
+    return members
+
+
+# ------------------------------------------------------------------------ foreground
+def run_triton(
+    repository: Path,
+    grpc_port: int = 8001,
+    http_port: int = 8000,
+    metrics_port: int = 8002,
+    ready_timeout: float = 120.0,
+    host: str = "127.0.0.1",
+) -> int:
+    """Serve ``repository`` in the foreground until Ctrl-C or SIGTERM; return an exit code.
+
+    Triton's log goes to stderr prefixed with ``[triton]``. Returns 0 after a requested
+    stop, Triton's own exit code if it stopped by itself, 1 if it did not start.
+    ``host`` is the listening address; Triton has no authentication, so it stays on
+    loopback unless a deployment puts a gateway in front of it.
+    """
+    stop_requested = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        del frame
+        LOG.info("received %s: stopping Triton", signal.Signals(signum).name)
+        stop_requested.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    server = TritonServer(
+        repository,
+        grpc_port=grpc_port,
+        http_port=http_port,
+        metrics_port=metrics_port,
+        host=host,
+        echo=True,
+        ready_timeout=ready_timeout,
+    )
+    try:
+        try:
+            server.start()
+        except TritonError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(
+            f"Triton ready: grpc {server.grpc_url}, http {server.http_url}, "
+            f"metrics {server.metrics_url} (Ctrl-C to stop)",
+            file=sys.stderr,
+            flush=True,
+        )
+        assert server.process is not None
+        while not stop_requested.is_set() and server.process.poll() is None:
+            stop_requested.wait(0.5)
+        exited_by_itself = not stop_requested.is_set()
+        code = server.stop()
+        if exited_by_itself:
+            print(f"error: Triton exited by itself with code {code}", file=sys.stderr)
+            return code if code else 1
+        return 0
+    finally:
+        server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def serving(repository: Path, **kwargs: object) -> Iterator[TritonServer]:
+    """``with serving(repo) as server:`` — a started :class:`TritonServer`, always stopped."""
+    server = TritonServer(repository, **kwargs)  # type: ignore[arg-type]
+    with server:
+        yield server

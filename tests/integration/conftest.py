@@ -1,0 +1,273 @@
+"""Real Triton servers for the integration tests, on free loopback ports, always stopped.
+
+Two kinds of model repository:
+
+* ``triton`` serves the trained demo models: each checkpoint of ``checkpoints/`` at the
+  repository root (or ``$FASHIONSERVE_CHECKPOINTS``) is exported with
+  :func:`export.exporter.export_checkpoint` into a temporary repository and the ensemble is
+  built around them. Tests that use it are skipped, saying why, when no checkpoints exist.
+* ``oracle_triton`` serves hand-written "oracle" models with the contract's ONNX I/O, so the
+  pipeline's geometry is checked exactly with no training: the detector finds the bounding
+  box of each of four pure colours in its input; the tagger and embedder report the mean
+  colour of the centre of the crop they receive (so a crop cut in the wrong place shows).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fashionserve.taxonomy import load_taxonomy
+from fashionserve.triton import TritonServer, prepare_runtime
+from model_repository.build import BuiltRepository, RepositorySettings, build_repository
+from model_repository.python_models import ORT_RUNNER
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CHECKPOINT_KINDS = ("detector", "tagger", "embedder")
+
+# The oracle detector's garments: one pure colour each (RGB), its class = index % 3.
+ORACLE_COLOURS: tuple[tuple[int, int, int], ...] = (
+    (220, 40, 40),
+    (40, 180, 60),
+    (40, 60, 220),
+    (25, 25, 25),
+)
+ORACLE_DET_SIZE = 256
+ORACLE_CROP = 64
+ORACLE_LOGITS = load_taxonomy().num_logits  # decodable, though the values mean nothing
+ORACLE_DIM = 8
+ORACLE_K = 8
+ORACLE_MAX_IMAGES = 8
+
+
+# ---------------------------------------------------------------------- test images
+Rect = tuple[tuple[int, int, int, int], int]
+"""A garment drawn in a test scene: ((x1, y1, x2, y2), index into ORACLE_COLOURS)."""
+
+
+@dataclass(frozen=True)
+class Oracle:
+    """What a test needs to know about the oracle models, and how to draw for them."""
+
+    colours: tuple[tuple[int, int, int], ...] = ORACLE_COLOURS
+    max_images: int = ORACLE_MAX_IMAGES
+
+    def scene(
+        self, width: int, height: int, rects: list[Rect], fmt: str = "JPEG", rotated: bool = False
+    ) -> bytes:
+        """A white image with filled rectangles, encoded as ``fmt``.
+
+        ``rotated``: store the pixels turned 90 degrees with EXIF orientation 6, as a phone
+        held upright does; decoders that honour EXIF show the scene as drawn.
+        """
+        image = np.full((height, width, 3), 255, np.uint8)
+        for (x1, y1, x2, y2), colour in rects:
+            image[y1:y2, x1:x2] = self.colours[colour]
+        pil = Image.fromarray(image)
+        options: dict[str, object] = {"quality": 95} if fmt == "JPEG" else {}
+        if rotated:
+            pil = pil.transpose(Image.Transpose.ROTATE_90)  # orientation 6 turns it back
+            exif = Image.Exif()
+            exif[0x0112] = 6
+            options["exif"] = exif.tobytes()
+        buf = io.BytesIO()
+        pil.save(buf, fmt, **options)
+        return buf.getvalue()
+
+    def score(self, colour: int) -> float:
+        """The oracle detector's score for a garment of that colour (first colour highest)."""
+        return 0.9 - 0.05 * colour
+
+
+@pytest.fixture(scope="session")
+def oracle() -> Oracle:
+    return Oracle()
+
+
+# ------------------------------------------------------------------------ oracle models
+def export_oracle_models(repo: Path) -> None:
+    """Write detector/tagger/embedder version 1 (ONNX + runner + manifest) into ``repo``."""
+    pytest.importorskip("torch", reason="the oracle models are exported with PyTorch")
+    import torch
+    from torch import nn
+
+    class Detector(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("colours", torch.tensor(ORACLE_COLOURS, dtype=torch.float32))
+
+        def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            side = images.shape[-1]
+            colours: torch.Tensor = self.colours  # type: ignore[assignment]
+            diff = (images[:, None] - colours[None, :, :, None, None]).abs().amax(2)
+            mask = (diff < 40).float()  # [B, colours, S, S]
+            rows, cols = mask.amax(3), mask.amax(2)
+            idx = torch.arange(side, dtype=torch.float32)
+            far = torch.full_like(rows, float(side))
+            zero = torch.zeros_like(rows)
+            y1 = torch.where(rows > 0, idx, far).amin(-1)
+            y2 = torch.where(rows > 0, idx + 1, zero).amax(-1)
+            x1 = torch.where(cols > 0, idx, far).amin(-1)
+            x2 = torch.where(cols > 0, idx + 1, zero).amax(-1)
+            present = rows.amax(-1)
+            n = len(ORACLE_COLOURS)
+            scores = present * (0.9 - 0.05 * torch.arange(n, dtype=torch.float32))
+            boxes = torch.stack([x1, y1, x2, y2], -1) * present[..., None]
+            pad = ORACLE_K - n
+            scores = torch.cat([scores, torch.zeros_like(scores[:, :1]).expand(-1, pad)], 1)
+            boxes = torch.cat([boxes, torch.zeros_like(boxes[:, :1]).expand(-1, pad, -1)], 1)
+            classes = torch.cat([torch.arange(n) % 3, torch.zeros(pad, dtype=torch.long)])
+            classes = classes[None].expand(images.shape[0], -1)
+            top, order = torch.topk(scores, ORACLE_K, dim=1)
+            boxes = torch.gather(boxes, 1, order[..., None].expand(-1, -1, 4))
+            return boxes, top, torch.gather(classes, 1, order).to(torch.int32)
+
+    class CentreColour(nn.Module):
+        """[mean R, G, B of the crop's central fifth / 255, 1, 0, ...]."""
+
+        def __init__(self, width: int, normalise: bool) -> None:
+            super().__init__()
+            self.width, self.normalise = width, normalise
+
+        def forward(self, crops: torch.Tensor) -> torch.Tensor:
+            lo, hi = int(ORACLE_CROP * 0.4), int(ORACLE_CROP * 0.6)
+            mean = crops[:, :, lo:hi, lo:hi].mean((2, 3)) / 255.0
+            ones = torch.ones_like(mean[:, :1])
+            rest = torch.zeros_like(mean[:, :1]).expand(-1, self.width - 4)
+            out = torch.cat([mean, ones, rest], 1)
+            return out / out.norm(dim=1, keepdim=True) if self.normalise else out
+
+    models: dict[str, tuple[nn.Module, int, list[str], list[str]]] = {
+        "detector": (Detector(), ORACLE_DET_SIZE, ["images"], ["boxes", "scores", "classes"]),
+        "tagger": (CentreColour(ORACLE_LOGITS, False), ORACLE_CROP, ["crops"], ["logits"]),
+        "embedder": (CentreColour(ORACLE_DIM, True), ORACLE_CROP, ["crops"], ["embedding"]),
+    }
+    for name, (module, size, inputs, outputs) in models.items():
+        version = repo / name / "1"
+        version.mkdir(parents=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer and legacy-exporter notices
+            torch.onnx.export(
+                module.eval(),
+                (torch.zeros(2, 3, size, size),),
+                str(version / "model.onnx"),
+                input_names=inputs,
+                output_names=outputs,
+                dynamic_axes={n: {0: "batch"} for n in inputs + outputs},
+                opset_version=17,
+                dynamo=False,
+            )
+        shutil.copyfile(ORT_RUNNER, version / "model.py")
+        manifest = {"model": {"name": name, "kind": name, "version": 1}, "oracle": True}
+        (version / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _oracle_repository(root: Path, **settings: object) -> Path:
+    repo = root / "repository"
+    export_oracle_models(repo)
+    build_repository(
+        repo,
+        RepositorySettings(
+            max_images_per_request=ORACLE_MAX_IMAGES,
+            preprocess_instances=1,
+            max_queue_delay_microseconds=1000,
+            **settings,  # type: ignore[arg-type]
+        ),
+    )
+    return repo
+
+
+def start_triton(repo: Path, log_dir: Path) -> TritonServer:
+    """A started server on free loopback ports; its log in ``log_dir/triton.log``."""
+    return TritonServer(repo, log_file=log_dir / "triton.log", ready_timeout=120).start()
+
+
+@pytest.fixture(scope="session")
+def triton_runtime() -> Path:
+    """The runnable Triton tree (copied from the nvidia-pytriton wheel once)."""
+    return prepare_runtime()
+
+
+@pytest.fixture(scope="session")
+def oracle_repository(tmp_path_factory: pytest.TempPathFactory, triton_runtime: Path) -> Path:
+    del triton_runtime
+    return _oracle_repository(tmp_path_factory.mktemp("oracle"))
+
+
+@pytest.fixture(scope="session")
+def oracle_triton(
+    oracle_repository: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TritonServer]:
+    """Triton serving the oracle models (8 images per request, 16 crops per image)."""
+    server = start_triton(oracle_repository, tmp_path_factory.mktemp("oracle-log"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def capped_triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    """Triton serving the oracle models with at most 2 crops per image."""
+    root = tmp_path_factory.mktemp("capped")
+    server = start_triton(_oracle_repository(root, max_crops_per_image=2), root)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+# ------------------------------------------------------------------------ trained models
+def checkpoint_dir() -> Path:
+    """``$FASHIONSERVE_CHECKPOINTS`` or ``checkpoints/`` at the repository root."""
+    return Path(os.environ.get("FASHIONSERVE_CHECKPOINTS") or REPO_ROOT / "checkpoints")
+
+
+@pytest.fixture(scope="session")
+def checkpoints() -> Path:
+    """The directory holding detector.pt, tagger.pt and embedder.pt (else the test skips)."""
+    source = checkpoint_dir()
+    missing = [k for k in CHECKPOINT_KINDS if not (source / f"{k}.pt").is_file()]
+    if missing:
+        pytest.skip(
+            f"no trained checkpoints: {source} lacks {', '.join(k + '.pt' for k in missing)} "
+            "(commit the demo checkpoints under checkpoints/ or set FASHIONSERVE_CHECKPOINTS)"
+        )
+    return source
+
+
+@pytest.fixture(scope="session")
+def trained_repository(
+    checkpoints: Path, tmp_path_factory: pytest.TempPathFactory
+) -> BuiltRepository:
+    """The demo checkpoints exported and assembled into a python-ort repository."""
+    from export.exporter import export_checkpoint
+
+    source = checkpoints
+
+    repo = tmp_path_factory.mktemp("trained") / "repository"
+    for kind in CHECKPOINT_KINDS:
+        export_checkpoint(source / f"{kind}.pt", repo, echo=None)
+    return build_repository(repo, RepositorySettings(max_images_per_request=ORACLE_MAX_IMAGES))
+
+
+@pytest.fixture(scope="session")
+def triton(
+    trained_repository: BuiltRepository, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TritonServer]:
+    """Triton serving the trained demo models (skipped when there are no checkpoints)."""
+    server = start_triton(trained_repository.path, tmp_path_factory.mktemp("trained-log"))
+    try:
+        yield server
+    finally:
+        server.stop()
