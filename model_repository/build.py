@@ -528,8 +528,12 @@ def _ensemble_parameters(
         "max_crops_per_image": str(settings.max_crops_per_image),
         "min_score": repr(settings.min_score),
     }
+    served_file = "model.plan" if settings.flavour == "tensorrt" else "model.onnx"
     for name, mv in models.items():
         params[f"{name}_version"] = str(mv.version)
+        sha = mv.manifest.get("artifacts", {}).get(served_file, {}).get("sha256")
+        if sha:
+            params[f"{name}_sha256"] = str(sha)
     tagger = models[TAGGER].manifest
     for key in ("taxonomy_hash", "taxonomy_version"):
         value = _manifest_value(tagger, key)

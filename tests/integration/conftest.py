@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fashionserve.checkpoint import file_sha256
 from fashionserve.taxonomy import load_taxonomy
 from fashionserve.triton import TritonServer, prepare_runtime
 from model_repository.build import BuiltRepository, RepositorySettings, build_repository
@@ -168,7 +169,11 @@ def export_oracle_models(repo: Path) -> None:
                 dynamo=False,
             )
         shutil.copyfile(ORT_RUNNER, version / "model.py")
-        manifest = {"model": {"name": name, "kind": name, "version": 1}, "oracle": True}
+        manifest = {
+            "model": {"name": name, "kind": name, "version": 1},
+            "oracle": True,
+            "artifacts": {"model.onnx": {"sha256": file_sha256(version / "model.onnx")}},
+        }
         (version / "manifest.json").write_text(json.dumps(manifest))
 
 
