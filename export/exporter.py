@@ -1,0 +1,401 @@
+"""Export a checkpoint to a new model version: ONNX, checks, parity, atomic publication.
+
+The steps of :func:`export_checkpoint`, in order; any failure stops before the repository
+is touched:
+
+1. load the checkpoint and build the PyTorch model (weights loaded, eval mode);
+2. export ONNX (TorchScript exporter, opset 17, dynamic batch dimension, the contract's
+   I/O names), then ``onnx.checker`` (full check) and strict shape inference, and check
+   names, dtypes, the dynamic batch axis and the static dims export relies on;
+3. parity: PyTorch and ONNX Runtime on the same real inputs (rendered garment images,
+   preprocessed as serving does) at batch sizes 1 and 8, per-output tolerances
+   (:func:`export.parity.default_checks`); a divergence raises :class:`ParityError`;
+4. publish ``model.onnx``, ``model.py`` (the python-ort ONNX Runtime runner) and
+   ``manifest.json`` as the next numbered version (:mod:`export.publish`).
+
+A TensorRT target will add an engine build after step 3 and a second
+:func:`export.parity.check_parity` with ONNX Runtime as the reference.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from export.parity import (
+    DEFAULT_BATCH_SIZES,
+    IO_NAMES,
+    OnnxRuntimeRunner,
+    ParityError,
+    ParityReport,
+    TorchRunner,
+    check_parity,
+    default_checks,
+    parity_inputs,
+)
+from export.publish import publish_version
+from fashionserve.checkpoint import Checkpoint, file_sha256, load_checkpoint
+
+if TYPE_CHECKING:
+    import onnx
+    import torch
+
+__all__ = ["ExportError", "ParityError", "export_checkpoint", "export_onnx", "inspect_onnx"]
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+MANIFEST_FORMAT = "fashionserve-model-manifest"
+MANIFEST_FORMAT_VERSION = 1
+BATCH_AXIS = "batch"
+# Per-kind preprocessing the inputs were made with; serving must do the same.
+PREPROCESS = {"detector": "letterbox", "tagger": "square_crop", "embedder": "square_crop"}
+_ONNX_DTYPES = {1: "float32", 6: "int32", 7: "int64", 10: "float16", 11: "float64", 9: "bool"}
+_EXPECTED_DTYPES = {"classes": "int32"}  # every other input and output is float32
+
+
+class ExportError(RuntimeError):
+    """The checkpoint could not be turned into a valid ONNX model (before parity)."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: list[int | str]  # symbolic dims by name ("batch")
+    dtype: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+@dataclass(frozen=True)
+class OnnxInfo:
+    opset: int
+    ir_version: int
+    op_types: list[str]
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+
+def export_checkpoint(
+    checkpoint: Path,
+    repository: Path,
+    model_name: str | None = None,
+    *,
+    data: Path | None = None,
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+    echo: Callable[[str], None] | None = print,
+) -> Path:
+    """Export ``checkpoint`` as the next version of ``<repository>/<model_name>``.
+
+    ``model_name`` defaults to the checkpoint kind. Parity inputs are rendered with the
+    synthetic generator (fixed seed) unless ``data`` names a data set directory. The
+    parity table goes to ``echo`` (stdout by default). Returns the published version
+    directory. Raises :class:`ParityError` (nothing published) when ONNX Runtime
+    diverges from PyTorch, :class:`ExportError` when the ONNX graph is invalid.
+    """
+    started = time.perf_counter()
+    checkpoint = Path(checkpoint)
+    ckpt_sha = file_sha256(checkpoint)
+    ckpt = load_checkpoint(checkpoint)
+    name = model_name or ckpt.kind
+    if not name or "/" in name or name.startswith("."):
+        raise ExportError(f"invalid model name {name!r}")
+    height, width = ckpt.input_size
+    if height != width:
+        raise ExportError(f"{checkpoint}: input size {height}x{width} is not square")
+    input_names, output_names = IO_NAMES[ckpt.kind]
+    model = ckpt.build_model()
+    runner_py = runner_source()
+
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    inputs = parity_inputs(ckpt.kind, height, max(batch_sizes), data=data)
+    timings["inputs_s"] = time.perf_counter() - t
+
+    with tempfile.TemporaryDirectory(prefix="fashionserve-export-") as tmp:
+        onnx_path = Path(tmp) / "model.onnx"
+        t = time.perf_counter()
+        export_onnx(model, ckpt.kind, inputs.samples[:2], onnx_path)
+        info = inspect_onnx(onnx_path, ckpt)
+        timings["export_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        report = check_parity(
+            TorchRunner(model, input_names, output_names),
+            OnnxRuntimeRunner(onnx_path),
+            inputs.batches(input_names[0], batch_sizes),
+            default_checks(ckpt.kind),
+        )
+        timings["parity_s"] = time.perf_counter() - t
+        if echo is not None:
+            echo(f"{name} ({ckpt.kind}, {checkpoint})\n{report.table()}")
+        report.raise_for_failure()
+
+        t = time.perf_counter()
+        if file_sha256(checkpoint) != ckpt_sha:
+            # The manifest must name the bytes that were exported, nothing else.
+            raise ExportError(f"{checkpoint} changed while it was being exported")
+
+        def manifest(version: int, artifacts: dict[str, dict[str, Any]]) -> dict[str, Any]:
+            timings["total_s"] = time.perf_counter() - started
+            return build_manifest(
+                ckpt,
+                name=name,
+                version=version,
+                checkpoint=checkpoint,
+                checkpoint_sha256=ckpt_sha,
+                artifacts=artifacts,
+                info=info,
+                report=report,
+                batch_sizes=batch_sizes,
+                inputs_source=inputs.source,
+                timings={k: round(v, 3) for k, v in timings.items()},
+            )
+
+        version_dir = publish_version(
+            Path(repository) / name,
+            {"model.onnx": onnx_path, "model.py": runner_py},
+            manifest,
+        )
+    log.info(
+        "published %s in %.1fs (inputs %.1fs, export %.1fs, parity %.1fs, publish %.1fs)",
+        version_dir,
+        time.perf_counter() - started,
+        timings["inputs_s"],
+        timings["export_s"],
+        timings["parity_s"],
+        time.perf_counter() - t,
+    )
+    if echo is not None:
+        echo(f"published {version_dir}")
+    return version_dir
+
+
+# ----------------------------------------------------------------------------- ONNX
+def export_onnx(model: torch.nn.Module, kind: str, sample: np.ndarray, path: Path) -> Path:
+    """Trace ``model`` to ONNX at ``path`` with the contract's names and a dynamic batch.
+
+    ``sample`` is a real input batch used for tracing; batch 2 rather than 1, so no
+    batch-size-1 special case (squeeze, broadcast) can be baked into the graph.
+    """
+    import torch
+
+    input_names, output_names = IO_NAMES[kind]
+    example = torch.from_numpy(np.ascontiguousarray(sample[:2]))
+    if example.shape[0] < 2:
+        example = torch.cat([example, example])
+    dynamic_axes = {n: {0: BATCH_AXIS} for n in (*input_names, *output_names)}
+    with torch.no_grad(), warnings.catch_warnings():
+        # The TorchScript exporter (dynamo=False) warns that it is deprecated; it is the
+        # one that handles these models with a dynamic batch today.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            input_names=list(input_names),
+            output_names=list(output_names),
+            dynamic_axes=dynamic_axes,
+            opset_version=OPSET,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    return path
+
+
+def inspect_onnx(path: Path, ckpt: Checkpoint) -> OnnxInfo:
+    """Validate the exported graph and describe it for the manifest.
+
+    Runs ``onnx.checker.check_model(full_check=True)`` and strict shape inference, then
+    checks what serving relies on: the contract's I/O names, dtypes, a symbolic batch
+    dimension on every input and output, and the static dims (input size, ``K``, the
+    taxonomy's logit count).
+    """
+    import onnx
+
+    model = onnx.load(str(path))
+    try:
+        onnx.checker.check_model(model, full_check=True)
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ExportError(f"{ckpt.kind}: exported ONNX is invalid: {exc}") from exc
+
+    graph = inferred.graph
+    initialisers = {i.name for i in graph.initializer}
+    inputs = [_spec(v) for v in graph.input if v.name not in initialisers]
+    outputs = [_spec(v) for v in graph.output]
+    expected_in, expected_out = IO_NAMES[ckpt.kind]
+    problems: list[str] = []
+    if [s.name for s in inputs] != list(expected_in):
+        problems.append(f"inputs {[s.name for s in inputs]}, expected {list(expected_in)}")
+    if [s.name for s in outputs] != list(expected_out):
+        problems.append(f"outputs {[s.name for s in outputs]}, expected {list(expected_out)}")
+    for spec in (*inputs, *outputs):
+        want = _EXPECTED_DTYPES.get(spec.name, "float32")
+        if spec.dtype != want:
+            problems.append(f"{spec.name}: dtype {spec.dtype}, expected {want}")
+        if not spec.shape or not isinstance(spec.shape[0], str):
+            problems.append(f"{spec.name}: batch dimension is not dynamic (shape {spec.shape})")
+    problems += _static_dim_problems(ckpt, {s.name: s.shape for s in (*inputs, *outputs)})
+    if problems:
+        raise ExportError(f"{ckpt.kind}: exported ONNX breaks the contract: " + "; ".join(problems))
+
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    return OnnxInfo(
+        opset=int(opset),
+        ir_version=int(model.ir_version),
+        op_types=sorted({n.op_type for n in _all_nodes(graph)}),
+        inputs=inputs,
+        outputs=outputs,
+    )
+
+
+def _static_dim_problems(ckpt: Checkpoint, shapes: dict[str, list[int | str]]) -> list[str]:
+    size = ckpt.input_size[0]
+    expected: dict[str, list[int | None]] = {}
+    if ckpt.kind == "detector":
+        k = shapes.get("scores", [None, None])[1]
+        expected = {
+            "images": [None, 3, size, size],
+            "boxes": [None, k if isinstance(k, int) else None, 4],
+            "scores": [None, None],
+            "classes": [None, None],
+        }
+        if not isinstance(k, int):
+            return [f"scores: number of detections is not static (shape {shapes.get('scores')})"]
+    elif ckpt.kind == "tagger":
+        expected = {"crops": [None, 3, size, size], "logits": [None, ckpt.taxonomy.num_logits]}
+    else:
+        expected = {"crops": [None, 3, size, size], "embedding": [None, None]}
+    problems = []
+    for name, want in expected.items():
+        got = shapes.get(name, [])
+        if len(got) != len(want) or any(
+            w is not None and g != w for g, w in zip(got, want, strict=False)
+        ):
+            shown = ["batch" if w is None else w for w in want]
+            problems.append(f"{name}: shape {got}, expected {shown}")
+    return problems
+
+
+def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
+    tensor = value.type.tensor_type
+    shape: list[int | str] = [
+        d.dim_param if d.dim_param else int(d.dim_value) if d.HasField("dim_value") else "?"
+        for d in tensor.shape.dim
+    ]
+    return TensorSpec(value.name, shape, _ONNX_DTYPES.get(tensor.elem_type, str(tensor.elem_type)))
+
+
+def _all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """Every node, including those of subgraphs (If/Loop bodies)."""
+    nodes = list(graph.node)
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.g.node:
+                nodes += _all_nodes(attr.g)
+            for sub in attr.graphs:
+                nodes += _all_nodes(sub)
+    return nodes
+
+
+# ------------------------------------------------------------------------- artifacts
+def runner_source() -> Path:
+    """The python-ort ONNX Runtime runner that becomes ``<version>/model.py``."""
+    from model_repository.python_models import ORT_RUNNER
+
+    if not ORT_RUNNER.is_file():
+        raise ExportError(f"the ONNX Runtime runner {ORT_RUNNER} is missing (needed as model.py)")
+    return ORT_RUNNER
+
+
+def tool_versions() -> dict[str, str]:
+    """Versions of everything that shaped the artifact."""
+    versions = {"python": platform.python_version()}
+    for dist in ("fashionserve", "torch", "onnx", "onnxruntime"):
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            module = sys.modules.get(dist)
+            versions[dist] = str(getattr(module, "__version__", "unknown"))
+    return versions
+
+
+def build_manifest(
+    ckpt: Checkpoint,
+    *,
+    name: str,
+    version: int,
+    checkpoint: Path,
+    checkpoint_sha256: str,
+    artifacts: dict[str, dict[str, Any]],
+    info: OnnxInfo,
+    report: ParityReport,
+    batch_sizes: Sequence[int],
+    inputs_source: dict[str, Any],
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    """The ``manifest.json`` of a version: what it is, where it came from, how it was proven."""
+    taxonomy: dict[str, Any] = {"version": ckpt.taxonomy.version, "hash": ckpt.taxonomy.hash}
+    if ckpt.kind == "tagger":
+        # The gateway decodes logits with this exact taxonomy and checks it by hash.
+        taxonomy["num_logits"] = ckpt.taxonomy.num_logits
+        taxonomy["document"] = ckpt.taxonomy.to_dict()
+    elif ckpt.kind == "detector":
+        taxonomy["classes"] = list(ckpt.taxonomy.roots)  # `classes` indexes this list
+    parity = report.to_dict()
+    parity["batch_sizes"] = list(batch_sizes)
+    parity["inputs"] = inputs_source
+    return {
+        "format": MANIFEST_FORMAT,
+        "format_version": MANIFEST_FORMAT_VERSION,
+        "model": {
+            "name": name,
+            "kind": ckpt.kind,
+            "version": version,
+            "arch": ckpt.arch,
+            "arch_params": ckpt.arch_params,
+        },
+        "created": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "exporter": {**tool_versions(), "timings": timings},
+        "source_checkpoint": {"path": str(checkpoint.resolve()), "sha256": checkpoint_sha256},
+        "artifacts": artifacts,
+        "onnx": {
+            "file": "model.onnx",
+            "opset": info.opset,
+            "ir_version": info.ir_version,
+            "op_types": info.op_types,
+            "inputs": [s.to_dict() for s in info.inputs],
+            "outputs": [s.to_dict() for s in info.outputs],
+        },
+        "input": {
+            "height": ckpt.input_size[0],
+            "width": ckpt.input_size[1],
+            "channels": "RGB",
+            "layout": "NCHW",
+            "dtype": "float32",
+            "value_range": [0, 255],
+            "mean": list(ckpt.mean),
+            "std": list(ckpt.std),
+            "normalised_in_graph": True,
+            "preprocess": PREPROCESS[ckpt.kind],
+        },
+        "taxonomy": taxonomy,
+        "parity": parity,
+        "training": ckpt.training,
+    }
