@@ -33,18 +33,19 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from export.exporter import ParityError, export_checkpoint
+    from export.exporter import ExportError, ParityError, export_checkpoint
+    from fashionserve.checkpoint import CheckpointError
 
     try:
         export_checkpoint(args.checkpoint, args.repository, model_name=args.model_name)
-    except ParityError as exc:
+    except (ParityError, ExportError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
 
 
 def _repo_build(args: argparse.Namespace) -> int:
-    from model_repository.build import RepositorySettings, build_repository
+    from model_repository.build import RepositoryError, RepositorySettings, build_repository
 
     settings = RepositorySettings(
         flavour=args.flavour,
@@ -56,7 +57,11 @@ def _repo_build(args: argparse.Namespace) -> int:
         model_instances=args.model_instances,
         max_queue_delay_microseconds=args.max_queue_delay_microseconds,
     )
-    build_repository(args.repository, settings)
+    try:
+        build_repository(args.repository, settings)
+    except RepositoryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -73,15 +78,19 @@ def _triton(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from fashionserve.evaluate import evaluate
+    from fashionserve.evaluate import EvaluationError, evaluate
 
-    evaluate(
-        args.data,
-        triton=args.triton,
-        json_out=args.json_out,
-        gateway=args.gateway,
-        api_key=args.api_key,
-    )
+    try:
+        evaluate(
+            args.data,
+            triton=args.triton,
+            json_out=args.json_out,
+            gateway=args.gateway,
+            api_key=args.api_key,
+        )
+    except EvaluationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
