@@ -71,7 +71,11 @@ class Checkpoint:
             },
             "taxonomy": self.taxonomy.to_dict(),
             "taxonomy_hash": self.taxonomy.hash,
-            "state_dict": self.state_dict,
+            # float16 storage halves the file (the demo checkpoints are committed);
+            # load_state_dict casts back to the network's float32 parameters.
+            "state_dict": {
+                k: v.half() if v.is_floating_point() else v for k, v in self.state_dict.items()
+            },
             "training": self.training,
         }
 
