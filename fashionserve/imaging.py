@@ -15,6 +15,32 @@ from PIL import Image, ImageOps
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP"})
 DEFAULT_MAX_PIXELS = 50_000_000
 
+# Magic numbers of formats we can name when refusing them. Only the accepted formats are
+# ever handed to PIL, and only to their own plugin: other parsers are attack surface.
+_UNSUPPORTED_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"\x00\x00\x01\x00", "ICO"),
+    (b"8BPS", "PSD"),
+    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG2000"),
+    (b"\xff\x4f\xff\x51", "JPEG2000"),
+    (b"\xff\x0a", "JPEGXL"),
+    (b"\x00\x00\x00\x0cJXL \r\n\x87\n", "JPEGXL"),
+    (b"%PDF", "PDF"),
+    (b"qoif", "QOI"),
+)
+_FTYP_BRANDS: dict[bytes, str] = {
+    b"heic": "HEIF",
+    b"heix": "HEIF",
+    b"mif1": "HEIF",
+    b"msf1": "HEIF",
+    b"avif": "AVIF",
+    b"avis": "AVIF",
+}
+
 
 class ImageDecodeError(ValueError):
     """The bytes are not an image we accept. ``reason`` is an UPPER_SNAKE code."""
@@ -38,9 +64,10 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError("TOO_MANY_PIXELS", f"image is a decompression bomb: {exc}") from exc
     except Exception as exc:
-        if sniff_format(data) in ALLOWED_FORMATS:
+        claimed = sniff_format(data)
+        if claimed in ALLOWED_FORMATS:
             raise ImageDecodeError(
-                "CORRUPT_IMAGE", f"{sniff_format(data)} header is corrupt or truncated: {exc}"
+                "CORRUPT_IMAGE", f"{claimed} header is corrupt or truncated: {exc}"
             ) from exc
         raise ImageDecodeError("NOT_AN_IMAGE", f"bytes are not a recognised image: {exc}") from exc
     if img.format not in ALLOWED_FORMATS:
@@ -68,13 +95,21 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
 
 
 def sniff_format(data: bytes) -> str | None:
-    """The format named by the magic number at the start of ``data``, without decoding."""
+    """The container format named by the magic number, accepted or not; None if unknown."""
     if data.startswith(b"\xff\xd8\xff"):
         return "JPEG"
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
         return "PNG"
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "WEBP"
+    for magic, name in _UNSUPPORTED_MAGIC:
+        if data.startswith(magic):
+            return name
+    if data[4:8] == b"ftyp":
+        return _FTYP_BRANDS.get(data[8:12], "ISOBMFF")
+    head = data[:256].lstrip().lower()
+    if head.startswith((b"<svg", b"<?xml")) and b"<svg" in head:
+        return "SVG"
     return None
 
 

@@ -23,39 +23,13 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from fashionserve.imaging import ALLOWED_FORMATS
+from fashionserve.imaging import ALLOWED_FORMATS, sniff_format
 from gateway.errors import InvalidArgument
 
 ACCEPTED_FORMATS: tuple[str, ...] = tuple(sorted(ALLOWED_FORMATS))
 """The formats the pipeline decodes (shared with Triton's preprocess step)."""
 
 MAX_REQUEST_ID_CHARS = 128
-
-# Magic numbers of formats we can name when refusing them. Only the accepted formats are
-# ever handed to PIL, and only to their own plugin: other parsers are attack surface.
-_UNSUPPORTED_MAGIC: tuple[tuple[bytes, str], ...] = (
-    (b"GIF87a", "GIF"),
-    (b"GIF89a", "GIF"),
-    (b"BM", "BMP"),
-    (b"II*\x00", "TIFF"),
-    (b"MM\x00*", "TIFF"),
-    (b"\x00\x00\x01\x00", "ICO"),
-    (b"8BPS", "PSD"),
-    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG2000"),
-    (b"\xff\x4f\xff\x51", "JPEG2000"),
-    (b"\xff\x0a", "JPEGXL"),
-    (b"\x00\x00\x00\x0cJXL \r\n\x87\n", "JPEGXL"),
-    (b"%PDF", "PDF"),
-    (b"qoif", "QOI"),
-)
-_FTYP_BRANDS: dict[bytes, str] = {
-    b"heic": "HEIF",
-    b"heix": "HEIF",
-    b"mif1": "HEIF",
-    b"msf1": "HEIF",
-    b"avif": "AVIF",
-    b"avis": "AVIF",
-}
 
 
 @dataclass(frozen=True)
@@ -75,25 +49,6 @@ class ImageInfo:
     width: int
     height: int
     size_bytes: int
-
-
-def sniff_format(data: bytes) -> str | None:
-    """The container format named by the magic number, accepted or not; None if unknown."""
-    if data.startswith(b"\xff\xd8\xff"):
-        return "JPEG"
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "PNG"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WEBP"
-    for magic, name in _UNSUPPORTED_MAGIC:
-        if data.startswith(magic):
-            return name
-    if data[4:8] == b"ftyp":
-        return _FTYP_BRANDS.get(data[8:12], "ISOBMFF")
-    head = data[:256].lstrip().lower()
-    if head.startswith((b"<svg", b"<?xml")) and b"<svg" in head:
-        return "SVG"
-    return None
 
 
 def inspect_image(data: bytes, limits: ImageLimits) -> ImageInfo:
