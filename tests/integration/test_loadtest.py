@@ -193,9 +193,11 @@ def test_open_loop_latency_grows_beyond_capacity(gateway, images):
 
     target = TargetSpec("gateway", gateway.address, api_key=gateway.api_key)
     pictures = load_images([images])
+    # The gateway batches, so its capacity grows with the requests in flight: probe it
+    # with enough of them to fill its batches, or "3x capacity" is not beyond capacity.
     probe = run_load(
         target,
-        LoadSpec(mode="closed", concurrency=4, duration=3.0, warmup=1.0, processes=1),
+        LoadSpec(mode="closed", concurrency=32, duration=3.0, warmup=1.0, processes=1),
         pictures,
         progress=False,
     )
