@@ -4,13 +4,13 @@ calls over loopback sockets.
 Three Tritons serve it:
 
 * ``triton`` (conftest, session): the trained demo models, when the checkpoints exist;
-* ``own_triton`` (this module): the conftest's oracle models, with the tagger's manifest
+* ``own_triton`` (conftest, session): the conftest's oracle models, with the tagger's manifest
   naming the packaged taxonomy so the gateway accepts to decode its logits. The oracle
   detector finds pure-colour rectangles exactly, so boxes can be checked to the pixel;
 * ``oracle_triton`` (conftest, session): the same oracle models without a taxonomy in the
   manifest: a served model the gateway must refuse to decode.
 
-The gateway runs with small limits (below) so over-limit inputs stay small. Transport
+The gateway runs with small limits (conftest ``LIMITS``) so over-limit inputs stay small. Transport
 limit: a message over ``max_message_bytes`` is refused by gRPC itself with
 RESOURCE_EXHAUSTED before the gateway sees it; an image over ``max_image_bytes`` inside an
 acceptable message is INVALID_ARGUMENT / IMAGE_TOO_LARGE.
@@ -29,187 +29,36 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
-import yaml
 
 # The conftest of this directory as pytest imported it (module "conftest": under pytest's
 # default import mode this directory is on sys.path), so the oracle models are defined once.
 from conftest import (
     CHECKPOINT_KINDS,
-    ORACLE_MAX_IMAGES,
+    LIMITS,
+    SERVICE,
+    Gateway,
     Oracle,
     checkpoint_dir,
-    export_oracle_models,
+    encode,
+    error_reason,
+    start_gateway,
     start_triton,
 )
-from google.rpc import error_details_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
 from PIL import Image
 
 from fashionserve.taxonomy import load_taxonomy
 from fashionserve.triton import TritonServer
-from gateway.auth import create_key
-from model_repository.build import RepositorySettings, build_repository
 from protos.fashion.v1 import analysis_service_pb2 as pb
-from protos.fashion.v1 import analysis_service_pb2_grpc as pb_grpc
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-LIMITS: dict[str, Any] = {
-    "max_image_bytes": 1_000_000,
-    "max_image_pixels": 4_000_000,
-    "max_message_bytes": 2 * 1024 * 1024,
-    "max_images_per_batch_request": 8,
-    "max_batch_size": 4,
-    "max_queue_delay_microseconds": 5000,
-    "max_stream_in_flight": 6,
-    "health_check_interval_seconds": 0.2,
-}
-SERVICE = "fashion.v1.FashionAnalysisService"
-
-
-# ----------------------------------------------------------------------- the gateway
-@dataclass
-class Gateway:
-    """One ``fashionserve gateway`` process and a channel to it."""
-
-    process: subprocess.Popen[bytes]
-    address: str
-    key: str
-    log: Path
-    channel: grpc.Channel
-
-    @property
-    def stub(self) -> pb_grpc.FashionAnalysisServiceStub:
-        return pb_grpc.FashionAnalysisServiceStub(self.channel)
-
-    @property
-    def auth(self) -> tuple[tuple[str, str]]:
-        return (("x-api-key", self.key),)
-
-    def health(self, service: str = "") -> int:
-        reply = health_pb2_grpc.HealthStub(self.channel).Check(
-            health_pb2.HealthCheckRequest(service=service), timeout=5
-        )
-        return int(reply.status)
-
-    def wait_health(self, status: int, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.health() == status and self.health(SERVICE) == status:
-                return
-            assert self.process.poll() is None, "gateway died:\n" + self.log.read_text()
-            time.sleep(0.1)
-        raise AssertionError(
-            f"health did not become {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}"
-            f" within {timeout:.0f}s:\n{self.log.read_text()[-4000:]}"
-        )
-
-    def analyze(self, data: bytes, **options: Any) -> pb.ImageResult:
-        request = pb.AnalyzeRequest(image=pb.Image(data=data), options=pb.AnalyzeOptions(**options))
-        return self.stub.Analyze(request, metadata=self.auth, timeout=60).result
-
-    def stop(self) -> None:
-        self.channel.close()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-
-
-def start_gateway(triton_url: str, workdir: Path, **settings: Any) -> Gateway:
-    """Start ``fashionserve gateway`` on a free port with a fresh key file."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    keys = workdir / "keys.yaml"
-    key = create_key(keys, "tests")
-    config = workdir / "gateway.yaml"
-    config.write_text(yaml.safe_dump({**LIMITS, **settings}))
-    ready = workdir / "ready.json"
-    log = workdir / "gateway.log"
-    cmd = [
-        sys.executable, "-m", "fashionserve.cli", "gateway",
-        "--config", str(config),
-        "--listen-address", "127.0.0.1:0",
-        "--triton-url", triton_url,
-        "--api-keys-file", str(keys),
-        "--ready-file", str(ready),
-    ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FASHIONSERVE_GATEWAY_")}
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            cmd, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT, env=env,
-            start_new_session=True,
-        )  # fmt: skip
-    deadline = time.monotonic() + 60
-    while not ready.exists():
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError("gateway did not start:\n" + log.read_text())
-        time.sleep(0.05)
-    address = json.loads(ready.read_text())["address"]
-    channel = grpc.insecure_channel(
-        address,
-        options=[
-            ("grpc.max_send_message_length", 16 * 1024 * 1024),
-            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-        ],
-    )
-    return Gateway(process, address, key, log, channel)
-
-
-def own_repository(root: Path) -> Path:
-    """The conftest's oracle models, the tagger declaring the packaged taxonomy."""
-    repo = root / "repository"
-    export_oracle_models(repo)
-    taxonomy = load_taxonomy()
-    manifest_path = repo / "tagger" / "1" / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    manifest["taxonomy"] = {"version": taxonomy.version, "hash": taxonomy.hash}
-    manifest_path.write_text(json.dumps(manifest))
-    build_repository(
-        repo,
-        RepositorySettings(
-            max_images_per_request=ORACLE_MAX_IMAGES,
-            preprocess_instances=1,
-            max_queue_delay_microseconds=1000,
-        ),
-    )
-    return repo
-
-
-@pytest.fixture(scope="module")
-def own_repo(tmp_path_factory: pytest.TempPathFactory, triton_runtime: Path) -> Path:
-    del triton_runtime
-    return own_repository(tmp_path_factory.mktemp("gateway-oracle"))
-
-
-@pytest.fixture(scope="module")
-def own_triton(own_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
-    server = start_triton(own_repo, tmp_path_factory.mktemp("gateway-oracle-log"))
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def gw(own_triton: TritonServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    """A gateway in front of the oracle models, SERVING."""
-    gateway = start_gateway(own_triton.grpc_url, tmp_path_factory.mktemp("gw"))
-    try:
-        gateway.wait_health(health_pb2.HealthCheckResponse.SERVING)
-        yield gateway
-    finally:
-        gateway.stop()
 
 
 @pytest.fixture(scope="module")
@@ -230,23 +79,6 @@ def trained_gw(
 
 
 # ------------------------------------------------------------------------ helpers
-def error_reason(err: grpc.RpcError) -> str:
-    status = rpc_status.from_call(err)
-    assert status is not None, "the error carries a google.rpc.Status"
-    assert len(status.details) == 1, "exactly one ErrorInfo"
-    info = error_details_pb2.ErrorInfo()
-    assert status.details[0].Unpack(info)
-    assert info.domain == "fashionserve"
-    return info.reason
-
-
-def encode(image: Image.Image | np.ndarray, fmt: str, **kw: Any) -> bytes:
-    img = Image.fromarray(image) if isinstance(image, np.ndarray) else image
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kw)
-    return buf.getvalue()
-
-
 def corrupt_png_that_passes_the_header_checks() -> bytes:
     """A PNG with IEND in place but garbage inside its compressed data: only a full decode
     (Triton's preprocess step) finds out."""
