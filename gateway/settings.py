@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -42,6 +42,45 @@ _yaml_layer: ContextVar[dict[str, Any] | None] = ContextVar("_yaml_layer", defau
 
 class SettingsError(ValueError):
     """The settings file could not be read."""
+
+
+class TenantQuota(BaseModel):
+    """What one tenant may use, counted in images: a BatchAnalyze call of n images costs n."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    images_per_second: float = Field(
+        500.0,
+        gt=0,
+        le=1_000_000,
+        description="Sustained rate of images a tenant may send (the token bucket's refill).",
+    )
+    burst_images: int = Field(
+        1000,
+        ge=1,
+        le=10_000_000,
+        description="Images a tenant may send at once after being idle (the bucket's size).",
+    )
+    max_concurrent_images: int = Field(
+        512,
+        ge=1,
+        le=1_000_000,
+        description="Images of one tenant being served at once (admitted, not yet answered).",
+    )
+
+
+class TenantQuotaOverride(BaseModel):
+    """One tenant's exceptions to ``tenant_quota``; a field left out keeps the default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    images_per_second: float | None = Field(
+        None, gt=0, le=1_000_000, description="See TenantQuota."
+    )
+    burst_images: int | None = Field(None, ge=1, le=10_000_000, description="See TenantQuota.")
+    max_concurrent_images: int | None = Field(
+        None, ge=1, le=1_000_000, description="See TenantQuota."
+    )
 
 
 class GatewaySettings(BaseSettings):
@@ -128,6 +167,66 @@ class GatewaySettings(BaseSettings):
         "its hash must match the served tagger's.",
     )
     log_format: Literal["text", "json"] = Field("text", description="Log line format.")
+    jwks_file: Path | None = Field(
+        None,
+        description="JWKS (JSON) of the public keys that sign bearer tokens (metadata "
+        "'authorization: Bearer <jwt>', RS256 or ES256); re-read when it changes. Unset: "
+        "no JWT auth. Needs jwt_issuer and jwt_audience.",
+    )
+    jwt_issuer: str | None = Field(
+        None, min_length=1, description="Required 'iss' claim of bearer tokens."
+    )
+    jwt_audience: str | None = Field(
+        None, min_length=1, description="Required 'aud' claim of bearer tokens (this gateway)."
+    )
+    jwt_leeway_seconds: float = Field(
+        30.0, ge=0, le=600, description="Clock skew allowed when checking 'exp' and 'nbf'."
+    )
+    jwt_tenant_claim: str = Field(
+        "tenant",
+        min_length=1,
+        description="Claim naming the caller's tenant; a token without it is refused.",
+    )
+    tls_cert_file: Path | None = Field(
+        None, description="PEM server certificate (chain): serve TLS. Needs tls_key_file."
+    )
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file.")
+    tls_client_ca_file: Path | None = Field(
+        None,
+        description="PEM CA bundle: require every client to present a certificate it "
+        "signed (mutual TLS). Needs tls_cert_file.",
+    )
+    tenant_quota: TenantQuota = Field(
+        default_factory=TenantQuota,
+        description="Default quota of every tenant (token bucket and concurrency, in images).",
+    )
+    tenant_quotas: dict[str, TenantQuotaOverride] = Field(
+        default_factory=dict,
+        description="Per-tenant exceptions to tenant_quota, by tenant name, e.g. "
+        "{acme: {images_per_second: 2000, burst_images: 4000}}.",
+    )
+    max_images_in_flight: int = Field(
+        1024,
+        ge=1,
+        le=1_000_000,
+        description="Images being served at once, all tenants together; past it calls get "
+        "RESOURCE_EXHAUSTED (GATEWAY_OVERLOADED) at once.",
+    )
+    max_queued_images: int = Field(
+        512,
+        ge=1,
+        le=1_000_000,
+        description="Images waiting for a batch slot, all tenants together; past it calls get "
+        "RESOURCE_EXHAUSTED (GATEWAY_OVERLOADED) at once instead of queueing.",
+    )
+    max_concurrent_rpcs: int = Field(
+        1024,
+        ge=1,
+        le=1_000_000,
+        description="Calls (a stream counts once) open at once; gRPC refuses more with "
+        "RESOURCE_EXHAUSTED. With max_message_bytes and max_stream_in_flight it bounds the "
+        "memory callers can make the gateway hold.",
+    )
 
     @classmethod
     def settings_customise_sources(
@@ -151,18 +250,47 @@ class GatewaySettings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> GatewaySettings:
-        if self.auth_enabled and self.api_keys_file is None:
+        if self.auth_enabled and self.api_keys_file is None and self.jwks_file is None:
             raise ValueError(
-                "auth_enabled is true but api_keys_file is not set: create a key with "
-                "`fashionserve keys create --id dev --file keys.yaml` and pass "
+                "auth_enabled is true but neither api_keys_file nor jwks_file is set: create "
+                "a key with `fashionserve keys create --id dev --file keys.yaml` and pass "
                 "--api-keys-file keys.yaml (or --no-auth for local use only)"
             )
+        if self.jwks_file is not None and (not self.jwt_issuer or not self.jwt_audience):
+            raise ValueError("jwks_file is set: jwt_issuer and jwt_audience are required too")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
+        # A BatchAnalyze call is admitted whole or not at all, so every bound on images must
+        # hold the largest one, or such a call could never pass.
+        largest = self.max_images_per_batch_request
+        bounds = {"max_images_in_flight": self.max_images_in_flight}
+        bounds["max_queued_images"] = self.max_queued_images
+        for tenant in ("", *self.tenant_quotas):
+            quota = self.quota_for(tenant) if tenant else self.tenant_quota
+            where = f"tenant_quotas.{tenant}" if tenant else "tenant_quota"
+            bounds[f"{where}.burst_images"] = quota.burst_images
+            bounds[f"{where}.max_concurrent_images"] = quota.max_concurrent_images
+        for name, value in bounds.items():
+            if value < largest:
+                raise ValueError(
+                    f"{name} ({value}) must be at least max_images_per_batch_request "
+                    f"({largest}): a batch call of that size could never be admitted"
+                )
         if self.max_message_bytes < self.max_image_bytes:
             raise ValueError(
                 f"max_message_bytes ({self.max_message_bytes}) must be at least "
                 f"max_image_bytes ({self.max_image_bytes}): an accepted image must fit a message"
             )
         return self
+
+    def quota_for(self, tenant: str) -> TenantQuota:
+        """``tenant``'s quota: ``tenant_quota`` with its ``tenant_quotas`` entry applied."""
+        override = self.tenant_quotas.get(tenant)
+        if override is None:
+            return self.tenant_quota
+        return self.tenant_quota.model_copy(update=override.model_dump(exclude_none=True))
 
     @property
     def bind_host(self) -> str:
@@ -173,7 +301,7 @@ class GatewaySettings(BaseSettings):
 def read_settings_file(path: Path) -> dict[str, Any]:
     """Parse a settings YAML file: a mapping of field names to values.
 
-    Relative ``api_keys_file`` and ``taxonomy_file`` paths are made relative to the file.
+    Relative paths of files (keys, JWKS, taxonomy, TLS) are made relative to the file.
     """
     try:
         data = yaml.safe_load(path.read_text())
@@ -185,7 +313,14 @@ def read_settings_file(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise SettingsError(f"settings file {path}: expected a mapping of setting names to values")
-    for key in ("api_keys_file", "taxonomy_file"):
+    for key in (
+        "api_keys_file",
+        "taxonomy_file",
+        "jwks_file",
+        "tls_cert_file",
+        "tls_key_file",
+        "tls_client_ca_file",
+    ):
         value = data.get(key)
         if isinstance(value, str) and value and not Path(value).is_absolute():
             data[key] = str(path.parent / value)
