@@ -38,7 +38,8 @@ class GatewayError(Exception):
     """Base class of every error reported to a caller.
 
     ``reason`` is UPPER_SNAKE and stable (clients branch on it); ``metadata`` keys are
-    lowerCamel and values are strings, as in ``google.rpc.ErrorInfo``.
+    lowerCamel and values are strings, as in ``google.rpc.ErrorInfo``. ``retry_delay``
+    (seconds) tells the caller when a retry may succeed (a ``google.rpc.RetryInfo``).
     """
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
@@ -50,11 +51,13 @@ class GatewayError(Exception):
         metadata: Mapping[str, object] | None = None,
         *,
         code: grpc.StatusCode | None = None,
+        retry_delay: float | None = None,
     ) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
         self.metadata = {k: str(v) for k, v in (metadata or {}).items()}
+        self.retry_delay = retry_delay
         if code is not None:
             self.code = code
 
@@ -133,12 +136,19 @@ def as_gateway_error(exc: BaseException) -> GatewayError:
 
 
 def to_rpc_status(err: GatewayError) -> status_pb2.Status:
-    """``google.rpc.Status`` with exactly one ``ErrorInfo``."""
+    """``google.rpc.Status`` with exactly one ``ErrorInfo``, and a ``RetryInfo`` when the
+    error says when to retry."""
     info = error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=err.metadata)
     detail = any_pb2.Any()
     detail.Pack(info)
+    details = [detail]
+    if err.retry_delay is not None:
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromNanoseconds(round(err.retry_delay * 1e9))
+        details.append(any_pb2.Any())
+        details[-1].Pack(retry)
     code = err.code_number if err.code_number in code_pb2.Code.values() else code_pb2.INTERNAL
-    return status_pb2.Status(code=code, message=err.message, details=[detail])
+    return status_pb2.Status(code=code, message=err.message, details=details)
 
 
 def to_grpc_status(err: GatewayError) -> grpc.Status:
