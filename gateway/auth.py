@@ -1,7 +1,7 @@
-"""API-key authentication: the key file, and the interceptor that checks every call.
+"""Who is calling: API keys, JWT bearer tokens, mutual TLS, and the interceptor.
 
-A caller sends ``<key_id>.<secret>`` in the metadata ``x-api-key``. The key file (YAML)
-holds only a salted hash of each secret::
+**API keys.** A caller sends ``<key_id>.<secret>`` in the metadata ``x-api-key``. The key
+file (YAML) holds only a salted hash of each secret::
 
     keys:
       - {id: dev, tenant: default, scopes: [analyze, embed, admin],
@@ -9,10 +9,25 @@ holds only a salted hash of each secret::
 
 Secrets are 256-bit random strings, so one round of salted SHA-256 is enough (no
 password-style stretching is needed against guessing) and comparisons use
-``hmac.compare_digest``. :class:`AuthInterceptor` rejects a call before the servicer runs
-and puts the caller's :class:`Identity` in :data:`identity_var` for the rest of the call.
-Health checks and reflection need no key (probes and tools cannot send one; neither
-reveals anything secret). Secrets are never logged: only key ids are.
+``hmac.compare_digest``.
+
+**Bearer tokens.** With ``jwks_file`` set, a caller may instead send
+``authorization: Bearer <jwt>``: signed RS256 or ES256 (``none`` and HS* are refused, so a
+public key can never be used as a shared secret) by a key of the JWKS, with the configured
+``iss`` and ``aud``, an ``exp`` (and ``nbf`` if present) checked with ``jwt_leeway_seconds``
+of clock skew. Scopes come from ``scope`` (space-separated) or ``scp`` (a list); the tenant
+from the claim named by ``jwt_tenant_claim`` (default ``tenant``), which must be present.
+A call carrying both an API key and a token is refused: which one counts would be a guess.
+
+**Mutual TLS** (optional, :func:`server_credentials`) authenticates the connection; the
+caller's identity still comes from its key or token.
+
+The key file and the JWKS are re-read when they change (rotation without restart).
+:class:`AuthInterceptor` rejects a call before the servicer runs and puts the caller's
+:class:`Identity` in :data:`identity_var` for the rest of the call. Health checks and
+reflection need no credentials (probes and tools cannot send one; neither reveals anything
+secret). Each denial is logged with the key id, token subject or tenant; secrets and
+tokens never are.
 
 (grpc ``examples/python/auth/async_customized_auth_server.py``.)
 """
@@ -22,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import json
 import logging
 import os
 import re
@@ -35,26 +51,38 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import jwt
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from gateway.errors import (
     SERVICE_PREFIX,
     PermissionDenied,
     Unauthenticated,
     metadata_value,
+    request_id_var,
     wrap_handler,
 )
+from gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
 
 API_KEY_HEADER = "x-api-key"
+AUTHORIZATION_HEADER = "authorization"
+JWT_ALGORITHMS = ("RS256", "ES256")
+"""The only signature algorithms accepted: asymmetric, so the JWKS holds no secret."""
+# Longer credentials are refused unread: no legitimate key or token comes near these.
+_MAX_API_KEY_CHARS = 256
+_MAX_TOKEN_CHARS = 8192
+_LOGGABLE = re.compile(r"^[A-Za-z0-9_.@:/+-]{1,128}$")
 SCOPES: tuple[str, ...] = ("analyze", "embed", "admin")
 """``analyze``: the analysis RPCs; ``embed``: embeddings in results; ``admin``: reserved."""
 HASH_SCHEME = "sha256"
 _KEY_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _SALT_BYTES = 16
 _SECRET_BYTES = 32  # 256 bits
-# How often (seconds) a request may trigger a check of the key file's modification time.
+# How often (seconds) a request may trigger a check of a watched file's modification time.
 _RELOAD_CHECK_SECONDS = 1.0
 
 METHOD_SCOPES: dict[str, str] = {
@@ -67,7 +95,8 @@ METHOD_SCOPES: dict[str, str] = {
 
 @dataclass(frozen=True)
 class Identity:
-    """Who is calling: the key id, its tenant and its scopes."""
+    """Who is calling: the API key id (``jwt:<sub>`` for a bearer token), its tenant and
+    its scopes."""
 
     key_id: str
     tenant: str
@@ -91,11 +120,19 @@ def require_scope(scope: str) -> None:
     identity = identity_var.get()
     if identity is None or scope not in identity.scopes:
         key_id = identity.key_id if identity else "-"
+        tenant = identity.tenant if identity else "-"
         raise PermissionDenied(
             "MISSING_SCOPE",
-            f"the API key {key_id!r} lacks the {scope!r} scope this call needs",
-            {"scope": scope, "keyId": key_id},
+            f"the caller {key_id!r} lacks the {scope!r} scope this call needs",
+            {"scope": scope, "keyId": key_id, "tenant": tenant},
         )
+
+
+def loggable(value: object) -> str:
+    """``value`` if it is a short plain identifier, else ``?``: caller-supplied text goes
+    into logs only when it cannot forge a line or smuggle a secret-sized blob."""
+    text = str(value)
+    return text if _LOGGABLE.match(text) else "?"
 
 
 # ---------------------------------------------------------------------- hashing
@@ -217,49 +254,82 @@ def create_key(
     return f"{key_id}.{secret}"
 
 
-class KeyStore:
-    """The keys of a key file, re-read when the file changes (rotation without restart)."""
+class _WatchedFile:
+    """A file re-read when its modification time or size changes. A file that became
+    invalid or vanished is reported and ignored: what was loaded stays in force."""
+
+    what = "file"
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._records: dict[str, KeyRecord] = {}
         self._stamp: tuple[int, int] | None = None
         self._checked = 0.0
         self.reload_if_changed(force=True)
 
-    def __len__(self) -> int:
-        return len(self._records)
+    def _load(self) -> int:
+        """Parse the file and take its contents into use; return how many entries."""
+        raise NotImplementedError
+
+    def maybe_reload(self) -> None:
+        """Check the file at most every ``_RELOAD_CHECK_SECONDS`` (called per request)."""
+        if time.monotonic() - self._checked > _RELOAD_CHECK_SECONDS:
+            self.reload_if_changed()
 
     def reload_if_changed(self, force: bool = False) -> bool:
-        """Re-read the file if its modification time or size changed. A file that became
-        invalid is reported and ignored: the previous keys stay in force."""
+        """Re-read the file if it changed; at start (``force``) any problem raises."""
         self._checked = time.monotonic()
         try:
             st = self.path.stat()
         except OSError as exc:
             if force:
-                raise KeyFileError(f"cannot read API key file {self.path}: {exc.strerror}") from exc
-            log.error("API key file %s is gone; keeping the keys already loaded", self.path)
+                raise self._error(f"cannot read {self.what} {self.path}: {exc.strerror}") from exc
+            log.error("%s %s is gone; keeping what was loaded", self.what, self.path)
             return False
         stamp = (st.st_mtime_ns, st.st_size)
         if stamp == self._stamp and not force:
             return False
         try:
-            records = read_keys_file(self.path)
-        except KeyFileError:
+            count = self._load()
+        except ValueError:
             if force:
                 raise
-            log.exception("API key file changed but is invalid; keeping the previous keys")
+            log.exception(
+                "%s %s changed but is invalid; keeping the previous one", self.what, self.path
+            )
             return False
-        self._records = {r.id: r for r in records}
         self._stamp = stamp
-        log.info("loaded %d API key(s) from %s", len(records), self.path)
+        log.info(
+            "loaded %d entr%s from %s %s", count, "y" if count == 1 else "ies", self.what, self.path
+        )
         return True
+
+    def _error(self, message: str) -> ValueError:
+        return ValueError(message)
+
+
+class KeyStore(_WatchedFile):
+    """The keys of a key file, re-read when the file changes (rotation without restart)."""
+
+    what = "API key file"
+
+    def __init__(self, path: Path) -> None:
+        self._records: dict[str, KeyRecord] = {}
+        super().__init__(path)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def _load(self) -> int:
+        records = read_keys_file(self.path)
+        self._records = {r.id: r for r in records}
+        return len(records)
+
+    def _error(self, message: str) -> ValueError:
+        return KeyFileError(message)
 
     def authenticate(self, presented: str | None) -> Identity:
         """The identity of ``presented`` (``<key_id>.<secret>``), or UNAUTHENTICATED."""
-        if time.monotonic() - self._checked > _RELOAD_CHECK_SECONDS:
-            self.reload_if_changed()
+        self.maybe_reload()
         if not presented:
             raise Unauthenticated(
                 "API_KEY_MISSING",
@@ -270,7 +340,7 @@ class KeyStore:
         record = self._records.get(key_id) if dot else None
         # Hash even for an unknown id so a caller cannot tell ids apart by timing.
         ok = verify_secret(secret, record.hash if record else hash_secret("", b"\0" * 16))
-        if not dot:
+        if not dot or len(presented) > _MAX_API_KEY_CHARS:
             raise Unauthenticated(
                 "API_KEY_INVALID",
                 "the API key is malformed: expected '<key_id>.<secret>' as printed by "
@@ -281,20 +351,300 @@ class KeyStore:
             raise Unauthenticated(
                 "API_KEY_INVALID",
                 "the API key is not valid: unknown key id or wrong secret",
-                {"header": API_KEY_HEADER},
+                {"header": API_KEY_HEADER, "keyId": loggable(key_id)},
             )
         return Identity(record.id, record.tenant, record.scopes)
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Checks the API key of every call of our service before its handler runs.
+# ---------------------------------------------------------------------- bearer tokens
+class JwksError(ValueError):
+    """The JWKS file is unreadable or holds no usable public signing key."""
 
-    With ``store=None`` (auth turned off) every call runs as :data:`LOCAL_IDENTITY`.
+
+def read_jwks_file(path: Path) -> dict[str, jwt.PyJWK]:
+    """The public signing keys of a JWKS file, by ``kid`` (``""`` for a key without one).
+
+    Only RSA (RS256) and P-256 EC (ES256) public keys are accepted; a private key, a
+    symmetric key, another curve or algorithm, or a duplicate ``kid`` is an error.
+    """
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise JwksError(f"cannot read JWKS file {path}: {exc.strerror}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise JwksError(f"JWKS file {path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("keys"), list) or not data["keys"]:
+        raise JwksError(f"JWKS file {path}: expected an object with a non-empty 'keys' list")
+    keys: dict[str, jwt.PyJWK] = {}
+    for i, entry in enumerate(data["keys"]):
+        here = f"JWKS file {path}: keys[{i}]"
+        if not isinstance(entry, dict):
+            raise JwksError(f"{here}: expected an object")
+        kid = entry.get("kid", "")
+        if not isinstance(kid, str):
+            raise JwksError(f"{here}.kid: expected a string")
+        if "d" in entry or entry.get("kty") == "oct":
+            raise JwksError(
+                f"{here}: holds private or symmetric key material; publish only public keys"
+            )
+        if entry.get("use", "sig") != "sig":
+            raise JwksError(f"{here}.use: expected 'sig'")
+        if entry.get("kty") == "RSA":
+            algorithm = "RS256"
+        elif entry.get("kty") == "EC" and entry.get("crv") == "P-256":
+            algorithm = "ES256"
+        else:
+            raise JwksError(f"{here}: expected an RSA key (RS256) or an EC P-256 key (ES256)")
+        if entry.get("alg", algorithm) != algorithm:
+            raise JwksError(
+                f"{here}.alg: {entry.get('alg')!r} is not accepted for this key; use {algorithm}"
+            )
+        if kid in keys:
+            raise JwksError(f"{here}.kid: duplicate kid {kid!r}")
+        try:
+            keys[kid] = jwt.PyJWK(entry, algorithm)
+        except jwt.PyJWTError as exc:
+            raise JwksError(f"{here}: not a valid key: {exc}") from exc
+    return keys
+
+
+def _scopes_of(claims: dict[str, Any]) -> frozenset[str]:
+    """``scope`` (space-separated, RFC 8693) or ``scp`` (a list); unknown scopes are ignored:
+    a token from a shared identity provider carries scopes of other services too."""
+    raw = claims.get("scope", claims.get("scp", ""))
+    names = raw.split() if isinstance(raw, str) else raw if isinstance(raw, list) else []
+    return frozenset(n for n in names if n in SCOPES)
+
+
+class TokenVerifier(_WatchedFile):
+    """Verifies bearer JWTs against the keys of a JWKS file (re-read when it changes)."""
+
+    what = "JWKS file"
+
+    def __init__(
+        self, path: Path, *, issuer: str, audience: str, leeway: float, tenant_claim: str
+    ) -> None:
+        self.issuer = issuer
+        self.audience = audience
+        self.leeway = leeway
+        self.tenant_claim = tenant_claim
+        self._keys: dict[str, jwt.PyJWK] = {}
+        super().__init__(path)
+
+    def _load(self) -> int:
+        self._keys = read_jwks_file(self.path)
+        return len(self._keys)
+
+    def _error(self, message: str) -> ValueError:
+        return JwksError(message)
+
+    def authenticate(self, authorization: str) -> Identity:
+        """The identity of an ``authorization`` metadata value, or UNAUTHENTICATED."""
+        self.maybe_reload()
+        scheme, _, token = authorization.strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token or len(token) > _MAX_TOKEN_CHARS:
+            raise _token_error(
+                "TOKEN_MALFORMED", "expected 'authorization: Bearer <jwt>' (a JWT under 8 KiB)"
+            )
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise _token_error("TOKEN_MALFORMED", "the bearer token is not a JWT") from None
+        kid, alg = header.get("kid", ""), header.get("alg")
+        where = {"kid": loggable(kid)} if kid else {}
+        if alg not in JWT_ALGORITHMS:
+            raise _token_error(
+                "TOKEN_ALGORITHM_REFUSED",
+                f"token algorithm {loggable(alg)!r} is refused; accepted: {', '.join(JWT_ALGORITHMS)}",
+                where,
+            )
+        key = self._keys.get(kid) if isinstance(kid, str) else None
+        if key is None and not kid and len(self._keys) == 1:
+            key = next(iter(self._keys.values()))
+        if key is None:
+            raise _token_error("TOKEN_KEY_UNKNOWN", "no key of the JWKS has the token's kid", where)
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                key.key,
+                algorithms=[key.algorithm_name],  # the key's own: never the token's choice
+                audience=self.audience,
+                issuer=self.issuer,
+                leeway=self.leeway,
+                options={"require": ["exp", "iss", "aud"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise _token_error("TOKEN_EXPIRED", "the token has expired", where) from None
+        except jwt.ImmatureSignatureError:
+            raise _token_error(
+                "TOKEN_NOT_YET_VALID", "the token is not valid yet (nbf)", where
+            ) from None
+        except jwt.InvalidAudienceError:
+            raise _token_error(
+                "TOKEN_AUDIENCE_INVALID", f"the token's audience is not {self.audience!r}", where
+            ) from None
+        except jwt.InvalidIssuerError:
+            raise _token_error(
+                "TOKEN_ISSUER_INVALID", f"the token's issuer is not {self.issuer!r}", where
+            ) from None
+        except jwt.MissingRequiredClaimError as exc:
+            raise _token_error(
+                "TOKEN_CLAIM_MISSING", f"the token lacks the {exc.claim!r} claim", where
+            ) from None
+        except jwt.InvalidAlgorithmError:
+            raise _token_error(
+                "TOKEN_ALGORITHM_REFUSED",
+                f"the key {loggable(kid)!r} does not sign with {alg}",
+                where,
+            ) from None
+        except jwt.PyJWTError:
+            raise _token_error(
+                "TOKEN_SIGNATURE_INVALID", "the token's signature or claims are not valid", where
+            ) from None
+        subject = loggable(claims.get("sub", "-"))
+        tenant = claims.get(self.tenant_claim)
+        if not isinstance(tenant, str) or not tenant:
+            raise _token_error(
+                "TOKEN_CLAIM_MISSING",
+                f"the token lacks the {self.tenant_claim!r} claim naming the tenant",
+                {**where, "subject": subject},
+            )
+        return Identity(f"jwt:{subject}", tenant, _scopes_of(claims))
+
+
+def _token_error(
+    reason: str, message: str, metadata: dict[str, str] | None = None
+) -> Unauthenticated:
+    return Unauthenticated(reason, message, {"header": AUTHORIZATION_HEADER, **(metadata or {})})
+
+
+# ---------------------------------------------------------------------- both
+class Authenticator:
+    """API keys, bearer tokens, or both: turns a call's metadata into an :class:`Identity`."""
+
+    def __init__(self, keys: KeyStore | None, tokens: TokenVerifier | None) -> None:
+        if keys is None and tokens is None:
+            raise ValueError("an Authenticator needs API keys, a JWKS, or both")
+        self.keys = keys
+        self.tokens = tokens
+
+    @classmethod
+    def from_settings(cls, settings: GatewaySettings) -> Authenticator:
+        """Load the key file and the JWKS the settings name (either may be absent)."""
+        keys = KeyStore(settings.api_keys_file) if settings.api_keys_file else None
+        if keys is not None and not len(keys) and settings.jwks_file is None:
+            log.warning("API key file %s holds no key: every call will be refused", keys.path)
+        tokens = None
+        if settings.jwks_file is not None:
+            assert settings.jwt_issuer and settings.jwt_audience  # the settings model checks
+            tokens = TokenVerifier(
+                settings.jwks_file,
+                issuer=settings.jwt_issuer,
+                audience=settings.jwt_audience,
+                leeway=settings.jwt_leeway_seconds,
+                tenant_claim=settings.jwt_tenant_claim,
+            )
+        return cls(keys, tokens)
+
+    def authenticate(self, api_key: str | None, authorization: str | None) -> Identity:
+        """The caller's identity from its ``x-api-key`` or ``authorization`` metadata."""
+        if api_key and authorization:
+            raise Unauthenticated(
+                "CREDENTIALS_AMBIGUOUS",
+                f"send either '{API_KEY_HEADER}' or '{AUTHORIZATION_HEADER}', not both",
+                {"header": f"{API_KEY_HEADER},{AUTHORIZATION_HEADER}"},
+            )
+        if authorization:
+            if self.tokens is None:
+                raise Unauthenticated(
+                    "TOKEN_NOT_ACCEPTED",
+                    f"this gateway does not take bearer tokens; send an API key in "
+                    f"'{API_KEY_HEADER}'",
+                    {"header": AUTHORIZATION_HEADER},
+                )
+            return self.tokens.authenticate(authorization)
+        if self.keys is None:
+            if api_key:
+                raise Unauthenticated(
+                    "API_KEY_NOT_ACCEPTED",
+                    f"this gateway does not take API keys; send "
+                    f"'{AUTHORIZATION_HEADER}: Bearer <jwt>'",
+                    {"header": API_KEY_HEADER},
+                )
+            raise _token_error(
+                "CREDENTIALS_MISSING",
+                f"this call needs '{AUTHORIZATION_HEADER}: Bearer <jwt>' metadata",
+            )
+        if not api_key and self.tokens is not None:
+            raise Unauthenticated(
+                "CREDENTIALS_MISSING",
+                f"this call needs an API key in '{API_KEY_HEADER}' or "
+                f"'{AUTHORIZATION_HEADER}: Bearer <jwt>' metadata",
+                {"header": f"{API_KEY_HEADER},{AUTHORIZATION_HEADER}"},
+            )
+        return self.keys.authenticate(api_key)
+
+
+# ---------------------------------------------------------------------- mutual TLS
+def server_credentials(settings: GatewaySettings) -> grpc.ServerCredentials | None:
+    """TLS credentials for the listening port (None: plaintext). With
+    ``tls_client_ca_file`` every client must present a certificate that CA signed.
+
+    The files are checked here (PEM, key matching the certificate) so that a mistake stops
+    the gateway at start with the file named, not every handshake later.
+    """
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+
+    def read(path: Path, what: str) -> bytes:
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise OSError(f"cannot read {what} {path}: {exc.strerror}") from exc
+
+    cert = read(settings.tls_cert_file, "tls_cert_file")
+    key = read(settings.tls_key_file, "tls_key_file")
+    try:
+        leaf = x509.load_pem_x509_certificates(cert)[0]
+    except ValueError as exc:
+        raise OSError(f"tls_cert_file {settings.tls_cert_file}: not a PEM certificate") from exc
+    try:
+        private = serialization.load_pem_private_key(key, password=None)
+    except (ValueError, TypeError) as exc:
+        raise OSError(
+            f"tls_key_file {settings.tls_key_file}: not an unencrypted PEM private key"
+        ) from exc
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    if private.public_key().public_bytes(
+        serialization.Encoding.DER, spki
+    ) != leaf.public_key().public_bytes(serialization.Encoding.DER, spki):
+        raise OSError(
+            f"tls_key_file {settings.tls_key_file} is not the key of {settings.tls_cert_file}"
+        )
+    ca = None
+    if settings.tls_client_ca_file is not None:
+        ca = read(settings.tls_client_ca_file, "tls_client_ca_file")
+        try:
+            x509.load_pem_x509_certificates(ca)
+        except ValueError as exc:
+            raise OSError(
+                f"tls_client_ca_file {settings.tls_client_ca_file}: not PEM certificates"
+            ) from exc
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
+    )
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Authenticates every call of our service before its handler runs.
+
+    With ``authenticator=None`` (auth turned off) every call runs as :data:`LOCAL_IDENTITY`.
     Place it after :class:`gateway.errors.ErrorInterceptor`, which maps its rejections.
     """
 
-    def __init__(self, store: KeyStore | None) -> None:
-        self.store = store
+    def __init__(self, authenticator: Authenticator | None) -> None:
+        self.authenticator = authenticator
 
     async def intercept_service(
         self,
@@ -309,11 +659,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         try:
-            if self.store is None:
+            if self.authenticator is None:
                 identity = LOCAL_IDENTITY
             else:
-                identity = self.store.authenticate(
-                    metadata_value(handler_call_details, API_KEY_HEADER)
+                identity = self.authenticator.authenticate(
+                    metadata_value(handler_call_details, API_KEY_HEADER),
+                    metadata_value(handler_call_details, AUTHORIZATION_HEADER),
                 )
             # Shared with the handler: one contextvars.Context per call (grpc.aio's
             # ServerInterceptor contract).
@@ -322,6 +673,20 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 require_scope(METHOD_SCOPES[method])
         except (Unauthenticated, PermissionDenied) as exc:
             rejection = exc
+            # Who was refused, as far as it is known: never the secret or the token.
+            who = " ".join(
+                f"{k}={exc.metadata[k]}"
+                for k in ("keyId", "tenant", "subject", "kid")
+                if k in exc.metadata
+            )
+            log.warning(
+                "denied request %s %s: %s %s (%s)",
+                request_id_var.get(),
+                method,
+                exc.code.name,
+                exc.reason,
+                who or "no identity",
+            )
 
             async def reject(context: grpc.aio.ServicerContext) -> None:
                 raise rejection

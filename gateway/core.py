@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from fashionserve.taxonomy import Taxonomy
 from gateway import __version__
-from gateway.auth import require_scope
+from gateway.auth import LOCAL_IDENTITY, current_identity, require_scope
 from gateway.batcher import BatcherClosed, MicroBatcher, bounded_map
 from gateway.errors import (
     DeadlineExceeded,
@@ -25,6 +25,7 @@ from gateway.errors import (
     Unavailable,
     as_gateway_error,
 )
+from gateway.quota import Admission
 from gateway.results import ImageOutput, ImageResult, assemble_result
 from gateway.settings import GatewaySettings
 from gateway.triton_client import ServedModel, ServedState, TritonPipeline
@@ -185,6 +186,12 @@ class ServingMonitor:
             )
 
 
+def _tenant() -> str:
+    """The tenant of the request being served (quotas are kept per tenant)."""
+    identity = current_identity()
+    return (identity or LOCAL_IDENTITY).tenant
+
+
 class Analyzer:
     """Validate, micro-batch, infer and decode: the three analysis calls on plain data."""
 
@@ -206,6 +213,7 @@ class Analyzer:
             max_queue_delay_microseconds=settings.max_queue_delay_microseconds,
             max_batches_in_flight=settings.max_batches_in_flight,
         )
+        self.admission = Admission(settings, queued=lambda: self.batcher.queued)
 
     def start(self) -> None:
         """Start the batcher (inside the event loop)."""
@@ -234,9 +242,10 @@ class Analyzer:
     async def analyze(self, image: bytes, raw: RawOptions) -> ImageResult:
         """Analyze one image; raises :class:`GatewayError`."""
         options = self.resolve_options(raw)
-        inspect_image(image, self.limits)
-        await self.monitor.require_serving()
-        return await self._infer(image, options)
+        with self.admission.admit(_tenant(), 1):
+            inspect_image(image, self.limits)
+            await self.monitor.require_serving()
+            return await self._infer(image, options)
 
     async def analyze_batch(
         self, images: Sequence[bytes], raw: RawOptions
@@ -249,8 +258,9 @@ class Analyzer:
         """
         validate_image_count(len(images), self.settings.max_images_per_batch_request)
         options = self.resolve_options(raw)
-        await self.monitor.require_serving()
-        outcomes = await asyncio.gather(*(self._analyze_safe(img, options) for img in images))
+        with self.admission.admit(_tenant(), len(images)):
+            await self.monitor.require_serving()
+            outcomes = await asyncio.gather(*(self._analyze_safe(i, options) for i in images))
         for outcome in outcomes:
             if isinstance(outcome, Unavailable | DeadlineExceeded):
                 raise outcome

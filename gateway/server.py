@@ -30,7 +30,7 @@ from grpc_reflection.v1alpha import reflection
 
 from fashionserve.taxonomy import Taxonomy, load_taxonomy
 from gateway import __version__
-from gateway.auth import AuthInterceptor, KeyStore
+from gateway.auth import Authenticator, AuthInterceptor, server_credentials
 from gateway.core import Analyzer, ServingMonitor
 from gateway.errors import ErrorInterceptor
 from gateway.servicer import SERVICE_NAME, FashionAnalysisServicer
@@ -110,20 +110,16 @@ async def create_server(
     """Build the gateway and bind its port; returns ``(server, port)``. Call
     ``await server.start()`` to serve. Must run inside the event loop that will serve."""
     taxonomy = taxonomy or load_taxonomy(settings.taxonomy_file)
-    store: KeyStore | None = None
+    authenticator: Authenticator | None = None
     if settings.auth_enabled:
-        assert settings.api_keys_file is not None  # the settings model guarantees it
-        store = KeyStore(settings.api_keys_file)
-        if not len(store):
-            log.warning(
-                "API key file %s holds no key: every call will be refused", settings.api_keys_file
-            )
+        authenticator = Authenticator.from_settings(settings)
     else:
         log.warning(
             "!!! AUTHENTICATION IS OFF (--no-auth / auth_enabled=false): anyone who can reach "
             "%s can use the service. Use this for local development only. !!!",
             settings.listen_address,
         )
+    credentials = server_credentials(settings)  # None: plaintext
 
     pipeline = TritonPipeline(
         settings.triton_url,
@@ -151,7 +147,10 @@ async def create_server(
 
     server = grpc.aio.server(
         # ErrorInterceptor first: it maps what AuthInterceptor raises.
-        interceptors=[ErrorInterceptor(), AuthInterceptor(store)],
+        interceptors=[ErrorInterceptor(), AuthInterceptor(authenticator)],
+        # Past this gRPC answers RESOURCE_EXHAUSTED itself: with the message size limit it
+        # bounds what callers can make the gateway hold in memory.
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -166,7 +165,10 @@ async def create_server(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     try:
-        port = server.add_insecure_port(settings.listen_address)
+        if credentials is None:
+            port = server.add_insecure_port(settings.listen_address)
+        else:
+            port = server.add_secure_port(settings.listen_address, credentials)
     except RuntimeError as exc:
         await pipeline.close()
         raise OSError(f"cannot listen on {settings.listen_address}: {exc}") from exc

@@ -50,19 +50,19 @@ class TenantQuota(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     images_per_second: float = Field(
-        500.0,
+        default=500.0,
         gt=0,
         le=1_000_000,
         description="Sustained rate of images a tenant may send (the token bucket's refill).",
     )
     burst_images: int = Field(
-        1000,
+        default=1000,
         ge=1,
         le=10_000_000,
         description="Images a tenant may send at once after being idle (the bucket's size).",
     )
     max_concurrent_images: int = Field(
-        512,
+        default=512,
         ge=1,
         le=1_000_000,
         description="Images of one tenant being served at once (admitted, not yet answered).",
@@ -75,11 +75,13 @@ class TenantQuotaOverride(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     images_per_second: float | None = Field(
-        None, gt=0, le=1_000_000, description="See TenantQuota."
+        default=None, gt=0, le=1_000_000, description="See TenantQuota."
     )
-    burst_images: int | None = Field(None, ge=1, le=10_000_000, description="See TenantQuota.")
+    burst_images: int | None = Field(
+        default=None, ge=1, le=10_000_000, description="See TenantQuota."
+    )
     max_concurrent_images: int | None = Field(
-        None, ge=1, le=1_000_000, description="See TenantQuota."
+        default=None, ge=1, le=1_000_000, description="See TenantQuota."
     )
 
 
@@ -197,7 +199,7 @@ class GatewaySettings(BaseSettings):
         "signed (mutual TLS). Needs tls_cert_file.",
     )
     tenant_quota: TenantQuota = Field(
-        default_factory=TenantQuota,
+        TenantQuota(),
         description="Default quota of every tenant (token bucket and concurrency, in images).",
     )
     tenant_quotas: dict[str, TenantQuotaOverride] = Field(
