@@ -12,6 +12,7 @@ caller gets INTERNAL with a generic message quoting that id, never the exception
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import uuid
@@ -29,6 +30,9 @@ REQUEST_ID_HEADER = "x-request-id"
 SERVICE_PREFIX = "/fashion.v1."
 
 log = logging.getLogger(__name__)
+
+Around = Callable[[grpc.aio.ServicerContext], contextlib.AbstractAsyncContextManager[None]]
+"""What :func:`wrap_handler` runs a behaviour inside, given the call's context."""
 
 request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
 """The id of the request being served (from ``x-request-id`` or generated); logs quote it."""
@@ -157,9 +161,11 @@ def to_grpc_status(err: GatewayError) -> grpc.Status:
 
 
 async def abort(context: grpc.aio.ServicerContext, err: GatewayError) -> None:
-    """End the call with ``err`` (raises, as ``context.abort`` does)."""
+    """End the call with ``err`` (raises, as ``context.abort`` does). The trailing
+    metadata echoes the request id: abort's metadata replaces any set before."""
     status = to_grpc_status(err)
-    await context.abort(status.code, status.details, status.trailing_metadata)
+    trailers = (*status.trailing_metadata, (REQUEST_ID_HEADER, request_id_var.get()))
+    await context.abort(status.code, status.details, trailers)
 
 
 # ----------------------------------------------------------------- handler wrapping
@@ -167,9 +173,11 @@ def wrap_handler(
     handler: grpc.RpcMethodHandler,
     before: Callable[[grpc.aio.ServicerContext], Awaitable[None]] | None = None,
     on_error: Callable[[BaseException, grpc.aio.ServicerContext], Awaitable[None]] | None = None,
+    around: Around | None = None,
 ) -> grpc.RpcMethodHandler:
     """A copy of ``handler`` whose behaviour first awaits ``before(context)`` and sends
-    any exception (from ``before`` or the behaviour) to ``on_error``.
+    any exception (from ``before`` or the behaviour) to ``on_error``; all of it runs inside
+    ``async with around(context)`` (to time or trace the whole call).
 
     Works for all four RPC shapes, and for streaming behaviours written either as async
     generators or as coroutines that call ``context.write``.
@@ -185,7 +193,7 @@ def wrap_handler(
         if behavior is None:
             continue
         streams_out = attr.endswith("_stream")
-        wrapped = _wrap_behavior(behavior, streams_out, before, on_error)
+        wrapped = _wrap_behavior(behavior, streams_out, before, on_error, around)
         return factory(
             wrapped,
             request_deserializer=handler.request_deserializer,
@@ -199,7 +207,11 @@ def _wrap_behavior(
     streams_out: bool,
     before: Callable[[grpc.aio.ServicerContext], Awaitable[None]] | None,
     on_error: Callable[[BaseException, grpc.aio.ServicerContext], Awaitable[None]] | None,
+    around: Around | None,
 ) -> Callable[..., Any]:
+    def scope(context: grpc.aio.ServicerContext) -> contextlib.AbstractAsyncContextManager[None]:
+        return around(context) if around is not None else contextlib.nullcontext()
+
     async def handle(exc: Exception, context: grpc.aio.ServicerContext) -> None:
         # context.abort raises AbortError: it is how a status leaves, not an error to map.
         if on_error is None or isinstance(exc, grpc.aio.AbortError):
@@ -210,23 +222,25 @@ def _wrap_behavior(
     if streams_out and inspect.isasyncgenfunction(behavior):
 
         async def stream_gen(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            try:
-                if before is not None:
-                    await before(context)
-                async for item in behavior(request, context):
-                    yield item
-            except Exception as exc:
-                await handle(exc, context)
+            async with scope(context):
+                try:
+                    if before is not None:
+                        await before(context)
+                    async for item in behavior(request, context):
+                        yield item
+                except Exception as exc:
+                    await handle(exc, context)
 
         return stream_gen
 
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            if before is not None:
-                await before(context)
-            return await behavior(request, context)
-        except Exception as exc:
-            await handle(exc, context)
+        async with scope(context):
+            try:
+                if before is not None:
+                    await before(context)
+                return await behavior(request, context)
+            except Exception as exc:
+                await handle(exc, context)
 
     return unary
 
@@ -245,11 +259,15 @@ def metadata_value(details: grpc.HandlerCallDetails, key: str) -> str | None:
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Assigns each call of our service a request id and maps its errors to statuses.
+    """Assigns each call of our service a request id (echoed in the trailing metadata
+    ``x-request-id``) and maps its errors to statuses, telling ``on_reported`` (metrics)
+    about each.
 
-    It must be the first (outermost) interceptor so that it also maps the errors raised by
-    the interceptors after it (authentication).
+    It must come before the interceptors whose errors it maps (authentication).
     """
+
+    def __init__(self, on_reported: Callable[[GatewayError], None] | None = None) -> None:
+        self.on_reported = on_reported
 
     async def intercept_service(
         self,
@@ -270,11 +288,16 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
 
+        async def echo_request_id(context: grpc.aio.ServicerContext) -> None:
+            context.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
+
         async def on_error(exc: BaseException, context: grpc.aio.ServicerContext) -> None:
             err = as_gateway_error(exc)  # logs unexpected exceptions with their traceback
             if isinstance(exc, GatewayError):
                 level = logging.WARNING if err.code in _SERVER_SIDE else logging.INFO
                 log.log(level, "request %s %s: %s %s", rid, method, err.reason, err.message)
+            if self.on_reported is not None:
+                self.on_reported(err)
             await abort(context, err)
 
-        return wrap_handler(handler, on_error=on_error)
+        return wrap_handler(handler, before=echo_request_id, on_error=on_error)

@@ -35,6 +35,7 @@ from gateway.core import Analyzer, ServingMonitor
 from gateway.errors import ErrorInterceptor
 from gateway.servicer import SERVICE_NAME, FashionAnalysisServicer
 from gateway.settings import GatewaySettings
+from gateway.telemetry import REQUEST_FIELDS, RequestContextFilter
 from gateway.triton_client import TritonPipeline
 from protos.fashion.v1 import analysis_service_pb2_grpc as pb_grpc
 
@@ -192,6 +193,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        for key in REQUEST_FIELDS:  # set by RequestContextFilter while serving a request
+            if hasattr(record, key):
+                doc[key] = getattr(record, key)
         if record.exc_info:
             doc["exception"] = self.formatException(record.exc_info)
         return json.dumps(doc)
@@ -200,6 +204,7 @@ class JsonFormatter(logging.Formatter):
 def configure_logging(log_format: str, verbose: bool = False) -> None:
     """Send logs to stderr as text or JSON lines."""
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RequestContextFilter())
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
