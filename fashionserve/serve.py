@@ -336,7 +336,7 @@ def write_gateway_config(wd: Workdir, listen: str, triton_url: str, max_batch_si
 
     doc = {
         "listen_address": listen,
-        "triton_url": triton_url,
+        "triton_urls": [triton_url],
         "auth_enabled": True,
         "api_keys_file": str(wd.keys_file.resolve()),
         "max_batch_size": max_batch_size,

@@ -33,7 +33,14 @@ def add_gateway_commands(subparsers: Any) -> None:
         help="settings YAML file (default: $FASHIONSERVE_GATEWAY_CONFIG, if set)",
     )
     p.add_argument("--listen-address", metavar="HOST:PORT", help="default 127.0.0.1:50051")
-    p.add_argument("--triton-url", metavar="HOST:PORT", help="default localhost:8001")
+    p.add_argument(
+        "--triton-url",
+        dest="triton_urls",
+        action="append",
+        metavar="HOST:PORT",
+        help="a Triton server (repeat for several; dns:///HOST:PORT for every address the "
+        "name resolves to); default localhost:8001",
+    )
     p.add_argument("--api-keys-file", type=Path, help="API key file (`fashionserve keys create`)")
     p.add_argument(
         "--no-auth",
@@ -84,7 +91,7 @@ def _gateway(args: argparse.Namespace) -> int:
 
     flags: dict[str, Any] = {
         "listen_address": args.listen_address,
-        "triton_url": args.triton_url,
+        "triton_urls": args.triton_urls,
         "api_keys_file": args.api_keys_file,
         "taxonomy_file": args.taxonomy_file,
         "max_batch_size": args.max_batch_size,

@@ -19,6 +19,7 @@ from fashionserve.taxonomy import Taxonomy
 from gateway import __version__
 from gateway.auth import LOCAL_IDENTITY, current_identity, require_scope
 from gateway.batcher import BatcherClosed, MicroBatcher, bounded_map
+from gateway.endpoints import EndpointPool
 from gateway.errors import (
     DeadlineExceeded,
     GatewayError,
@@ -28,7 +29,7 @@ from gateway.errors import (
 from gateway.quota import Admission
 from gateway.results import ImageOutput, ImageResult, assemble_result
 from gateway.settings import GatewaySettings
-from gateway.triton_client import ServedModel, ServedState, TritonPipeline
+from gateway.triton_client import ServedModel, ServedState, serving_problem
 from gateway.validation import (
     ACCEPTED_FORMATS,
     AnalyzeOptions,
@@ -100,13 +101,13 @@ class ServingInfo:
 
 
 class ServingMonitor:
-    """Whether the pipeline can serve: Triton ready and the served taxonomy hash equal to
-    the gateway's. :meth:`run` re-checks every ``interval`` seconds and reports changes to
-    ``on_change(serving)``."""
+    """Whether the pipeline can serve: at least one Triton endpoint ready with a served
+    taxonomy hash equal to the gateway's. :meth:`run` re-checks every endpoint every
+    ``interval`` seconds and reports changes to ``on_change(serving)``."""
 
     def __init__(
         self,
-        pipeline: TritonPipeline,
+        pipeline: EndpointPool,
         taxonomy: Taxonomy,
         interval: float,
         on_change: Callable[[bool], Awaitable[None]] | None = None,
@@ -130,24 +131,18 @@ class ServingMonitor:
     async def _refresh(self) -> bool:
         self._last_refresh = time.monotonic()
         state = await self.pipeline.describe()
-        if not state.ready:
-            serving, problem = False, state.problem
-        elif state.taxonomy_hash != self.taxonomy.hash:
-            serving = False
-            problem = (
-                f"the served tagger was exported with taxonomy "
-                f"{state.taxonomy_version or '?'} (hash {state.taxonomy_hash[:12] or 'unknown'}), "
-                f"the gateway decodes with {self.taxonomy.version} "
-                f"(hash {self.taxonomy.hash[:12]})"
-            )
-        else:
-            serving, problem = True, ""
+        problem = serving_problem(state, self.taxonomy)
+        serving = not problem
         self.state = state
         changed = serving != self.serving or problem != self.problem
         self.serving, self.problem = serving, problem
         if changed:
             if serving:
-                log.info("pipeline SERVING (Triton %s ready, taxonomy matches)", self.pipeline.url)
+                log.info(
+                    "pipeline SERVING (Triton %s: %d endpoint(s) ready, taxonomy matches)",
+                    self.pipeline.url,
+                    len(self.pipeline.admitted),
+                )
             else:
                 log.warning("pipeline NOT_SERVING: %s", problem)
             if self.on_change is not None:
@@ -199,7 +194,7 @@ class Analyzer:
         self,
         settings: GatewaySettings,
         taxonomy: Taxonomy,
-        pipeline: TritonPipeline,
+        pipeline: EndpointPool,
         monitor: ServingMonitor,
     ) -> None:
         self.settings = settings

@@ -6,9 +6,9 @@ gracefully: health turns NOT_SERVING, new calls are refused, calls in flight get
 ``shutdown_grace_seconds`` to finish, then the batcher and the Triton channel close.
 
 Health (``grpc.health.v1`` on the same port): the services ``""`` and
-``fashion.v1.FashionAnalysisService`` are SERVING only while Triton is ready and the served
-tagger's taxonomy hash equals the gateway's; a background task re-checks every
-``health_check_interval_seconds``.
+``fashion.v1.FashionAnalysisService`` are SERVING while at least one Triton endpoint is
+ready with a served tagger whose taxonomy hash equals the gateway's; a background task
+re-checks every endpoint every ``health_check_interval_seconds``.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from fashionserve.taxonomy import Taxonomy, load_taxonomy
 from gateway import __version__
 from gateway.auth import Authenticator, AuthInterceptor, server_credentials
 from gateway.core import Analyzer, ServingMonitor
+from gateway.endpoints import EndpointPool, RetryBudget
 from gateway.errors import ErrorInterceptor
 from gateway.servicer import SERVICE_NAME, FashionAnalysisServicer
 from gateway.settings import GatewaySettings
@@ -54,7 +55,7 @@ class GatewayServer:
         grpc_server: grpc.aio.Server,
         analyzer: Analyzer,
         monitor: ServingMonitor,
-        pipeline: TritonPipeline,
+        pipeline: EndpointPool,
         health_servicer: health.aio.HealthServicer,
         port: int,
     ) -> None:
@@ -122,11 +123,23 @@ async def create_server(
         )
     credentials = server_credentials(settings)  # None: plaintext
 
-    pipeline = TritonPipeline(
-        settings.triton_url,
-        max_batch_size=settings.max_batch_size,
-        max_image_bytes=settings.max_image_bytes,
+    def connect(address: str) -> TritonPipeline:
+        return TritonPipeline(
+            address,
+            max_batch_size=settings.max_batch_size,
+            max_image_bytes=settings.max_image_bytes,
+            request_timeout_seconds=settings.request_timeout_seconds,
+        )
+
+    pipeline = EndpointPool(
+        settings.triton_urls,
+        taxonomy,
+        connect,
         request_timeout_seconds=settings.request_timeout_seconds,
+        retry_budget=RetryBudget(
+            settings.triton_retry_budget_ratio, settings.triton_retry_budget_burst
+        ),
+        dns_refresh_seconds=settings.triton_dns_refresh_seconds,
     )
     health_servicer = health.aio.HealthServicer()
     for service in HEALTH_SERVICES:  # NOT_SERVING until the monitor has seen Triton ready
@@ -225,7 +238,7 @@ async def serve_async(
         "fashionserve gateway %s listening on %s (Triton %s, auth %s)",
         __version__,
         gateway.address,
-        settings.triton_url,
+        ", ".join(settings.triton_urls),
         "on" if settings.auth_enabled else "OFF",
     )
     if on_ready is not None:

@@ -33,6 +33,7 @@ MIB = 1024 * 1024
 # gRPC message lengths are C ints.
 GRPC_MAX_MESSAGE = 2**31 - 1
 
+DNS_SCHEME = "dns:///"
 _ADDRESS = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]*):\d{1,5}$")
 
 # The YAML layer for the settings being built; a ContextVar rather than a class attribute
@@ -97,7 +98,36 @@ class GatewaySettings(BaseSettings):
         description="host:port the gRPC server listens on; port 0 picks a free port. "
         "Use 0.0.0.0:50051 in containers.",
     )
-    triton_url: str = Field("localhost:8001", description="Triton's gRPC address, host:port.")
+    triton_urls: list[str] = Field(
+        ["localhost:8001"],
+        min_length=1,
+        max_length=64,
+        description="Triton servers' gRPC addresses; calls are spread over every one that is "
+        "ready. Each is host:port (one server), or dns:///host:port for every address the "
+        "name resolves to, re-resolved every triton_dns_refresh_seconds (a Kubernetes "
+        "headless Service).",
+    )
+    triton_dns_refresh_seconds: float = Field(
+        5.0,
+        gt=0,
+        le=3600,
+        description="How often dns:/// entries of triton_urls are resolved again.",
+    )
+    triton_retry_budget_ratio: float = Field(
+        0.2,
+        ge=0,
+        le=1,
+        description="A Triton call that fails because of its server (unreachable, or past "
+        "request_timeout_seconds) is retried on another within the caller's deadline; retries "
+        "are at most this fraction of calls (a token bucket, as gRPC and Envoy retry budgets).",
+    )
+    triton_retry_budget_burst: int = Field(
+        10,
+        ge=0,
+        le=10_000,
+        description="Retries allowed beyond triton_retry_budget_ratio when calls are few "
+        "(the token bucket's size).",
+    )
     auth_enabled: bool = Field(
         True,
         description="Require an API key (metadata x-api-key) on every analysis call. "
@@ -243,12 +273,23 @@ class GatewaySettings(BaseSettings):
         yaml_source = InitSettingsSource(settings_cls, init_kwargs=_yaml_layer.get() or {})
         return (init_settings, yaml_source, env_settings)
 
-    @field_validator("listen_address", "triton_url")
+    @field_validator("listen_address")
     @classmethod
     def _host_port(cls, value: str) -> str:
         if not _ADDRESS.match(value) or int(value.rsplit(":", 1)[1]) > 65535:
             raise ValueError(f"expected host:port, got {value!r}")
         return value
+
+    @field_validator("triton_urls")
+    @classmethod
+    def _triton_targets(cls, values: list[str]) -> list[str]:
+        for value in values:
+            address = value.removeprefix(DNS_SCHEME)
+            if not _ADDRESS.match(address) or not 0 < int(address.rsplit(":", 1)[1]) <= 65535:
+                raise ValueError(f"expected host:port or dns:///host:port, got {value!r}")
+        if len(set(values)) != len(values):
+            raise ValueError("an address is listed twice")
+        return values
 
     @model_validator(mode="after")
     def _consistent(self) -> GatewaySettings:

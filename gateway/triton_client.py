@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,7 @@ import tritonclient.grpc.aio as aioclient
 from tritonclient.utils import InferenceServerException
 
 from fashionserve import ensemble
+from fashionserve.taxonomy import Taxonomy
 from gateway.errors import (
     DeadlineExceeded,
     GatewayError,
@@ -82,6 +84,21 @@ class ServedState:
     parameters: dict[str, str] = field(default_factory=dict)
 
 
+def serving_problem(state: ServedState, taxonomy: Taxonomy) -> str:
+    """Why the pipeline described by ``state`` cannot serve with ``taxonomy`` ("" if it can):
+    Triton not ready, or the served tagger exported with another taxonomy (its logits
+    cannot be decoded)."""
+    if not state.ready:
+        return state.problem
+    if state.taxonomy_hash != taxonomy.hash:
+        return (
+            f"the served tagger was exported with taxonomy "
+            f"{state.taxonomy_version or '?'} (hash {state.taxonomy_hash[:12] or 'unknown'}), "
+            f"the gateway decodes with {taxonomy.version} (hash {taxonomy.hash[:12]})"
+        )
+    return ""
+
+
 def channel_args(max_batch_size: int, max_image_bytes: int) -> list[tuple[str, Any]]:
     """Channel options for the Triton connection: message limits sized for a full batch,
     and a short reconnect backoff so a restarted Triton is noticed within seconds (gRPC's
@@ -125,27 +142,34 @@ class TritonPipeline:
         await self._client.close()
 
     # --------------------------------------------------------------------- infer
-    async def infer(self, images: Sequence[bytes]) -> list[ImageOutput | GatewayError]:
+    async def infer(
+        self, images: Sequence[bytes], deadline: float | None = None
+    ) -> list[ImageOutput | GatewayError]:
         """Run ``images`` through the ensemble; one outcome per image, in order.
 
-        An image the ensemble refuses becomes an :class:`InvalidArgument` in its place.
-        Raises :class:`GatewayError` (UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL) when the
-        call fails for every image alike.
+        Every call to Triton is bounded by the request timeout and by ``deadline``
+        (``time.monotonic()`` seconds, the latest deadline of the batch's callers), so
+        the caller's deadline travels to Triton as the call's gRPC deadline; none starts
+        after it. An image the ensemble refuses becomes an :class:`InvalidArgument` in its
+        place. Raises :class:`GatewayError` (UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL) when
+        the call fails for every image alike.
         """
         cap = self.max_images_per_request or len(images)
         if len(images) <= cap:
-            return await self._infer_isolating(list(images))
+            return await self._infer_isolating(list(images), deadline)
         # A batch larger than the ensemble accepts: split it rather than fail it.
         chunks = [list(images[i : i + cap]) for i in range(0, len(images), cap)]
-        parts = await asyncio.gather(*(self._infer_isolating(c) for c in chunks))
+        parts = await asyncio.gather(*(self._infer_isolating(c, deadline) for c in chunks))
         return [outcome for part in parts for outcome in part]
 
-    async def _infer_isolating(self, images: list[bytes]) -> list[ImageOutput | GatewayError]:
+    async def _infer_isolating(
+        self, images: list[bytes], deadline: float | None
+    ) -> list[ImageOutput | GatewayError]:
         outcomes: list[ImageOutput | GatewayError | None] = [None] * len(images)
         pending = list(range(len(images)))
         while pending:
             try:
-                outputs = await self._infer_once([images[i] for i in pending])
+                outputs = await self._infer_once([images[i] for i in pending], deadline)
             except _Rejected as rejected:
                 rej = rejected.rejection
                 if rej.index is not None and 0 <= rej.index < len(pending):
@@ -155,7 +179,7 @@ class TritonPipeline:
                     outcomes[pending[0]] = rejected.as_error()
                     break
                 for i in pending:  # no image named: find out one by one
-                    outcomes[i] = (await self._infer_isolating([images[i]]))[0]
+                    outcomes[i] = (await self._infer_isolating([images[i]], deadline))[0]
                 break
             except InternalError as exc:
                 # A step that crashed on one odd image fails the whole call with no image
@@ -164,7 +188,7 @@ class TritonPipeline:
                     raise
                 for i in pending:
                     try:
-                        outcomes[i] = (await self._infer_isolating([images[i]]))[0]
+                        outcomes[i] = (await self._infer_isolating([images[i]], deadline))[0]
                     except InternalError as single:
                         outcomes[i] = single
                 break
@@ -173,17 +197,24 @@ class TritonPipeline:
             break
         return [o if o is not None else internal_error() for o in outcomes]
 
-    async def _infer_once(self, images: list[bytes]) -> list[ImageOutput]:
+    async def _infer_once(self, images: list[bytes], deadline: float | None) -> list[ImageOutput]:
+        timeout = self.timeout
+        if deadline is not None:
+            timeout = min(timeout, deadline - time.monotonic())
+            if timeout <= 0:
+                raise DeadlineExceeded(
+                    "DEADLINE_EXCEEDED", "the call's deadline passed before inference"
+                )
         inputs = ensemble.make_infer_inputs(images)
         try:
             result = await self._client.infer(
                 self.model_name,
                 inputs,
                 outputs=self._outputs,
-                client_timeout=self.timeout,
+                client_timeout=timeout,
             )
         except InferenceServerException as exc:
-            raise self._map_error(exc, len(images)) from exc
+            raise self._map_error(exc, len(images), timeout) from exc
         try:
             arrays = {name: result.as_numpy(name) for name in ensemble.OUTPUTS}
             per_image = ensemble.parse_outputs(arrays, len(images))
@@ -200,7 +231,7 @@ class TritonPipeline:
             for (w, h), garments in zip(sizes.tolist(), per_image, strict=True)
         ]
 
-    def _map_error(self, exc: InferenceServerException, n_images: int) -> Exception:
+    def _map_error(self, exc: InferenceServerException, n_images: int, timeout: float) -> Exception:
         text = str(exc.message() or exc)
         status = str(exc.status() or "")
         rejection = ensemble.parse_rejection(text)
@@ -215,8 +246,8 @@ class TritonPipeline:
         if status.endswith("DEADLINE_EXCEEDED"):
             return DeadlineExceeded(
                 "INFERENCE_TIMEOUT",
-                f"the inference server did not answer within {self.timeout:g} s",
-                {"timeoutSeconds": self.timeout},
+                f"the inference server did not answer within {timeout:.3g} s",
+                {"timeoutSeconds": f"{timeout:.3g}"},
             )
         if "unknown model" in text or "is not ready" in text or "not found" in text:
             return Unavailable(

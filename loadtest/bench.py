@@ -222,7 +222,7 @@ def start_default_stack(workdir: Path, logs: Path) -> Stack:
     return Stack(
         gateway=info["address"],
         api_key=info.get("api_key"),
-        triton=gateway_settings["triton_url"],
+        triton=gateway_settings["triton_urls"][0],
         pids={"gateway": proc.pid, "triton": triton_pid},
         gateway_config=config,
         checkpoints=checkpoints if complete else None,

@@ -361,8 +361,9 @@ class Gateway:
                 self.process.wait(timeout=10)
 
 
-def start_gateway(triton_url: str, workdir: Path, **settings: Any) -> Gateway:
-    """Start ``fashionserve gateway`` on a free port with a fresh key file."""
+def start_gateway(triton_url: str | list[str], workdir: Path, **settings: Any) -> Gateway:
+    """Start ``fashionserve gateway`` on a free port with a fresh key file, in front of one
+    Triton or several."""
     workdir.mkdir(parents=True, exist_ok=True)
     keys = workdir / "keys.yaml"
     key = create_key(keys, "tests")
@@ -370,11 +371,12 @@ def start_gateway(triton_url: str, workdir: Path, **settings: Any) -> Gateway:
     config.write_text(yaml.safe_dump({**LIMITS, **settings}))
     ready = workdir / "ready.json"
     log = workdir / "gateway.log"
+    urls = [triton_url] if isinstance(triton_url, str) else triton_url
     cmd = [
         sys.executable, "-m", "fashionserve.cli", "gateway",
         "--config", str(config),
         "--listen-address", "127.0.0.1:0",
-        "--triton-url", triton_url,
+        *(arg for url in urls for arg in ("--triton-url", url)),
         "--api-keys-file", str(keys),
         "--ready-file", str(ready),
     ]  # fmt: skip

@@ -265,7 +265,7 @@ def test_evaluate_through_the_gateway_matches_triton(first: Stack, tmp_path: Pat
 
     data = tmp_path / "data"
     synthesize(data, images=12, seed=4242, taxonomy=load_taxonomy(), workers=1, progress=False)
-    triton_url = yaml.safe_load((first.workdir / "gateway.yaml").read_text())["triton_url"]
+    triton_url = yaml.safe_load((first.workdir / "gateway.yaml").read_text())["triton_urls"][0]
     quiet = lambda _: None  # noqa: E731
     direct = evaluate(data, triton=triton_url, echo=quiet)
     through = evaluate(data, gateway=first.address, api_key=first.api_key, echo=quiet)

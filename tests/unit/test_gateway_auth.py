@@ -156,7 +156,7 @@ def _free_port() -> int:
 async def gateway(**overrides: Any) -> AsyncIterator[grpc.aio.Channel]:
     settings = load_settings(
         listen_address="127.0.0.1:0",
-        triton_url=f"127.0.0.1:{_free_port()}",  # nothing listens there
+        triton_urls=[f"127.0.0.1:{_free_port()}"],  # nothing listens there
         health_check_interval_seconds=0.2,
         **overrides,
     )

@@ -23,7 +23,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_defaults_match_the_documented_table(tmp_path: Path) -> None:
     s = load_settings(api_keys_file=tmp_path / "keys.yaml")
     assert s.listen_address == "127.0.0.1:50051"
-    assert s.triton_url == "localhost:8001"
+    assert s.triton_urls == ["localhost:8001"]
     assert s.auth_enabled is True
     assert (s.max_batch_size, s.max_queue_delay_microseconds, s.max_batches_in_flight) == (
         8,
@@ -49,15 +49,24 @@ def test_precedence_environment_then_yaml_then_flags(
     monkeypatch.setenv("FASHIONSERVE_GATEWAY_AUTH_ENABLED", "false")
     monkeypatch.setenv("FASHIONSERVE_GATEWAY_MAX_BATCH_SIZE", "2")
     monkeypatch.setenv("FASHIONSERVE_GATEWAY_MAX_STREAM_IN_FLIGHT", "5")
-    monkeypatch.setenv("FASHIONSERVE_GATEWAY_TRITON_URL", "env-host:1")
+    monkeypatch.setenv("FASHIONSERVE_GATEWAY_TRITON_URLS", '["env-host:1"]')
     config = tmp_path / "gateway.yaml"
-    config.write_text("max_batch_size: 3\ntriton_url: yaml-host:2\n")
+    config.write_text("max_batch_size: 3\ntriton_urls: [yaml-host:2]\n")
 
-    s = load_settings(config, triton_url="flag-host:3")
+    s = load_settings(config, triton_urls=["flag-host:3"])
     assert s.max_stream_in_flight == 5  # environment only
     assert s.max_batch_size == 3  # YAML over environment
-    assert s.triton_url == "flag-host:3"  # flag over YAML and environment
+    assert s.triton_urls == ["flag-host:3"]  # flag over YAML and environment
     assert s.auth_enabled is False
+
+
+def test_several_triton_servers_from_the_environment_or_a_dns_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("FASHIONSERVE_GATEWAY_TRITON_URLS", '["10.0.0.1:8001", "[::1]:8001"]')
+    assert load_settings(auth_enabled=False).triton_urls == ["10.0.0.1:8001", "[::1]:8001"]
+    headless = "dns:///triton.fashion.svc.cluster.local:8001"
+    assert load_settings(auth_enabled=False, triton_urls=[headless]).triton_urls == [headless]
 
 
 def test_config_file_from_environment_variable(
@@ -97,7 +106,11 @@ def test_auth_on_needs_a_key_file() -> None:
         ("max_stream_in_flight", 0),
         ("request_timeout_seconds", 0),
         ("listen_address", "no-port"),
-        ("triton_url", "host:99999"),
+        ("triton_urls", ["host:99999"]),
+        ("triton_urls", []),
+        ("triton_urls", ["a:1", "a:1"]),
+        ("triton_urls", ["dns://a:1"]),
+        ("triton_retry_budget_ratio", 1.5),
         ("log_format", "xml"),
     ],
 )

@@ -1,0 +1,223 @@
+"""Several Triton servers, one failing, and the gateway's own stop: real processes only.
+
+Real ``tritonserver`` processes serving the conftest's oracle models (the packaged taxonomy
+declared, so the gateway decodes them), a real ``fashionserve gateway`` process, and client
+threads calling it over loopback gRPC with no client-side retries, so that every failure
+the gateway lets through is counted. A Triton is "killed" with SIGKILL to its whole process
+group (Triton and its python-backend stubs), as a node failure or an OOM kill would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import SERVICE, Gateway, Oracle, start_gateway, start_triton
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from fashionserve.triton import TritonServer
+from protos.fashion.v1 import analysis_service_pb2 as pb
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+CALL_TIMEOUT = 10.0  # seconds: each call's deadline
+
+
+@dataclass
+class Call:
+    started: float
+    ended: float
+    code: grpc.StatusCode  # OK for a success
+    details: str = ""
+
+
+@dataclass
+class Load:
+    """``threads`` clients calling Analyze back to back until stopped."""
+
+    gateway: Gateway
+    image: bytes
+    threads: int = 3
+    calls: list[Call] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _workers: list[threading.Thread] = field(default_factory=list)
+
+    def _run(self) -> None:
+        request = pb.AnalyzeRequest(image=pb.Image(data=self.image))
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                self.gateway.stub.Analyze(request, metadata=self.gateway.auth, timeout=CALL_TIMEOUT)
+                call = Call(started, time.monotonic(), grpc.StatusCode.OK)
+            except grpc.RpcError as err:
+                call = Call(started, time.monotonic(), err.code(), err.details() or "")
+                time.sleep(0.02)  # a refused call returns at once: do not spin
+            self.calls.append(call)
+
+    def __enter__(self) -> Load:
+        for i in range(self.threads):
+            worker = threading.Thread(target=self._run, name=f"load-{i}", daemon=True)
+            worker.start()
+            self._workers.append(worker)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for worker in self._workers:
+            worker.join(timeout=CALL_TIMEOUT + 5)
+
+    def failures(self) -> list[Call]:
+        return [c for c in self.calls if c.code != grpc.StatusCode.OK]
+
+
+def kill(server: TritonServer) -> None:
+    """SIGKILL Triton and its stubs, then reap them (and free their shared memory)."""
+    assert server.pid is not None
+    os.killpg(server.pid, signal.SIGKILL)
+    server.stop()
+
+
+def restart(server: TritonServer, log_dir: Path) -> TritonServer:
+    """A new Triton on the same ports and repository (ready when this returns)."""
+    return TritonServer(
+        server.repository,
+        grpc_port=server.grpc_port,
+        http_port=server.http_port,
+        metrics_port=server.metrics_port,
+        log_file=log_dir / "triton-restarted.log",
+        ready_timeout=120,
+    ).start()
+
+
+def served(server: TritonServer) -> float:
+    """How many ensemble calls this Triton has run (its Prometheus metrics)."""
+    with urllib.request.urlopen(server.metrics_url, timeout=5) as response:
+        text = response.read().decode()
+    prefix = 'nv_inference_request_success{model="fashion_pipeline"'
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix)
+    )
+
+
+@pytest.fixture
+def scene(oracle: Oracle) -> bytes:
+    return oracle.scene(320, 240, [((20, 30, 120, 200), 0), ((160, 40, 300, 220), 1)])
+
+
+@pytest.fixture
+def spare_triton(own_repo: Path, tmp_path: Path) -> Iterator[TritonServer]:
+    """A Triton of this test's own, which it may kill."""
+    server = start_triton(own_repo, tmp_path / "spare")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_two_tritons_one_killed_under_load_no_call_fails(
+    own_triton: TritonServer, spare_triton: TritonServer, tmp_path: Path, scene: bytes
+) -> None:
+    gateway = start_gateway([spare_triton.grpc_url, own_triton.grpc_url], tmp_path / "gw")
+    try:
+        gateway.wait_health(SERVING)
+        before = served(spare_triton)
+        with Load(gateway, scene) as load:
+            time.sleep(1.5)
+            # Both servers take calls (least outstanding spreads them).
+            assert served(spare_triton) > before
+            kill(spare_triton)
+            killed_at = time.monotonic()
+            time.sleep(2.0)
+        assert load.failures() == []
+        after_kill = [c for c in load.calls if c.started > killed_at]
+        assert len(after_kill) >= 5, "the survivor kept serving"
+        assert gateway.health() == SERVING
+        assert "taken out" in gateway.log.read_text()
+    finally:
+        gateway.stop()
+
+
+def test_the_only_triton_killed_fails_fast_then_recovers(
+    spare_triton: TritonServer, tmp_path: Path, scene: bytes
+) -> None:
+    gateway = start_gateway(spare_triton.grpc_url, tmp_path / "gw")
+    restarted: TritonServer | None = None
+    try:
+        gateway.wait_health(SERVING)
+        assert len(gateway.analyze(scene).garments) == 2
+        kill(spare_triton)
+        for _ in range(5):  # in flight at the kill, then refused: UNAVAILABLE, at once
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as info:
+                gateway.stub.Analyze(
+                    pb.AnalyzeRequest(image=pb.Image(data=scene)),
+                    metadata=gateway.auth,
+                    timeout=CALL_TIMEOUT,
+                )
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
+            assert time.monotonic() - started < 2.0, "no waiting for the deadline"
+        gateway.wait_health(NOT_SERVING, timeout=5)
+
+        restarted = restart(spare_triton, tmp_path)
+        back = time.monotonic()
+        while True:
+            try:
+                assert len(gateway.analyze(scene).garments) == 2
+                break
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
+                assert time.monotonic() - back < 5.0, "not serving again within 5 s"
+                time.sleep(0.1)
+        gateway.wait_health(SERVING, timeout=5)
+    finally:
+        gateway.stop()
+        if restarted is not None:
+            restarted.stop()
+
+
+def test_sigterm_under_load_lets_every_call_in_flight_finish(
+    own_triton: TritonServer, tmp_path: Path, scene: bytes
+) -> None:
+    # Batches wait 0.3 s to fill, and 3 callers never fill one of 4: at any moment calls
+    # are in flight inside the gateway.
+    gateway = start_gateway(
+        own_triton.grpc_url,
+        tmp_path / "gw",
+        max_queue_delay_microseconds=300_000,
+        shutdown_grace_seconds=10,
+    )
+    try:
+        gateway.wait_health(SERVING)
+        watch = health_pb2_grpc.HealthStub(gateway.channel).Watch(
+            health_pb2.HealthCheckRequest(service=SERVICE), timeout=30
+        )
+        assert next(watch).status == SERVING
+        with Load(gateway, scene) as load:
+            time.sleep(1.0)
+            sent = time.monotonic()
+            gateway.process.send_signal(signal.SIGTERM)
+            # Health turns NOT_SERVING at once, while calls are still being finished.
+            assert next(watch).status == NOT_SERVING
+            assert time.monotonic() - sent < 1.0
+            watch.cancel()
+            assert gateway.process.wait(timeout=15) == 0
+        in_flight = [c for c in load.calls if c.started < sent < c.ended]
+        assert len(in_flight) >= 2, "calls were in flight at SIGTERM"
+        # A call sent just before the signal may reach the gateway after it: allow 50 ms.
+        before = [c for c in load.calls if c.started < sent - 0.05]
+        assert [c for c in before if c.code != grpc.StatusCode.OK] == []
+        # Once the signal is handled (well within 0.1 s), new calls are refused.
+        after = [c for c in load.calls if c.started > sent + 0.1]
+        assert after, "calls were made after SIGTERM"
+        assert {c.code for c in after} <= {grpc.StatusCode.UNAVAILABLE}
+        assert "gateway stopped" in gateway.log.read_text()
+    finally:
+        gateway.stop()
