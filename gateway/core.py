@@ -34,6 +34,7 @@ from gateway.validation import (
     ACCEPTED_FORMATS,
     AnalyzeOptions,
     ImageLimits,
+    StreamLimit,
     inspect_image,
     validate_image_count,
     validate_options,
@@ -269,8 +270,13 @@ class Analyzer:
         At most ``max_stream_in_flight`` requests are read but not yet answered: the next
         request is read only when one has been answered (flow control). Every problem,
         including an unavailable pipeline, is the error of the request it concerns; the
-        stream goes on.
+        stream goes on, up to its length limits (``max_stream_requests``,
+        ``max_stream_duration_seconds``): past one, reading stops, the requests read are
+        answered, then the call ends with RESOURCE_EXHAUSTED (STREAM_TOO_LONG).
         """
+        limit = StreamLimit(
+            self.settings.max_stream_requests, self.settings.max_stream_duration_seconds
+        )
 
         async def answer(item: StreamItem) -> StreamOutcome:
             try:
@@ -280,8 +286,12 @@ class Analyzer:
                 return StreamOutcome(item.request_id, as_gateway_error(exc))
             return StreamOutcome(item.request_id, result)
 
-        async for outcome in bounded_map(items, answer, self.settings.max_stream_in_flight):
+        async for outcome in bounded_map(
+            limit.read(items), answer, self.settings.max_stream_in_flight
+        ):
             yield outcome
+        if limit.exceeded is not None:
+            raise limit.exceeded
 
     async def _analyze_safe(
         self, image: bytes, options: AnalyzeOptions

@@ -9,9 +9,11 @@ errors raised there are mapped to ``google.rpc.Status`` by
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from typing import overload
 
 import grpc
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 from fashionserve.taxonomy import ScoredLabel, Taxonomy
 from gateway.core import Analyzer, RawOptions, ServingInfo, StreamItem
@@ -32,6 +34,29 @@ def options_from_pb(options: pb.AnalyzeOptions) -> RawOptions:
         include_embeddings=options.include_embeddings,
         include_probability_tables=options.include_probability_tables,
     )
+
+
+class ImageBytes(Sequence[bytes]):
+    """The bytes of a request's repeated ``Image``, read on access. Its length is known at
+    once, so the image count is checked before anything is copied: a message within the
+    size limit can hold millions of empty images."""
+
+    def __init__(self, images: RepeatedCompositeFieldContainer[pb.Image]) -> None:
+        self._images = images
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    @overload
+    def __getitem__(self, index: int) -> bytes: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[bytes]: ...
+
+    def __getitem__(self, index: int | slice) -> bytes | Sequence[bytes]:
+        if isinstance(index, slice):
+            return [image.data for image in self._images[index]]
+        return self._images[index].data
 
 
 # ------------------------------------------------------------------ domain -> protobuf
@@ -137,7 +162,7 @@ class FashionAnalysisServicer(pb_grpc.FashionAnalysisServiceServicer):
     ) -> pb.BatchAnalyzeResponse:
         """Several images; per-image errors are entries, not a failed call."""
         outcomes = await self.analyzer.analyze_batch(
-            [image.data for image in request.images], options_from_pb(request.options)
+            ImageBytes(request.images), options_from_pb(request.options)
         )
         return pb.BatchAnalyzeResponse(
             entries=[

@@ -180,6 +180,23 @@ class GatewaySettings(BaseSettings):
         description="Most requests of one StreamAnalyze call read but not yet answered; the "
         "gateway stops reading the stream until one is answered (flow control).",
     )
+    max_stream_requests: int = Field(
+        100_000,
+        ge=1,
+        le=2**31 - 1,
+        description="Most requests one StreamAnalyze call may carry. The gateway answers "
+        "the requests it has read, then ends the call with RESOURCE_EXHAUSTED "
+        "(STREAM_TOO_LONG); the caller opens a new stream (which may land on another "
+        "gateway replica).",
+    )
+    max_stream_duration_seconds: float = Field(
+        3600.0,
+        gt=0,
+        le=7 * 24 * 3600,
+        description="Longest a StreamAnalyze call may stay open, idle or not. Past it the "
+        "gateway stops reading, answers what it has read, then ends the call with "
+        "RESOURCE_EXHAUSTED (STREAM_TOO_LONG).",
+    )
     request_timeout_seconds: float = Field(
         30.0, gt=0, le=3600, description="Deadline of each ensemble call to Triton."
     )

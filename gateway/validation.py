@@ -11,20 +11,31 @@ decode can see is reported by Triton's preprocess step and mapped back to the im
 
 Every failure is an :class:`~gateway.errors.InvalidArgument` whose reason names the
 problem: EMPTY_IMAGE, IMAGE_TOO_LARGE, NOT_AN_IMAGE, UNSUPPORTED_FORMAT, TOO_MANY_PIXELS,
-CORRUPT_IMAGE, INVALID_OPTION, INVALID_REQUEST_ID, NO_IMAGES, TOO_MANY_IMAGES.
+CORRUPT_IMAGE, INVALID_OPTION, INVALID_REQUEST_ID, NO_IMAGES, TOO_MANY_IMAGES; a stream
+past its length limits (:class:`StreamLimit`) ends with
+:class:`~gateway.errors.ResourceExhausted` STREAM_TOO_LONG.
+
+Animated WebP and PNG are accepted and only their first frame is analysed (Triton's
+preprocess step decodes that frame alone), so the number of frames costs nothing beyond
+the byte limit; GIF is not an accepted format at all.
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
 import math
 import warnings
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 from PIL import Image
 
 from fashionserve.imaging import ALLOWED_FORMATS, sniff_format
-from gateway.errors import InvalidArgument
+from gateway.errors import GatewayError, InvalidArgument, ResourceExhausted
+
+T = TypeVar("T")
 
 ACCEPTED_FORMATS: tuple[str, ...] = tuple(sorted(ALLOWED_FORMATS))
 """The formats the pipeline decodes (shared with Triton's preprocess step)."""
@@ -214,3 +225,49 @@ def validate_image_count(count: int, max_images: int) -> None:
             f"the request holds {count} images, over the limit of {max_images} per call",
             {"imageCount": count, "maxImagesPerBatch": max_images},
         )
+
+
+class StreamLimit:
+    """The length limits of one StreamAnalyze call: at most ``max_requests`` requests and
+    ``max_seconds`` of reading, idle time included.
+
+    :meth:`read` passes the requests on and simply stops when a limit is passed, so that
+    the requests already read are still answered; :attr:`exceeded` then holds the error to
+    end the call with. To tell "exactly ``max_requests``, then the end" from "one too
+    many", one request past the limit is read (and dropped).
+    """
+
+    def __init__(self, max_requests: int, max_seconds: float) -> None:
+        self.max_requests = max_requests
+        self.max_seconds = max_seconds
+        self.exceeded: GatewayError | None = None
+
+    async def read(self, source: AsyncIterator[T]) -> AsyncIterator[T]:
+        """The requests of ``source`` within the limits."""
+        deadline = asyncio.get_running_loop().time() + self.max_seconds
+        count = 0
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    item = await anext(source)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                self.exceeded = ResourceExhausted(
+                    "STREAM_TOO_LONG",
+                    f"the stream was open longer than the limit of {self.max_seconds:g} s; "
+                    "the requests read were answered, open a new stream for the rest",
+                    {"maxStreamDurationSeconds": f"{self.max_seconds:g}"},
+                )
+                return
+            count += 1
+            if count > self.max_requests:
+                self.exceeded = ResourceExhausted(
+                    "STREAM_TOO_LONG",
+                    f"the stream carried more than the limit of {self.max_requests} requests; "
+                    f"the first {self.max_requests} were answered, open a new stream for the "
+                    "rest",
+                    {"maxStreamRequests": self.max_requests},
+                )
+                return
+            yield item

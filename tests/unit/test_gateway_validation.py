@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import struct
+import time
 import zlib
+from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from gateway.errors import InvalidArgument
+from gateway.errors import InvalidArgument, ResourceExhausted
 from gateway.validation import (
     ImageLimits,
+    StreamLimit,
     inspect_image,
     validate_image_count,
     validate_options,
@@ -197,3 +201,41 @@ def test_image_count() -> None:
         with pytest.raises(InvalidArgument) as info:
             validate_image_count(count, 16)
         assert info.value.reason == expected
+
+
+# ------------------------------------------------------------------ stream length
+async def _requests(count: int, pause: float = 0.0) -> AsyncIterator[int]:
+    for i in range(count):
+        if pause:
+            await asyncio.sleep(pause)
+        yield i
+
+
+async def _read_all(limit: StreamLimit, source: AsyncIterator[int]) -> list[int]:
+    return [item async for item in limit.read(source)]
+
+
+@pytest.mark.parametrize("count", [0, 1, 5])
+def test_a_stream_within_its_request_limit_is_read_whole(count: int) -> None:
+    limit = StreamLimit(max_requests=5, max_seconds=60)
+    assert asyncio.run(_read_all(limit, _requests(count))) == list(range(count))
+    assert limit.exceeded is None
+
+
+def test_a_stream_past_its_request_limit_stops_there_and_says_why() -> None:
+    limit = StreamLimit(max_requests=5, max_seconds=60)
+    assert asyncio.run(_read_all(limit, _requests(1000))) == list(range(5))
+    err = limit.exceeded
+    assert isinstance(err, ResourceExhausted)
+    assert (err.reason, err.metadata) == ("STREAM_TOO_LONG", {"maxStreamRequests": "5"})
+
+
+def test_a_stream_past_its_duration_stops_even_while_idle() -> None:
+    limit = StreamLimit(max_requests=1000, max_seconds=0.3)
+    started = time.monotonic()
+    read = asyncio.run(_read_all(limit, _requests(1000, pause=0.2)))
+    assert time.monotonic() - started < 0.6  # not waiting for the next request
+    assert read == [0]
+    err = limit.exceeded
+    assert isinstance(err, ResourceExhausted)
+    assert (err.reason, err.metadata) == ("STREAM_TOO_LONG", {"maxStreamDurationSeconds": "0.3"})
