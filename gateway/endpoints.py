@@ -76,19 +76,21 @@ class RetryBudget:
     """
 
     def __init__(self, ratio: float, burst: int) -> None:
-        self.ratio = ratio
-        self.burst = float(burst)
-        self.tokens = float(burst)
+        # Thousandths of a token, in integers as gRPC counts them: five calls at 0.2 must
+        # make a whole token, which float sums can miss.
+        self._earned = round(ratio * 1000)
+        self._capacity = burst * 1000
+        self._tokens = self._capacity
 
     def earn(self) -> None:
         """Record a first attempt."""
-        self.tokens = min(self.burst, self.tokens + self.ratio)
+        self._tokens = min(self._capacity, self._tokens + self._earned)
 
     def spend(self) -> bool:
         """Take a token for a retry; False when the budget is spent."""
-        if self.tokens < 1.0:
+        if self._tokens < 1000:
             return False
-        self.tokens -= 1.0
+        self._tokens -= 1000
         return True
 
 
