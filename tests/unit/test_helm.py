@@ -489,9 +489,11 @@ def test_gateway_config_is_accepted_by_the_gateway(render: Render, name: str) ->
     assert mount["mountPath"] == "/etc/fashionserve/gateway.yaml"
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert settings.listen_address == f"0.0.0.0:{ports['grpc']}"
-    # Triton's address is its headless Service, on the gRPC port.
+    # Triton's address is its headless Service, on the gRPC port, resolved to every pod.
     service = one(manifests, "Service", "triton")
-    host, port = settings.triton_url.rsplit(":", 1)
+    [target] = settings.triton_urls
+    host, port = target.removeprefix("dns:///").rsplit(":", 1)
+    assert target.startswith("dns:///")
     assert host == f"{service['metadata']['name']}.{NAMESPACE}.svc.cluster.local"
     assert service["spec"]["clusterIP"] == "None"
     assert int(port) in [p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc"]

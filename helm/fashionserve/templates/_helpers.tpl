@@ -153,7 +153,8 @@ mount paths, the grace period).
 {{- define "fashionserve.gateway.configFile" -}}
 {{- $cfg := deepCopy .Values.gateway.config -}}
 {{- $_ := set $cfg "listen_address" (printf "0.0.0.0:%d" (int .Values.gateway.ports.grpc)) -}}
-{{- $_ = set $cfg "triton_url" (include "fashionserve.triton.grpcAddress" .) -}}
+{{- /* dns:///: every ready Triton pod behind the headless Service is an endpoint. */ -}}
+{{- $_ = set $cfg "triton_urls" (list (printf "dns:///%s" (include "fashionserve.triton.grpcAddress" .))) -}}
 {{- if .Values.gateway.metrics.enabled -}}
 {{- $_ = set $cfg "metrics_port" (int .Values.gateway.ports.metrics) -}}
 {{- end -}}
