@@ -174,7 +174,7 @@ class AsyncFashionClient:
         timeout: float | None,
         response_type: type[T],
     ) -> T:
-        """Call ``method`` with retries of UNAVAILABLE inside one overall deadline."""
+        """Call ``method`` with retries (:mod:`clients.retry`) inside one overall deadline."""
         state = self.retry_policy.start(timeout if timeout is not None else self.timeout)
         while True:
             try:
@@ -183,9 +183,10 @@ class AsyncFashionClient:
                 )
                 return response
             except grpc.aio.AioRpcError as err:
-                delay = state.next_delay(err.code())
+                failure = FashionServeError.from_rpc_error(err, state.attempts)
+                delay = state.next_delay(failure.code, failure.retry_delay)
                 if delay is None:
-                    raise FashionServeError.from_rpc_error(err, state.attempts) from None
+                    raise failure from None
                 await asyncio.sleep(delay)
 
 

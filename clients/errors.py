@@ -28,7 +28,9 @@ class FashionServeError(Exception):
             come from the gateway (a connection refused, a deadline passed on the client).
         domain: the ``ErrorInfo`` domain, ``"fashionserve"`` for the gateway's errors.
         metadata: the ``ErrorInfo`` metadata (lowerCamel keys).
-        attempts: how many attempts were made (more than one when UNAVAILABLE was retried).
+        attempts: how many attempts were made (more than one when the call was retried).
+        retry_delay: seconds the server asked to wait before retrying (its
+            ``google.rpc.RetryInfo``, sent with quota and overload refusals), else None.
     """
 
     def __init__(
@@ -40,6 +42,7 @@ class FashionServeError(Exception):
         domain: str = "",
         metadata: Mapping[str, str] | None = None,
         attempts: int = 1,
+        retry_delay: float | None = None,
     ) -> None:
         self.code = code
         self.message = message
@@ -47,6 +50,7 @@ class FashionServeError(Exception):
         self.domain = domain
         self.metadata: dict[str, str] = dict(metadata or {})
         self.attempts = attempts
+        self.retry_delay = retry_delay
         super().__init__(str(self))
 
     @property
@@ -65,6 +69,7 @@ class FashionServeError(Exception):
         code: grpc.StatusCode = call.code()
         message: str = call.details() or ""
         reason, domain, metadata = "", "", {}
+        retry_delay: float | None = None
         try:
             status = rpc_status.from_call(call)
         except ValueError:
@@ -77,8 +82,19 @@ class FashionServeError(Exception):
                     info = error_details_pb2.ErrorInfo()
                     detail.Unpack(info)
                     reason, domain, metadata = info.reason, info.domain, dict(info.metadata)
-                    break
-        return cls(code, message, reason, domain=domain, metadata=metadata, attempts=attempts)
+                elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                    retry = error_details_pb2.RetryInfo()
+                    detail.Unpack(retry)
+                    retry_delay = retry.retry_delay.ToNanoseconds() / 1e9
+        return cls(
+            code,
+            message,
+            reason,
+            domain=domain,
+            metadata=metadata,
+            attempts=attempts,
+            retry_delay=retry_delay,
+        )
 
     @classmethod
     def from_item_error(cls, error: ItemError) -> FashionServeError:

@@ -2,7 +2,9 @@
 
 Only UNAVAILABLE is retried by default: it means the request did not reach a gateway that
 could serve it (a restart, a connection reset, a load balancer draining a pod), and every
-fashion.v1 call is read-only, so sending it again is safe. Waits grow exponentially with
+fashion.v1 call is read-only, so sending it again is safe. RESOURCE_EXHAUSTED is retried
+when the gateway said when (a ``google.rpc.RetryInfo``: a quota or overload refusal), and
+never sooner than that; without one (a message too large) it is final. Waits grow exponentially with
 jitter so that many clients cut off together do not come back together, and no wait ever
 runs past the call's deadline: the deadline bounds the whole call, retries included.
 """
@@ -73,9 +75,10 @@ class RetryState:
             try:
                 return stub.Method(request, timeout=state.remaining())
             except grpc.RpcError as err:
-                delay = state.next_delay(err.code())
+                failure = FashionServeError.from_rpc_error(err, state.attempts)
+                delay = state.next_delay(failure.code, failure.retry_delay)
                 if delay is None:
-                    raise FashionServeError.from_rpc_error(err, state.attempts)
+                    raise failure
                 time.sleep(delay)
     """
 
@@ -94,15 +97,24 @@ class RetryState:
         # grpc treats a timeout of 0 as "already expired", which is what we want here.
         return max(0.0, self.deadline - self._clock())
 
-    def next_delay(self, code: grpc.StatusCode | None) -> float | None:
+    def next_delay(
+        self, code: grpc.StatusCode | None, retry_after: float | None = None
+    ) -> float | None:
         """How long to wait before the next attempt, or ``None`` to give up now.
 
-        Gives up when ``code`` is not retryable, when the attempts are used up, or when the
-        wait would end at or past the deadline (the next attempt would have no time left).
+        ``retry_after`` is the server's ``RetryInfo`` delay, if it sent one: it makes
+        RESOURCE_EXHAUSTED retryable and is the least wait. Gives up when ``code`` is not
+        retryable, when the attempts are used up, or when the wait would end at or past the
+        deadline (the next attempt would have no time left).
         """
-        if code not in self.policy.retryable or self.attempts >= self.policy.max_attempts:
+        told = retry_after is not None and code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        if not (told or code in self.policy.retryable):
+            return None
+        if self.attempts >= self.policy.max_attempts:
             return None
         delay = self.policy.backoff(self.attempts)
+        if told and retry_after is not None:
+            delay = max(delay, retry_after)
         left = self.remaining()
         if left is not None and delay >= left:
             return None

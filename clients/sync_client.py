@@ -189,14 +189,15 @@ class FashionClient:
         timeout: float | None,
         response_type: type[T],
     ) -> T:
-        """Call ``method`` with retries of UNAVAILABLE inside one overall deadline."""
+        """Call ``method`` with retries (:mod:`clients.retry`) inside one overall deadline."""
         state = self.retry_policy.start(timeout if timeout is not None else self.timeout)
         while True:
             try:
                 response: T = method(request, timeout=state.remaining(), metadata=self._metadata)
                 return response
             except grpc.RpcError as err:
-                delay = state.next_delay(err.code())
+                failure = FashionServeError.from_rpc_error(err, state.attempts)
+                delay = state.next_delay(failure.code, failure.retry_delay)
                 if delay is None:
-                    raise FashionServeError.from_rpc_error(err, state.attempts) from None
+                    raise failure from None
                 time.sleep(delay)
