@@ -10,16 +10,24 @@ is touched:
 3. parity: PyTorch and ONNX Runtime on the same real inputs (rendered garment images,
    preprocessed as serving does) at batch sizes 1 and 8, per-output tolerances
    (:func:`export.parity.default_checks`); a divergence raises :class:`ParityError`;
-4. publish ``model.onnx``, ``model.py`` (the python-ort ONNX Runtime runner) and
-   ``manifest.json`` as the next numbered version (:mod:`export.publish`).
-
-A TensorRT target will add an engine build after step 3 and a second
-:func:`export.parity.check_parity` with ONNX Runtime as the reference.
+4. with ``target="tensorrt"``: build an engine with the TensorRT Python API
+   (:mod:`export.tensorrt`: FP16 or FP32, one optimisation profile over the batch range of
+   the model's Triton config, a timing cache) and prove its parity against ONNX Runtime on
+   the same inputs (:func:`export.parity.engine_checks`); a divergence raises
+   :class:`ParityError`. :func:`trtexec_for_version` gives the equivalent ``trtexec``
+   command instead, for a build job in the TensorRT image;
+5. the taxonomy compatibility check against the served version (:mod:`export.compat`):
+   removing or renaming a label callers may depend on is refused unless ``force``;
+6. publish ``model.onnx``, ``model.py`` (the python-ort ONNX Runtime runner), the engine
+   if built and ``manifest.json`` as the next numbered version (:mod:`export.publish`).
+   Publishing does not change what Triton serves: ``fashionserve repo versions rollout``
+   does (:mod:`model_repository.versions`).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import logging
 import platform
 import sys
@@ -30,29 +38,49 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from export.compat import check_compatible
 from export.parity import (
     DEFAULT_BATCH_SIZES,
     IO_NAMES,
     OnnxRuntimeRunner,
     ParityError,
     ParityReport,
+    TensorRTRunner,
     TorchRunner,
     check_parity,
     default_checks,
+    engine_checks,
     parity_inputs,
 )
-from export.publish import publish_version
+from export.publish import MANIFEST, publish_version
+from export.tensorrt import (
+    EngineInfo,
+    Precision,
+    build_engine,
+    default_profile,
+    engine_filename,
+    gpu_identity,
+    import_tensorrt,
+    trtexec_command,
+)
 from fashionserve.checkpoint import Checkpoint, file_sha256, load_checkpoint
 
 if TYPE_CHECKING:
     import onnx
     import torch
 
-__all__ = ["ExportError", "ParityError", "export_checkpoint", "export_onnx", "inspect_onnx"]
+__all__ = [
+    "ExportError",
+    "ParityError",
+    "export_checkpoint",
+    "export_onnx",
+    "inspect_onnx",
+    "trtexec_for_version",
+]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +92,10 @@ BATCH_AXIS = "batch"
 PREPROCESS = {"detector": "letterbox", "tagger": "square_crop", "embedder": "square_crop"}
 _ONNX_DTYPES = {1: "float32", 6: "int32", 7: "int64", 10: "float16", 11: "float64", 9: "bool"}
 _EXPECTED_DTYPES = {"classes": "int32"}  # every other input and output is float32
+Target = Literal["onnx", "tensorrt"]
+# The engine file a trtexec build job writes when no compute capability is given: what the
+# tensorrt flavour's config loads by default (default_model_filename).
+DEFAULT_ENGINE_FILE = "model.plan"
 
 
 class ExportError(RuntimeError):
@@ -97,14 +129,29 @@ def export_checkpoint(
     data: Path | None = None,
     batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
     echo: Callable[[str], None] | None = print,
+    target: Target = "onnx",
+    precision: Precision = "fp16",
+    timing_cache: Path | None = None,
+    max_batch: int | None = None,
+    force: bool = False,
 ) -> Path:
     """Export ``checkpoint`` as the next version of ``<repository>/<model_name>``.
 
     ``model_name`` defaults to the checkpoint kind. Parity inputs are rendered with the
     synthetic generator (fixed seed) unless ``data`` names a data set directory. The
-    parity table goes to ``echo`` (stdout by default). Returns the published version
-    directory. Raises :class:`ParityError` (nothing published) when ONNX Runtime
-    diverges from PyTorch, :class:`ExportError` when the ONNX graph is invalid.
+    parity table goes to ``echo`` (stdout by default).
+
+    ``target="tensorrt"`` also builds an engine at ``precision`` for the local GPU, with
+    an optimisation profile over batch 1..``max_batch`` (default: the ``max_batch_size``
+    of the model's config in the repository, else the repository defaults) and the
+    ``timing_cache`` file (:func:`trtexec_for_version` gives the equivalent ``trtexec``
+    command for a version exported without it). ``force`` publishes even when the
+    taxonomy breaks callers of the served version. Returns the published version directory.
+
+    Raises :class:`ParityError` (nothing published) when a runtime diverges,
+    :class:`ExportError` when the ONNX graph is invalid,
+    :class:`export.compat.IncompatibleTaxonomy` when the taxonomy breaks callers,
+    :class:`export.tensorrt.TensorRTError` when the engine cannot be built.
     """
     started = time.perf_counter()
     checkpoint = Path(checkpoint)
@@ -117,8 +164,18 @@ def export_checkpoint(
     if height != width:
         raise ExportError(f"{checkpoint}: input size {height}x{width} is not square")
     input_names, output_names = IO_NAMES[ckpt.kind]
+    model_dir = Path(repository) / name
+    served = served_manifest(model_dir)
+    if target == "tensorrt":
+        import_tensorrt()  # fail before minutes of work, not after
+        gpu_identity()
     model = ckpt.build_model()
     runner_py = runner_source()
+    profile = default_profile(
+        input_names[0],
+        (3, height, width),
+        max_batch or config_max_batch(Path(repository), name, ckpt.kind),
+    )
 
     timings: dict[str, float] = {}
     t = time.perf_counter()
@@ -144,6 +201,27 @@ def export_checkpoint(
             echo(f"{name} ({ckpt.kind}, {checkpoint})\n{report.table()}")
         report.raise_for_failure()
 
+        files: dict[str, Path] = {"model.onnx": onnx_path, "model.py": runner_py}
+        engine: dict[str, Any] | None = None
+        if target == "tensorrt":
+            t = time.perf_counter()
+            info_trt, trt_report = _engine(
+                onnx_path,
+                ckpt.kind,
+                profile,
+                precision,
+                timing_cache,
+                inputs.batches(
+                    input_names[0], [b for b in batch_sizes if b <= profile.max_batch] or [1]
+                ),
+            )
+            timings["tensorrt_s"] = time.perf_counter() - t
+            if echo is not None:
+                echo(trt_report.table())
+            trt_report.raise_for_failure()
+            files[info_trt.file] = onnx_path.parent / info_trt.file
+            engine = {**info_trt.to_dict(), "parity": trt_report.to_dict()}
+
         t = time.perf_counter()
         if file_sha256(checkpoint) != ckpt_sha:
             # The manifest must name the bytes that were exported, nothing else.
@@ -151,7 +229,7 @@ def export_checkpoint(
 
         def manifest(version: int, artifacts: dict[str, dict[str, Any]]) -> dict[str, Any]:
             timings["total_s"] = time.perf_counter() - started
-            return build_manifest(
+            doc = build_manifest(
                 ckpt,
                 name=name,
                 version=version,
@@ -164,12 +242,15 @@ def export_checkpoint(
                 inputs_source=inputs.source,
                 timings={k: round(v, 3) for k, v in timings.items()},
             )
+            if engine is not None:
+                doc["tensorrt"] = {"engines": [engine]}
+            return doc
 
-        version_dir = publish_version(
-            Path(repository) / name,
-            {"model.onnx": onnx_path, "model.py": runner_py},
-            manifest,
-        )
+        # Compared with the manifest the candidate will have (its taxonomy section only).
+        changes = check_compatible(served, manifest(0, {}), force=force)
+        if changes is not None and echo is not None and (changes.breaking or changes.added):
+            echo(f"taxonomy against the served version:\n{changes.summary()}")
+        version_dir = publish_version(model_dir, files, manifest)
     log.info(
         "published %s in %.1fs (inputs %.1fs, export %.1fs, parity %.1fs, publish %.1fs)",
         version_dir,
@@ -182,6 +263,84 @@ def export_checkpoint(
     if echo is not None:
         echo(f"published {version_dir}")
     return version_dir
+
+
+def trtexec_for_version(
+    version_dir: Path,
+    precision: Precision = "fp16",
+    *,
+    compute_capability: str | None = None,
+    max_batch: int | None = None,
+    timing_cache: Path | None = None,
+) -> list[str]:
+    """The ``trtexec`` command that builds the engine of a published version, the same
+    engine as ``export --target tensorrt`` (profile from the model's config, precision,
+    timing cache). The engine is named for ``compute_capability`` when given (one version
+    can hold engines for several GPU types), else ``model.plan``. Needs no TensorRT."""
+    manifest = json.loads((version_dir / MANIFEST).read_text())
+    kind = manifest["model"]["kind"]
+    name = manifest["model"]["name"]
+    inp = manifest["input"]
+    profile = default_profile(
+        IO_NAMES[kind][0][0],
+        (3, int(inp["height"]), int(inp["width"])),
+        max_batch or config_max_batch(version_dir.parent.parent, name, kind),
+    )
+    engine = engine_filename(compute_capability) if compute_capability else DEFAULT_ENGINE_FILE
+    return trtexec_command(
+        version_dir / "model.onnx", version_dir / engine, profile, precision, timing_cache
+    )
+
+
+def _engine(
+    onnx_path: Path,
+    kind: str,
+    profile: Any,
+    precision: Precision,
+    timing_cache: Path | None,
+    batches: Sequence[dict[str, np.ndarray]],
+) -> tuple[EngineInfo, ParityReport]:
+    """Build the engine next to ``onnx_path`` and compare it with ONNX Runtime."""
+    compute_capability, _ = gpu_identity()
+    plan = onnx_path.parent / engine_filename(compute_capability)
+    info = build_engine(onnx_path, plan, profile, precision, timing_cache)
+    report = check_parity(
+        OnnxRuntimeRunner(onnx_path),
+        TensorRTRunner(plan, name=f"tensorrt-{info.tensorrt_version}-{precision}"),
+        batches,
+        engine_checks(kind, precision),
+    )
+    return info, report
+
+
+def served_manifest(model_dir: Path) -> dict[str, Any] | None:
+    """The manifest of the version Triton serves (the ``version_policy`` of the model's
+    config when it names versions, else the newest), or ``None`` before the first."""
+    from model_repository.versions import served_version
+
+    version = served_version(model_dir)
+    if version is None:
+        return None
+    path = model_dir / str(version) / MANIFEST
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def config_max_batch(repository: Path, name: str, kind: str) -> int:
+    """The ``max_batch_size`` the engine's profile must cover: the model's Triton config
+    if it has one (Triton refuses a plan whose profile does not cover it), else what
+    ``repo build`` would write by default."""
+    from model_repository.build import RepositorySettings, read_config
+
+    config = read_config(repository / name)
+    if config is not None and config.max_batch_size > 0:
+        return int(config.max_batch_size)
+    defaults = RepositorySettings()
+    if kind == "detector":
+        return defaults.max_images_per_request
+    return defaults.max_crops_per_request
 
 
 # ----------------------------------------------------------------------------- ONNX

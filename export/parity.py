@@ -1,11 +1,11 @@
 """Parity: do two runtimes compute the same model on the same real inputs?
 
 A *runner* is anything that maps named input arrays to named output arrays (PyTorch eager,
-ONNX Runtime, and later a TensorRT engine). :func:`check_parity` feeds a reference runner
+ONNX Runtime, a TensorRT engine). :func:`check_parity` feeds a reference runner
 and a candidate runner the same batches and measures each output against its tolerance;
 the tolerances per model kind come from :func:`default_checks`. Export uses PyTorch as the
-reference and ONNX Runtime as the candidate; the TensorRT build will reuse the same
-function with ONNX Runtime as the reference.
+reference and ONNX Runtime as the candidate; the TensorRT build reuses the same function
+with ONNX Runtime as the reference (:func:`engine_checks`).
 
 The inputs are real: garment images rendered by the seeded synthetic generator (or read
 from a data set directory), passed through exactly the preprocessing serving uses
@@ -117,6 +117,56 @@ class OnnxRuntimeRunner:
         feeds = {k: np.ascontiguousarray(v) for k, v in inputs.items()}
         values = self.session.run(self.output_names, feeds)
         return {n: np.asarray(v) for n, v in zip(self.output_names, values, strict=True)}
+
+
+class TensorRTRunner:
+    """A serialized engine executed on CUDA device 0 (a parity runner).
+
+    Device buffers are PyTorch CUDA tensors, so no other CUDA binding is needed.
+    """
+
+    def __init__(self, engine_path: Path, name: str | None = None) -> None:
+        import torch
+
+        from export.tensorrt import TensorRTError, import_tensorrt
+
+        trt = import_tensorrt()
+        self._torch = torch
+        self._trt = trt
+        self.name = name or f"tensorrt-{trt.__version__}"
+        self.engine_path = engine_path
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
+        if self.engine is None:
+            raise TensorRTError(f"{engine_path}: TensorRT could not deserialize the engine")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if n not in self.inputs]
+
+    def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from export.tensorrt import TensorRTError
+
+        torch, trt = self._torch, self._trt
+        keep: list[Any] = []  # device buffers must outlive the execution
+        for name in self.inputs:
+            dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
+            tensor = torch.from_numpy(np.ascontiguousarray(inputs[name], dtype=dtype)).cuda()
+            keep.append(tensor)
+            self.context.set_input_shape(name, tuple(tensor.shape))
+            self.context.set_tensor_address(name, tensor.data_ptr())
+        outputs: dict[str, Any] = {}
+        for name in self.outputs:
+            dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
+            shape = tuple(self.context.get_tensor_shape(name))
+            tensor = torch.from_numpy(np.empty(shape, dtype)).cuda()
+            outputs[name] = tensor
+            self.context.set_tensor_address(name, tensor.data_ptr())
+        stream = torch.cuda.current_stream()
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise TensorRTError(f"{self.name}: engine execution failed")
+        stream.synchronize()
+        return {n: t.cpu().numpy() for n, t in outputs.items()}
 
 
 # -------------------------------------------------------------------------- measurements
@@ -440,6 +490,29 @@ def default_checks(kind: str) -> list[Comparator]:
         return [max_abs("logits", 1e-3)]
     if kind == "embedder":
         return [min_cosine("embedding", 0.9999)]
+    raise ValueError(f"unknown model kind {kind!r}")
+
+
+# TensorRT against ONNX Runtime: FP16 halves the mantissa, and even an FP32 engine may use
+# TF32 tensor cores (10-bit mantissa inputs) for convolutions on Ampere and newer.
+_ENGINE_TOLERANCES: dict[str, dict[str, float]] = {
+    "fp32": {"box_px": 0.5, "score": 5e-3, "logit": 1e-2, "cosine": 0.9995},
+    "fp16": {"box_px": 2.0, "score": 2e-2, "logit": 5e-2, "cosine": 0.998},
+}
+
+
+def engine_checks(kind: str, precision: str) -> list[Comparator]:
+    """The tolerances of a TensorRT engine against ONNX Runtime on the same inputs.
+
+    Classes stay exact outside score ties (the tie groups follow the measured noise).
+    """
+    tol = _ENGINE_TOLERANCES[precision]
+    if kind == "detector":
+        return [detections(tol["box_px"], tol["score"], class_mismatches=0)]
+    if kind == "tagger":
+        return [max_abs("logits", tol["logit"])]
+    if kind == "embedder":
+        return [min_cosine("embedding", tol["cosine"])]
     raise ValueError(f"unknown model kind {kind!r}")
 
 

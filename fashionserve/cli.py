@@ -33,12 +33,50 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from export.exporter import ExportError, ParityError, export_checkpoint
+    from export.compat import IncompatibleTaxonomy
+    from export.exporter import ExportError, ParityError, export_checkpoint, trtexec_for_version
+    from export.publish import PublishError
+    from export.tensorrt import TensorRTError, format_command
     from fashionserve.checkpoint import CheckpointError
+    from model_repository.build import RepositoryError
 
+    if args.trtexec_command and args.target != "tensorrt":
+        print("error: --trtexec-command goes with --target tensorrt", file=sys.stderr)
+        return 2
+    # --trtexec-command: publish the ONNX version here, build the engine in the TensorRT
+    # image with the printed command (no TensorRT needed on this machine).
+    build_here = args.target == "tensorrt" and not args.trtexec_command
     try:
-        export_checkpoint(args.checkpoint, args.repository, model_name=args.model_name)
-    except (ParityError, ExportError, CheckpointError) as exc:
+        version_dir = export_checkpoint(
+            args.checkpoint,
+            args.repository,
+            model_name=args.model_name,
+            target="tensorrt" if build_here else "onnx",
+            precision=args.precision,
+            timing_cache=args.timing_cache,
+            max_batch=args.max_batch,
+            force=args.force,
+            # The command goes to stdout alone, for scripts; the parity table to stderr.
+            echo=(lambda s: print(s, file=sys.stderr)) if args.trtexec_command else print,
+        )
+        if args.trtexec_command:
+            command = trtexec_for_version(
+                version_dir,
+                args.precision,
+                compute_capability=args.compute_capability,
+                max_batch=args.max_batch,
+                timing_cache=args.timing_cache,
+            )
+            print(format_command(command))
+    except (
+        ParityError,
+        ExportError,
+        CheckpointError,
+        IncompatibleTaxonomy,
+        TensorRTError,
+        PublishError,
+        RepositoryError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -56,6 +94,7 @@ def _repo_build(args: argparse.Namespace) -> int:
         crop_instances=args.crop_instances,
         model_instances=args.model_instances,
         max_queue_delay_microseconds=args.max_queue_delay_microseconds,
+        engine_files=dict(args.engine or []),
     )
     try:
         build_repository(args.repository, settings)
@@ -63,6 +102,57 @@ def _repo_build(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _versions(args: argparse.Namespace) -> int:
+    import json
+
+    from export.compat import IncompatibleTaxonomy
+    from model_repository import ONNX_MODELS
+    from model_repository import versions as v
+    from model_repository.build import RepositoryError
+
+    echo = print
+    try:
+        if args.versions_command == "list":
+            infos = [
+                i for m in (args.model or ONNX_MODELS) for i in v.list_versions(args.repository, m)
+            ]
+            if args.json:
+                print(json.dumps([i.to_dict() for i in infos], indent=2))
+            else:
+                print(v.format_versions(infos))
+            return 0
+        if args.versions_command == "prune":
+            removed = v.prune(args.repository, args.model, args.keep)
+            print(f"{args.model}: removed {', '.join(map(str, removed)) or 'nothing'}")
+            return 0
+        live = {"triton_url": args.triton, "drain_seconds": args.drain_seconds}
+        if args.versions_command == "rollback":
+            switch = v.rollback(args.repository, args.model, force=args.force, echo=echo, **live)
+        else:
+            switch = v.rollout(
+                args.repository,
+                args.model,
+                args.version,
+                pin=args.versions_command == "pin",
+                force=args.force,
+                echo=echo,
+                **live,
+            )
+    except (RepositoryError, IncompatibleTaxonomy) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    where = f"; Triton {args.triton} switched" if switch.applied_to_triton else ""
+    print(f"{switch.model}: serving version {switch.new} (was {switch.old}){where}")
+    return 0
+
+
+def _engine_file(text: str) -> tuple[str, str]:
+    cc, sep, name = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected CC=FILE, e.g. 8.6=model.sm86.plan")
+    return cc, name
 
 
 def _triton(args: argparse.Namespace) -> int:
@@ -74,6 +164,7 @@ def _triton(args: argparse.Namespace) -> int:
         http_port=args.http_port,
         metrics_port=args.metrics_port,
         ready_timeout=args.ready_timeout,
+        model_control_mode=args.model_control_mode,
     )
 
 
@@ -146,10 +237,41 @@ def build_parser() -> argparse.ArgumentParser:
         help="fraction of the standard training schedule (0.05 for a smoke run)",
     )
 
-    p = command("export", _export, "export a checkpoint to ONNX as a new model version")
+    p = command("export", _export, "export a checkpoint as a new model version (ONNX, engine)")
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--repository", type=Path, required=True)
     p.add_argument("--model-name", help="model name in the repository (default: its kind)")
+    p.add_argument(
+        "--target",
+        choices=["onnx", "tensorrt"],
+        default="onnx",
+        help="tensorrt also builds an engine for this GPU (TensorRT Python API) and proves "
+        "its parity against ONNX Runtime",
+    )
+    p.add_argument("--precision", choices=["fp16", "fp32"], default="fp16", help="engine precision")
+    p.add_argument(
+        "--trtexec-command",
+        action="store_true",
+        help="with --target tensorrt: publish the ONNX version and print the equivalent "
+        "trtexec command instead of building here (for a build job in the TensorRT image)",
+    )
+    p.add_argument(
+        "--compute-capability",
+        metavar="MAJOR.MINOR",
+        help="with --trtexec-command: name the engine for this GPU type (model.smXY.plan); "
+        "default model.plan",
+    )
+    p.add_argument("--timing-cache", type=Path, help="TensorRT timing cache file (read, extended)")
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        help="top of the engine's batch profile (default: max_batch_size of the model's config)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="publish even if the taxonomy removes or renames labels of the served version",
+    )
 
     repo = sub.add_parser("repo", help="the Triton model repository").add_subparsers(
         dest="repo_command", required=True, metavar="COMMAND"
@@ -164,6 +286,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop-instances", type=int, default=1)
     p.add_argument("--model-instances", type=int, default=1)
     p.add_argument("--max-queue-delay-microseconds", type=int, default=2000)
+    p.add_argument(
+        "--engine",
+        type=_engine_file,
+        action="append",
+        metavar="CC=FILE",
+        help="tensorrt: engine file for a compute capability (cc_model_filenames), repeatable",
+    )
+
+    versions = repo.add_parser(
+        "versions", help="published versions: list, roll out, pin, roll back, prune"
+    ).add_subparsers(dest="versions_command", required=True, metavar="COMMAND")
+    p = command("list", _versions, "each version with its manifest summary", versions)
+    p.add_argument("--repository", type=Path, required=True)
+    p.add_argument("--model", action="append", help="detector, tagger or embedder (repeatable)")
+    p.add_argument("--json", action="store_true")
+    for name, text in (
+        ("rollout", "serve the newest version (removes a pin)"),
+        ("pin", "serve one version and keep it until unpinned by a rollout"),
+        ("rollback", "pin the version before the served one"),
+    ):
+        p = command(name, _versions, text, versions)
+        p.add_argument("--repository", type=Path, required=True)
+        p.add_argument("--model", required=True, choices=["detector", "tagger", "embedder"])
+        if name == "pin":
+            p.add_argument("--version", type=int, required=True)
+        elif name == "rollout":
+            p.set_defaults(version=None)
+        p.add_argument(
+            "--force",
+            action="store_true",
+            help="switch even if labels of the served taxonomy are removed or renamed",
+        )
+        p.add_argument(
+            "--triton",
+            metavar="HOST:PORT",
+            help="also switch this running Triton (--model-control-mode=explicit) without "
+            "failing a call",
+        )
+        p.add_argument(
+            "--drain-seconds",
+            type=float,
+            default=5.0,
+            help="with --triton: time requests on the old version get before it is unloaded",
+        )
+    p = command("prune", _versions, "remove old versions (never the served or pinned)", versions)
+    p.add_argument("--repository", type=Path, required=True)
+    p.add_argument("--model", required=True, choices=["detector", "tagger", "embedder"])
+    p.add_argument("--keep", type=int, required=True, help="newest versions to keep")
 
     p = command("triton", _triton, "serve a model repository with Triton (foreground)")
     p.add_argument("--repository", type=Path, required=True)
@@ -171,6 +341,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument("--ready-timeout", type=float, default=120.0, help="seconds")
+    p.add_argument(
+        "--model-control-mode",
+        choices=["none", "explicit"],
+        default="none",
+        help="explicit: models can be reloaded over Triton's API, for `repo versions ... "
+        "--triton` (keep Triton's ports private: the API loads model code)",
+    )
 
     p = command("evaluate", _evaluate, "measure quality through the served ensemble")
     p.add_argument("--data", type=Path, required=True, help="a `data synth` directory")

@@ -36,9 +36,11 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import IO
+from typing import IO, Literal
 
 LOG = logging.getLogger(__name__)
+
+ModelControlMode = Literal["none", "explicit"]
 
 STUB_NAME = "triton_python_backend_stub"
 SHM_DIR = Path("/dev/shm")
@@ -196,7 +198,8 @@ class TritonServer:
     ``log_file`` receives Triton's whole log; with ``echo`` each line is also written to
     stderr prefixed with ``log_prefix``. ``kill_with_parent`` asks Linux to SIGTERM Triton
     if the thread that started it dies (keep it for tests and the CLI; turn it off when
-    starting from a short-lived worker thread).
+    starting from a short-lived worker thread). ``model_control_mode="explicit"`` lets a
+    rollout reload models in the running server (``fashionserve repo versions --triton``).
     """
 
     def __init__(
@@ -215,6 +218,7 @@ class TritonServer:
         stop_timeout: float = 30.0,
         extra_args: Sequence[str] = (),
         kill_with_parent: bool = True,
+        model_control_mode: ModelControlMode = "none",
     ) -> None:
         self.repository = Path(repository).resolve()
         self.host = host
@@ -229,6 +233,7 @@ class TritonServer:
         self.stop_timeout = stop_timeout
         self.extra_args = list(extra_args)
         self.kill_with_parent = kill_with_parent
+        self.model_control_mode = model_control_mode
         # Unique per server so stop() can tell its own shared-memory regions from others'.
         self.shm_prefix = f"fashionserve-{os.getpid()}-{uuid.uuid4().hex[:8]}-"
         self.process: subprocess.Popen[bytes] | None = None
@@ -283,8 +288,11 @@ class TritonServer:
             f"--metrics-port={self.metrics_port}",
             # Not ready until every model is: a client never meets a half-loaded ensemble.
             "--strict-readiness=true",
-            # No model loading over the API: Triton runs model code unsandboxed.
-            "--model-control-mode=none",
+            # none (the default): no model loading over the API, Triton runs model code
+            # unsandboxed. explicit: `fashionserve repo versions --triton` reloads models
+            # to roll a version out; every model is loaded at start.
+            f"--model-control-mode={self.model_control_mode}",
+            *(["--load-model=*"] if self.model_control_mode == "explicit" else []),
             "--exit-on-error=true",
             # Configs are generated complete; do not let backends guess.
             "--disable-auto-complete-config",
@@ -494,6 +502,7 @@ def run_triton(
     metrics_port: int = 8002,
     ready_timeout: float = 120.0,
     host: str = "127.0.0.1",
+    model_control_mode: ModelControlMode = "none",
 ) -> int:
     """Serve ``repository`` in the foreground until Ctrl-C or SIGTERM; return an exit code.
 
@@ -518,6 +527,7 @@ def run_triton(
         host=host,
         echo=True,
         ready_timeout=ready_timeout,
+        model_control_mode=model_control_mode,
     )
     try:
         try:

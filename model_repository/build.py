@@ -12,16 +12,33 @@ and ``manifest.json``) for the detector, tagger and embedder. :func:`build_repos
 Configs come from the ``.pbtxt`` templates next to this file (``string.Template``); the
 flavour only changes the block that names the backend, so the three flavours share one
 template. Each model is written aside and renamed into place.
+
+Versions: each exported model serves exactly one version, named in its config's
+``version_policy { specific }`` and in the ensemble step that calls it (never ``-1``). So
+a version published later changes nothing until it is rolled out
+(:mod:`model_repository.versions`), a restarted Triton serves what the ensemble expects,
+and the ensemble's parameters (taxonomy, artifact hashes) always describe the versions it
+calls. The served version is the pinned one (``pinned.json`` beside the versions) or else
+the newest.
+
+Warm-up: every model but the ensemble gets ``model_warmup`` with a real sample (a rendered
+garment scene: its JPEG bytes for preprocess, letterboxed for the detector, a garment crop
+for the tagger and embedder) in ``<model>/warmup/``, so Triton runs each model once while
+loading and the first caller does not pay for lazy initialisation (TensorRT's execution
+context, ONNX Runtime's first-run allocations, python imports).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
+import re
 import shutil
 import string
+import struct
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,7 +47,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from fashionserve.imaging import DEFAULT_MAX_PIXELS
+from fashionserve.imaging import DEFAULT_MAX_PIXELS, decode_image, square_crop
 from model_repository import CROP, DETECTOR, EMBEDDER, ENSEMBLE, PREPROCESS, TAGGER
 from model_repository.python_models import CROP_MODEL, ORT_RUNNER, PREPROCESS_MODEL
 
@@ -46,6 +63,11 @@ DETECTOR_OUTPUTS = ("boxes", "scores", "classes")
 CROP_INPUT = "crops"
 TAGGER_OUTPUT = "logits"
 EMBEDDER_OUTPUT = "embedding"
+
+_CC = re.compile(r"^\d+\.\d+$")
+PIN_FILE = "pinned.json"
+BUILD_SETTINGS = "build_settings"
+WARMUP_DIR = "warmup"
 
 _INSTANCE_KIND: dict[str, str] = {
     # python-ort runs ONNX Runtime's CPU provider inside python-backend processes.
@@ -133,6 +155,24 @@ class RepositorySettings(BaseModel):
     tensorrt_precision: Literal["FP16", "FP32"] = Field(
         default="FP16", description="onnx flavour: TensorRT execution provider precision"
     )
+    engine_files: dict[str, str] = Field(
+        default_factory=dict,
+        description="tensorrt flavour: compute capability (e.g. '8.6') -> engine file in the "
+        "version directory, for engines built by trtexec jobs; engines built by "
+        "`fashionserve export --target tensorrt` are listed from the manifest",
+    )
+    warmup: bool = Field(
+        default=True, description="run each model once on a real sample while Triton loads it"
+    )
+
+    @model_validator(mode="after")
+    def _engine_files_valid(self) -> RepositorySettings:
+        for cc, name in self.engine_files.items():
+            if not _CC.match(cc):
+                raise ValueError(f"engine_files: {cc!r} is not a compute capability MAJOR.MINOR")
+            if "/" in name or name.startswith(".") or not name.endswith(".plan"):
+                raise ValueError(f"engine_files: {name!r} must be a *.plan file name")
+        return self
 
     @property
     def max_crops_per_request(self) -> int:
@@ -192,11 +232,20 @@ class BuiltRepository:
 
 
 # ---------------------------------------------------------------------------- public
-def build_repository(repo: Path, settings: RepositorySettings) -> BuiltRepository:
+def build_repository(
+    repo: Path,
+    settings: RepositorySettings,
+    *,
+    versions: Mapping[str, int] | None = None,
+    also_load: Mapping[str, Sequence[int]] | None = None,
+) -> BuiltRepository:
     """Write the configs of every model of the ensemble into ``repo``.
 
-    Requires the detector, tagger and embedder to be exported first; raises
-    :class:`RepositoryError` naming what is missing or inconsistent.
+    Each exported model serves ``versions[name]`` if given, else its pinned version, else
+    its newest; ``also_load`` keeps more versions loaded beside it (the old one, during a
+    rollout) without the ensemble calling them. Requires the detector, tagger and embedder
+    to be exported first; raises :class:`RepositoryError` naming what is missing or
+    inconsistent.
     """
     repo = Path(repo)
     if not repo.is_dir():
@@ -204,7 +253,14 @@ def build_repository(repo: Path, settings: RepositorySettings) -> BuiltRepositor
             f"model repository {repo} does not exist: export the models first "
             f"(`fashionserve export --checkpoint <kind>.pt --repository {repo}`)"
         )
-    models = {name: newest_version(repo, name, settings.flavour) for name in _onnx_models()}
+    chosen = versions or {}
+    extra = also_load or {}
+    models = {
+        name: model_version(repo, name, chosen[name], settings.flavour)
+        if name in chosen
+        else serving_version(repo, name, settings.flavour)
+        for name in _onnx_models()
+    }
     det, tag, emb = models[DETECTOR], models[TAGGER], models[EMBEDDER]
 
     det_in = det.input(DETECTOR_INPUT)
@@ -222,13 +278,20 @@ def build_repository(repo: Path, settings: RepositorySettings) -> BuiltRepositor
     num_logits, embedding_dim = _last_dim(tag, logits), _last_dim(emb, embedding)
 
     _clean_stale_staging(repo)
+    samples = warmup_samples(det_size, crop_size, settings.source_size) if settings.warmup else None
     for name, mv in models.items():
         max_batch = (
             settings.max_images_per_request if name == DETECTOR else settings.max_crops_per_request
         )
         if settings.flavour == "python-ort":
             _ensure_runner(mv)
-        _write_config(repo / name, render_model_config(mv, settings, max_batch))
+        warmup = ""
+        if samples is not None:
+            sample = samples["images"] if name == DETECTOR else samples["crops"]
+            spec = mv.inputs[0]
+            warmup = render_warmup(repo / name, spec.name, spec.data_type, spec.dims, sample)
+        config = render_model_config(mv, settings, max_batch, warmup, extra.get(name, ()))
+        _write_config(repo / name, config)
 
     common = {
         "detector_input_size": det_size,
@@ -242,6 +305,7 @@ def build_repository(repo: Path, settings: RepositorySettings) -> BuiltRepositor
         max_images_per_request=settings.max_images_per_request,
         max_pixels=settings.max_pixels,
         decode_threads=settings.decode_threads,
+        warmup=_preprocess_warmup(samples),
     )
     crop = _render(
         "crop.pbtxt",
@@ -254,12 +318,17 @@ def build_repository(repo: Path, settings: RepositorySettings) -> BuiltRepositor
         min_score=repr(settings.min_score),
         max_crops_per_image=settings.max_crops_per_image,
         crop_margin=repr(settings.crop_margin),
+        warmup=_crop_warmup(
+            samples is not None,
+            detections,
+            settings.source_size,
+            (boxes.data_type, scores.data_type, classes.data_type),
+        ),
     )
     ensemble = _render(
         "fashion_pipeline.pbtxt",
         max_images_per_request=settings.max_images_per_request,
         max_crops=settings.max_crops_per_request,
-        num_logits=num_logits,
         embedding_dim=embedding_dim,
         logits_type=logits.data_type,
         embedding_type=embedding.data_type,
@@ -271,11 +340,14 @@ def build_repository(repo: Path, settings: RepositorySettings) -> BuiltRepositor
         tagger_output=TAGGER_OUTPUT,
         embedder_input=CROP_INPUT,
         embedder_output=EMBEDDER_OUTPUT,
+        detector_version=det.version,
+        tagger_version=tag.version,
+        embedder_version=emb.version,
         parameters=render_parameters(_ensemble_parameters(models, settings)),
     )
-    _publish_model_dir(repo, PREPROCESS, preprocess, PREPROCESS_MODEL)
-    _publish_model_dir(repo, CROP, crop, CROP_MODEL)
-    _publish_model_dir(repo, ENSEMBLE, ensemble, None)
+    _publish_model_dir(repo, PREPROCESS, preprocess, PREPROCESS_MODEL, samples)
+    _publish_model_dir(repo, CROP, crop, CROP_MODEL, samples)
+    _publish_model_dir(repo, ENSEMBLE, ensemble, None, None)
     built = BuiltRepository(
         path=repo,
         flavour=settings.flavour,
@@ -315,15 +387,78 @@ def newest_version(repo: Path, name: str, flavour: Flavour = "python-ort") -> Mo
         else []
     )
     for version in versions:
-        onnx_path = model_dir / str(version) / "model.onnx"
-        if onnx_path.is_file():
-            break
-    else:
+        if (model_dir / str(version) / "model.onnx").is_file():
+            return model_version(repo, name, version, flavour)
+    raise RepositoryError(
+        f"no exported version of {name!r} in {model_dir} (looked for <version>/model.onnx): "
+        f"run `fashionserve export --checkpoint {name}.pt --repository {repo}` first"
+    )
+
+
+def serving_version(repo: Path, name: str, flavour: Flavour = "python-ort") -> ModelVersion:
+    """The version ``build_repository`` serves: the pinned one, else the newest."""
+    pinned = read_pin(Path(repo) / name)
+    if pinned is not None:
+        return model_version(repo, name, pinned, flavour)
+    return newest_version(repo, name, flavour)
+
+
+def stored_settings(repo: Path) -> RepositorySettings:
+    """The settings the repository's ensemble was last built with."""
+    config = read_config(Path(repo) / ENSEMBLE)
+    if config is None or BUILD_SETTINGS not in config.parameters:
         raise RepositoryError(
-            f"no exported version of {name!r} in {model_dir} (looked for <version>/model.onnx): "
-            f"run `fashionserve export --checkpoint {name}.pt --repository {repo}` first"
+            f"{repo} has no ensemble built by this version of `fashionserve repo build`: "
+            "run it once first"
         )
-    if flavour == "tensorrt" and not (onnx_path.parent / "model.plan").is_file():
+    return RepositorySettings.model_validate_json(config.parameters[BUILD_SETTINGS].string_value)
+
+
+def ensemble_versions(repo: Path) -> dict[str, int]:
+    """Model name -> the version the ensemble calls (what Triton serves)."""
+    config = read_config(Path(repo) / ENSEMBLE)
+    if config is None:
+        return {}
+    return {
+        step.model_name: int(step.model_version)
+        for step in config.ensemble_scheduling.step
+        if step.model_version > 0
+    }
+
+
+def read_pin(model_dir: Path) -> int | None:
+    """The version ``fashionserve repo versions pin`` fixed for this model, if any."""
+    path = model_dir / PIN_FILE
+    if not path.is_file():
+        return None
+    try:
+        return int(json.loads(path.read_text())["version"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RepositoryError(f"{path} is not a valid pin ({exc})") from exc
+
+
+def read_config(model_dir: Path) -> Any:
+    """The model's ``config.pbtxt`` parsed with Triton's own ``ModelConfig``, or ``None``."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    path = model_dir / "config.pbtxt"
+    if not path.is_file():
+        return None
+    try:
+        return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+    except text_format.ParseError as exc:
+        raise RepositoryError(f"{path} does not parse as a Triton model config: {exc}") from exc
+
+
+def model_version(
+    repo: Path, name: str, version: int, flavour: Flavour = "python-ort"
+) -> ModelVersion:
+    """Version ``version`` of ``name`` with its ONNX I/O and manifest."""
+    onnx_path = Path(repo) / name / str(version) / "model.onnx"
+    if not onnx_path.is_file():
+        raise RepositoryError(f"{name} version {version} does not exist (no {onnx_path})")
+    if flavour == "tensorrt" and not any(onnx_path.parent.glob("*.plan")):
         # Engines are built where they run (deploy time, per GPU type), so a missing plan
         # is expected when the repository is assembled on a machine without the GPU.
         LOG.warning(
@@ -397,13 +532,22 @@ def _probe_output_dims(
     )
 
 
-def render_model_config(mv: ModelVersion, settings: RepositorySettings, max_batch_size: int) -> str:
-    """``config.pbtxt`` of an exported model (detector, tagger or embedder) for a flavour."""
+def render_model_config(
+    mv: ModelVersion,
+    settings: RepositorySettings,
+    max_batch_size: int,
+    warmup: str = "",
+    also_load: Sequence[int] = (),
+) -> str:
+    """``config.pbtxt`` of an exported model (detector, tagger or embedder) for a flavour,
+    loading version ``mv.version`` and ``also_load``."""
     parameters: dict[str, str] = {}
     if settings.flavour == "python-ort":
         parameters["intra_op_threads"] = str(settings.intra_op_threads)
     flavour_block = _render(
-        f"flavours/{settings.flavour}.pbtxt", tensorrt_precision=settings.tensorrt_precision
+        f"flavours/{settings.flavour}.pbtxt",
+        tensorrt_precision=settings.tensorrt_precision,
+        cc_model_filenames=render_cc_model_filenames(engine_files(mv, settings)),
     )
     return _render(
         "model.pbtxt",
@@ -413,13 +557,159 @@ def render_model_config(mv: ModelVersion, settings: RepositorySettings, max_batc
         flavour_block=flavour_block.strip(),
         max_batch_size=max_batch_size,
         inputs=render_tensors("input", mv.inputs),
-        outputs=render_tensors("output", mv.outputs),
+        outputs=render_tensors("output", [_open_logits(mv.name, o) for o in mv.outputs]),
         instances=settings.model_instances,
         instance_kind=_INSTANCE_KIND[settings.flavour],
         preferred_batch_sizes=", ".join(str(s) for s in preferred_batch_sizes(max_batch_size)),
         max_queue_delay_microseconds=settings.max_queue_delay_microseconds,
+        version_policy=render_version_policy([mv.version, *also_load]),
+        warmup=warmup,
         parameters=render_parameters(parameters),
     )
+
+
+def _open_logits(model: str, spec: TensorSpec) -> TensorSpec:
+    """The tagger's logit width is left open (-1) in its config: the taxonomy grows every
+    week, so the width belongs to a version, and during a rollout two versions with
+    different taxonomies are loaded side by side under one config."""
+    if model == TAGGER and spec.name == TAGGER_OUTPUT:
+        return TensorSpec(spec.name, spec.data_type, (-1,) * len(spec.dims))
+    return spec
+
+
+def render_version_policy(versions: Sequence[int]) -> str:
+    """``version_policy`` loading exactly ``versions`` (one, or two during a rollout)."""
+    listed = ", ".join(str(v) for v in sorted(set(versions)))
+    return f"version_policy: {{ specific: {{ versions: [ {listed} ] }} }}"
+
+
+def engine_files(mv: ModelVersion, settings: RepositorySettings) -> dict[str, str]:
+    """Compute capability -> engine file: the engines the version's manifest records
+    (``export --target tensorrt``), then ``settings.engine_files`` (trtexec jobs)."""
+    found: dict[str, str] = {}
+    for engine in (mv.manifest.get("tensorrt") or {}).get("engines") or []:
+        cc, name = engine.get("compute_capability"), engine.get("file")
+        if isinstance(cc, str) and isinstance(name, str):
+            found[cc] = name
+    return {**found, **settings.engine_files}
+
+
+def render_cc_model_filenames(files: Mapping[str, str]) -> str:
+    """``cc_model_filenames``: Triton loads the engine built for the GPU it runs on (and
+    ``default_model_filename`` on a GPU type not listed)."""
+    return "\n".join(
+        f"cc_model_filenames {{ key: {json.dumps(cc)} value: {json.dumps(name)} }}"
+        for cc, name in sorted(files.items())
+    )
+
+
+# --------------------------------------------------------------------------- warm-up
+@functools.lru_cache(maxsize=1)
+def _sample_scene() -> tuple[bytes, tuple[float, float, float, float]]:
+    """One rendered garment scene (JPEG bytes) and its first garment's box."""
+    from fashionserve.data.synth import synthesize
+    from fashionserve.taxonomy import load_taxonomy
+
+    with tempfile.TemporaryDirectory(prefix="fashionserve-warmup-") as tmp:
+        synthesize(Path(tmp), images=8, seed=7, taxonomy=load_taxonomy(), progress=False)
+        labels = json.loads((Path(tmp) / "val" / "labels.json").read_text())
+        for image in labels["images"]:
+            anns = [a for a in labels["annotations"] if a["image_id"] == image["id"]]
+            if anns:
+                data = (Path(tmp) / "val" / "images" / image["file_name"]).read_bytes()
+                x, y, w, h = anns[0]["bbox"]
+                return data, (x, y, x + w, y + h)
+    raise RepositoryError("the synthetic renderer produced no garment for the warm-up sample")
+
+
+def warmup_samples(det_size: int, crop_size: int, source_size: int) -> dict[str, Any]:
+    """The warm-up inputs, made as serving makes them: the encoded image, the preprocess
+    step's outputs for it (detector input ``[3,S,S]``, source canvas, image size) and a
+    garment crop ``[3,C,C]``."""
+    import numpy as np
+
+    from model_repository.python_models.steps import preprocess_images
+
+    data, box = _sample_scene()
+    pre = preprocess_images([data], det_size, source_size)
+    crop = square_crop(decode_image(data), box, crop_size).transpose(2, 0, 1)
+    return {
+        "bytes": data,
+        "images": pre.det_input[0],
+        "source": pre.source,
+        "image_sizes": pre.image_sizes,
+        "crops": np.ascontiguousarray(crop, dtype=np.float32),
+    }
+
+
+def render_warmup(
+    model_dir: Path, input_name: str, data_type: str, dims: Sequence[int], sample: Any
+) -> str:
+    """Write ``sample`` (one row) to ``<model>/warmup/<input>`` and return the
+    ``model_warmup`` block that feeds it at batch size 1."""
+    if tuple(sample.shape) != tuple(dims):
+        raise RepositoryError(
+            f"{model_dir.name}: warm-up sample shape {tuple(sample.shape)} does not match "
+            f"input {input_name} {tuple(dims)}"
+        )
+    _write_warmup_file(model_dir, input_name, sample.astype(_TRITON_TO_NUMPY[data_type]).tobytes())
+    return _warmup_block(model_dir.name, 1, [(input_name, data_type, list(dims), input_name)])
+
+
+def _preprocess_warmup(samples: Mapping[str, Any] | None) -> str:
+    if samples is None:
+        return ""
+    # TYPE_STRING warm-up data: each element is a 4-byte little-endian length, then bytes.
+    return _warmup_block(PREPROCESS, 1, [("IMAGE_BYTES", "TYPE_STRING", [1], "IMAGE_BYTES")])
+
+
+def _crop_warmup(
+    enabled: bool, detections: int, source_size: int, types: tuple[str, str, str]
+) -> str:
+    if not enabled:
+        return ""
+    # The detector's output for the sample does not exist at build time: zero scores (no
+    # garment above the floor) run the step's whole path, dummy row included, on the
+    # sample's real source canvas and size.
+    k = max(detections, 1)
+    return _warmup_block(
+        CROP,
+        1,
+        [
+            ("DET_BOXES", types[0], [1, k, 4], None),
+            ("DET_SCORES", types[1], [1, k], None),
+            ("DET_CLASSES", types[2], [1, k], None),
+            ("SOURCE", "TYPE_UINT8", [1, source_size, source_size, 3], "SOURCE"),
+            ("IMAGE_SIZES", "TYPE_INT32", [1, 2], "IMAGE_SIZES"),
+        ],
+    )
+
+
+def _warmup_block(
+    name: str, batch_size: int, inputs: Sequence[tuple[str, str, list[int], str | None]]
+) -> str:
+    """``model_warmup``: ``inputs`` are (name, data type, dims, file in ``warmup/`` or None
+    for zeros)."""
+    entries = []
+    for input_name, data_type, dims, file in inputs:
+        source = f'input_data_file: "{file}"' if file else "zero_data: true"
+        entries.append(
+            f'    inputs {{ key: "{input_name}" value: {{ data_type: {data_type} '
+            f"dims: [ {', '.join(str(d) for d in dims)} ] {source} }} }}"
+        )
+    body = "\n".join(entries)
+    return (
+        "model_warmup [\n  {\n"
+        f'    name: "{name}-sample"\n    batch_size: {batch_size}\n{body}\n  }}\n]'
+    )
+
+
+def _write_warmup_file(model_dir: Path, name: str, data: bytes) -> None:
+    folder = model_dir / WARMUP_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{name}.tmp"
+    tmp.write_bytes(data)
+    tmp.replace(folder / name)
 
 
 def preferred_batch_sizes(max_batch_size: int) -> list[int]:
@@ -523,6 +813,8 @@ def _ensemble_parameters(
 ) -> dict[str, str]:
     """Facts a client checks before decoding (taxonomy) or reports (versions)."""
     params: dict[str, str] = {
+        # What `fashionserve repo versions` rebuilds with when it rolls a version out.
+        BUILD_SETTINGS: settings.model_dump_json(),
         "flavour": settings.flavour,
         "max_images_per_request": str(settings.max_images_per_request),
         "max_crops_per_image": str(settings.max_crops_per_image),
@@ -539,6 +831,11 @@ def _ensemble_parameters(
         value = _manifest_value(tagger, key)
         if value is not None:
             params[key] = str(value)
+    document = (tagger.get("taxonomy") or {}).get("document")
+    if document:
+        # The gateway decodes the tagger's logits with this taxonomy (after checking it
+        # against taxonomy_hash): a rollout that adds labels needs no gateway restart.
+        params["taxonomy_document"] = json.dumps(document, sort_keys=True, separators=(",", ":"))
     return params
 
 
@@ -580,8 +877,14 @@ def _clean_stale_staging(repo: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def _publish_model_dir(repo: Path, name: str, config: str, model_py: Path | None) -> None:
-    """Write ``<repo>/<name>/`` (config and ``1/model.py``) aside, then swap it in.
+def _publish_model_dir(
+    repo: Path,
+    name: str,
+    config: str,
+    model_py: Path | None,
+    samples: Mapping[str, Any] | None,
+) -> None:
+    """Write ``<repo>/<name>/`` (config, ``1/model.py``, warm-up data) aside, then swap it in.
 
     The staging directory is a sibling of the repository, not inside it: Triton polls every
     directory of the repository, hidden ones included, and fails on a half-written model.
@@ -593,6 +896,12 @@ def _publish_model_dir(repo: Path, name: str, config: str, model_py: Path | None
         (new / "config.pbtxt").write_text(config)
         if model_py is not None:
             shutil.copyfile(model_py, new / "1" / "model.py")
+        if samples is not None and name == PREPROCESS:
+            data = samples["bytes"]
+            _write_warmup_file(new, "IMAGE_BYTES", struct.pack("<I", len(data)) + data)
+        if samples is not None and name == CROP:
+            _write_warmup_file(new, "SOURCE", samples["source"].tobytes())
+            _write_warmup_file(new, "IMAGE_SIZES", samples["image_sizes"].tobytes())
         target = repo / name
         if target.exists():
             target.rename(staging / f"{name}.old")

@@ -145,7 +145,9 @@ def test_python_ort_configs_follow_the_onnx_models_and_settings(exported: Path) 
     tagger = parse(exported, "tagger")
     # One request may carry every image at its crop cap.
     assert tagger.max_batch_size == 4 * 3
-    assert list(tagger.output[0].dims) == [LOGITS]
+    # Open: two versions with different taxonomies are loaded side by side in a rollout.
+    assert list(tagger.output[0].dims) == [-1]
+    assert list(tagger.version_policy.specific.versions) == [1]
 
     pre = parse(exported, "preprocess")
     assert pre.max_batch_size == 0
@@ -164,11 +166,12 @@ def test_python_ort_configs_follow_the_onnx_models_and_settings(exported: Path) 
     assert ens.platform == "ensemble"
     assert ens.max_batch_size == 0
     outputs = {o.name: list(o.dims) for o in ens.output}
-    assert outputs["TAG_LOGITS"] == [-1, LOGITS]
+    assert outputs["TAG_LOGITS"] == [-1, -1]
     assert outputs["EMBEDDINGS"] == [-1, EMBEDDING]
     assert outputs["GARMENT_BOXES"] == [-1, 4]
-    steps = [s.model_name for s in ens.ensemble_scheduling.step]
-    assert steps == ["preprocess", "detector", "crop", "tagger", "embedder"]
+    steps = {s.model_name: s.model_version for s in ens.ensemble_scheduling.step}
+    # The exported models are called at the exact version each one loads.
+    assert steps == {"preprocess": -1, "detector": 1, "crop": -1, "tagger": 1, "embedder": 1}
     assert params(ens)["max_images_per_request"] == "4"
 
     assert (exported / "preprocess" / "1" / "model.py").read_bytes() == (
@@ -199,7 +202,9 @@ def test_configs_follow_the_newest_version(exported: Path) -> None:
     built = build_repository(exported, RepositorySettings())
     assert built.versions["tagger"] == 2
     assert built.num_logits == LOGITS + 5
-    assert list(parse(exported, ENSEMBLE).output[5].dims) == [-1, LOGITS + 5]
+    assert list(parse(exported, "tagger").version_policy.specific.versions) == [2]
+    tagger_step = parse(exported, ENSEMBLE).ensemble_scheduling.step[3]
+    assert (tagger_step.model_name, tagger_step.model_version) == ("tagger", 2)
     # The python-ort runner is installed where export did not leave one.
     assert (exported / "tagger" / "2" / "model.py").read_bytes() == ORT_RUNNER.read_bytes()
 

@@ -1,0 +1,336 @@
+"""Model versions in a repository: list, roll out, pin, roll back, prune.
+
+``fashionserve export`` publishes a new numbered version; nothing changes in what Triton
+serves until the version is rolled out here. The served version of each model is the one
+the ensemble calls (its steps name exact versions, see :mod:`model_repository.build`):
+the pinned version (``pinned.json``) if any, else the newest.
+
+A change of served version rebuilds the repository with the settings it was built with
+(recorded in the ensemble's config) and, given a Triton address (Triton started with
+``--model-control-mode=explicit``), switches the running server with no failed call:
+
+1. the model's config loads the old and the new version side by side; Triton loads the
+   new one while the old keeps serving;
+2. the ensemble's config calls the new version; reloading it is the atomic switch
+   (requests already inside the old ensemble finish on the old version);
+3. after ``drain_seconds`` (longer than a request takes), the model's config loads only
+   the new version, and Triton unloads the old.
+
+Before any switch the taxonomy compatibility check (:mod:`export.compat`) compares the
+served version with the new one and refuses removals and renames unless forced.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from export.compat import TaxonomyChanges, check_compatible
+from export.publish import MANIFEST, existing_versions
+from model_repository import ENSEMBLE, ONNX_MODELS
+from model_repository.build import (
+    PIN_FILE,
+    RepositoryError,
+    build_repository,
+    ensemble_versions,
+    read_config,
+    read_pin,
+    stored_settings,
+)
+
+LOG = logging.getLogger(__name__)
+# Requests inside the old ensemble when it is switched get this long to finish before the
+# old version is unloaded: more than the gateway's default request timeout would be safest,
+# a few seconds covers the pipeline's own latency.
+DEFAULT_DRAIN_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """One published version and what its manifest says about it."""
+
+    model: str
+    version: int
+    served: bool
+    pinned: bool
+    created: str = ""
+    checkpoint_sha256: str = ""
+    taxonomy_version: str = ""
+    taxonomy_hash: str = ""
+    artifacts: tuple[str, ...] = ()
+    parity_passed: bool | None = None
+    engines: tuple[str, ...] = ()  # compute capabilities with an engine
+    manifest: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "version": self.version,
+            "served": self.served,
+            "pinned": self.pinned,
+            "created": self.created,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "taxonomy_version": self.taxonomy_version,
+            "taxonomy_hash": self.taxonomy_hash,
+            "artifacts": list(self.artifacts),
+            "parity_passed": self.parity_passed,
+            "tensorrt_engines": list(self.engines),
+        }
+
+
+@dataclass
+class Switch:
+    """What a rollout, pin or rollback did."""
+
+    model: str
+    old: int | None
+    new: int
+    changes: TaxonomyChanges | None
+    applied_to_triton: bool
+
+
+def served_version(model_dir: Path) -> int | None:
+    """The version of ``model_dir`` that is served: the ensemble's step, else the pin, else
+    the newest published version (``None`` when nothing is published yet)."""
+    called = ensemble_versions(model_dir.parent).get(model_dir.name)
+    if called is not None:
+        return called
+    pinned = read_pin(model_dir)
+    if pinned is not None:
+        return pinned
+    return max(existing_versions(model_dir), default=None)
+
+
+def list_versions(repo: Path, model: str) -> list[VersionInfo]:
+    """Every published version of ``model``, oldest first, with its manifest summary."""
+    model_dir = _model_dir(repo, model)
+    served = served_version(model_dir)
+    pinned = read_pin(model_dir)
+    infos = []
+    for version in existing_versions(model_dir):
+        manifest = read_manifest(model_dir, version)
+        taxonomy = manifest.get("taxonomy") or {}
+        parity = manifest.get("parity") or {}
+        engines = (manifest.get("tensorrt") or {}).get("engines") or []
+        infos.append(
+            VersionInfo(
+                model=model,
+                version=version,
+                served=version == served,
+                pinned=version == pinned,
+                created=str(manifest.get("created", "")),
+                checkpoint_sha256=str((manifest.get("source_checkpoint") or {}).get("sha256", "")),
+                taxonomy_version=str(taxonomy.get("version", "")),
+                taxonomy_hash=str(taxonomy.get("hash", "")),
+                artifacts=tuple(sorted(manifest.get("artifacts") or {})),
+                parity_passed=parity.get("passed") if isinstance(parity, dict) else None,
+                engines=tuple(str(e.get("compute_capability", "?")) for e in engines),
+                manifest=manifest,
+            )
+        )
+    return infos
+
+
+def format_versions(infos: list[VersionInfo]) -> str:
+    """A table of :func:`list_versions`."""
+    header = ("model", "version", "state", "created", "checkpoint", "taxonomy", "parity", "engines")
+    rows = [
+        (
+            i.model,
+            str(i.version),
+            ",".join(s for s, on in (("served", i.served), ("pinned", i.pinned)) if on) or "-",
+            i.created or "-",
+            i.checkpoint_sha256[:12] or "-",
+            f"{i.taxonomy_version or '?'} ({i.taxonomy_hash[:12] or '-'})",
+            {True: "pass", False: "FAIL", None: "-"}[i.parity_passed],
+            ",".join(i.engines) or "-",
+        )
+        for i in infos
+    ]
+    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    )
+
+
+def read_manifest(model_dir: Path, version: int) -> dict[str, Any]:
+    path = model_dir / str(version) / MANIFEST
+    try:
+        return dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        return {}
+    except ValueError as exc:
+        raise RepositoryError(f"{path} is not valid JSON: {exc}") from exc
+
+
+# ------------------------------------------------------------------------- switching
+def rollout(
+    repo: Path,
+    model: str,
+    version: int | None = None,
+    *,
+    pin: bool = False,
+    force: bool = False,
+    triton_url: str | None = None,
+    drain_seconds: float = DEFAULT_DRAIN_SECONDS,
+    echo: Callable[[str], None] | None = None,
+) -> Switch:
+    """Serve ``version`` of ``model`` (default: the newest). ``pin`` fixes it (a later
+    ``repo build`` keeps it); without ``pin`` any pin is removed, so ``version`` must be
+    the newest. Refuses a taxonomy that breaks callers of the served version unless
+    ``force``. With ``triton_url``, switches the running Triton as well (three steps, see
+    the module docstring)."""
+    repo = Path(repo)
+    model_dir = _model_dir(repo, model)
+    published = existing_versions(model_dir)
+    newest = max(published, default=None)
+    target = newest if version is None else version
+    if target is None or target not in published:
+        raise RepositoryError(
+            f"{model} has no version {target} (published: {', '.join(map(str, published)) or 'none'})"
+        )
+    if not pin and target != newest:
+        raise RepositoryError(
+            f"{model} version {target} is not the newest ({newest}): pin it to serve it"
+        )
+    old = served_version(model_dir)
+    changes = None
+    if old is not None and old != target:
+        changes = check_compatible(
+            read_manifest(model_dir, old), read_manifest(model_dir, target), force=force
+        )
+        if changes is not None and echo is not None:
+            echo(f"{model} {old} -> {target}, taxonomy:\n{changes.summary()}")
+
+    settings = stored_settings(repo)
+    live = triton_url is not None and old is not None and old != target
+    if live:
+        assert triton_url is not None and old is not None
+        _switch_live(repo, model, old, target, settings, triton_url, drain_seconds)
+    _write_pin(model_dir, target if pin else None)
+    build_repository(repo, settings)
+    if triton_url is not None:
+        # After a live switch: unloads the old version (the ensemble is unchanged since
+        # step 2). Otherwise: loads what the configs now say.
+        _load(triton_url, [model] if live else [model, ENSEMBLE])
+    LOG.info("%s: serving version %s (was %s)%s", model, target, old, " pinned" if pin else "")
+    return Switch(model, old, target, changes, triton_url is not None)
+
+
+def rollback(
+    repo: Path,
+    model: str,
+    *,
+    force: bool = False,
+    triton_url: str | None = None,
+    drain_seconds: float = DEFAULT_DRAIN_SECONDS,
+    echo: Callable[[str], None] | None = None,
+) -> Switch:
+    """Pin the published version just before the served one."""
+    model_dir = _model_dir(repo, model)
+    served = served_version(model_dir)
+    older = [v for v in existing_versions(model_dir) if served is not None and v < served]
+    if not older:
+        raise RepositoryError(f"{model} has no version older than the served one ({served})")
+    return rollout(
+        repo,
+        model,
+        max(older),
+        pin=True,
+        force=force,
+        triton_url=triton_url,
+        drain_seconds=drain_seconds,
+        echo=echo,
+    )
+
+
+def prune(repo: Path, model: str, keep: int) -> list[int]:
+    """Remove all but the newest ``keep`` versions, never the served or the pinned one;
+    returns the removed versions."""
+    if keep < 1:
+        raise RepositoryError(f"--keep must be at least 1 (got {keep})")
+    model_dir = _model_dir(repo, model)
+    versions = existing_versions(model_dir)
+    protected = {served_version(model_dir), read_pin(model_dir)}
+    keep_set = set(versions[-keep:]) | {v for v in protected if v is not None}
+    removed = []
+    for version in versions:
+        if version in keep_set:
+            continue
+        # Renamed out of the repository's view first (not a number: Triton ignores it),
+        # then deleted: a crash half-way never leaves a half-deleted version.
+        doomed = model_dir / f".pruned-{version}"
+        (model_dir / str(version)).rename(doomed)
+        shutil.rmtree(doomed)
+        removed.append(version)
+    return removed
+
+
+def _switch_live(
+    repo: Path,
+    model: str,
+    old: int,
+    new: int,
+    settings: Any,
+    triton_url: str,
+    drain_seconds: float,
+) -> None:
+    current = ensemble_versions(repo)
+    # 1. both versions loaded, the ensemble still calling the old one
+    build_repository(repo, settings, versions={**current, model: old}, also_load={model: [new]})
+    _load(triton_url, [model])
+    # 2. the ensemble calls the new one: the atomic switch
+    build_repository(repo, settings, versions={**current, model: new}, also_load={model: [old]})
+    _load(triton_url, [ENSEMBLE])
+    # 3. requests that entered the old ensemble finish; then the old version goes
+    time.sleep(drain_seconds)
+
+
+def _load(triton_url: str, models: list[str]) -> None:
+    """(Re)load models in a Triton running with ``--model-control-mode=explicit``."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    client = grpcclient.InferenceServerClient(triton_url)
+    try:
+        for name in models:
+            client.load_model(name)
+    except InferenceServerException as exc:
+        raise RepositoryError(
+            f"Triton at {triton_url} did not load {name}: {exc.message() or exc} (it must run "
+            "with --model-control-mode=explicit; the repository already holds the new configs)"
+        ) from exc
+    finally:
+        client.close()
+
+
+def _write_pin(model_dir: Path, version: int | None) -> None:
+    path = model_dir / PIN_FILE
+    if version is None:
+        path.unlink(missing_ok=True)
+        return
+    doc = {"version": version, "pinned_at": datetime.now(UTC).isoformat(timespec="seconds")}
+    tmp = path.with_name(PIN_FILE + ".tmp")
+    tmp.write_text(json.dumps(doc) + "\n")
+    tmp.replace(path)
+
+
+def _model_dir(repo: Path, model: str) -> Path:
+    if model not in ONNX_MODELS:
+        raise RepositoryError(
+            f"unknown model {model!r}: versions exist for {', '.join(ONNX_MODELS)}"
+        )
+    model_dir = Path(repo) / model
+    if not model_dir.is_dir() or (
+        read_config(model_dir) is None and not existing_versions(model_dir)
+    ):
+        raise RepositoryError(f"{model_dir} holds no published version")
+    return model_dir

@@ -1,0 +1,215 @@
+"""Model versions: list, roll out, pin, roll back, prune, and the taxonomy compatibility check."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_repository import EMBEDDING, parse, write_crop_model, write_detector
+
+from export.compat import IncompatibleTaxonomy, check_compatible, compare_taxonomies
+from fashionserve.cli import main
+from fashionserve.taxonomy import Taxonomy, load_taxonomy
+from model_repository import ENSEMBLE
+from model_repository.build import RepositoryError, RepositorySettings, build_repository
+from model_repository.versions import list_versions, prune, rollback, rollout, served_version
+
+BASE = load_taxonomy().to_dict()
+
+
+def taxonomy(edit: Any = None) -> dict[str, Any]:
+    doc = copy.deepcopy(BASE)
+    if edit is not None:
+        edit(doc)
+    return doc
+
+
+def add_colour(doc: dict[str, Any]) -> None:
+    doc["tag_groups"][0]["labels"].append("beige")
+
+
+def rename_shorts(doc: dict[str, Any]) -> None:
+    doc["categories"][1]["children"][2] = "short-trousers"
+
+
+def publish_tagger(repo: Path, version: int, doc: dict[str, Any]) -> None:
+    """A tagger version whose logit width and manifest follow ``doc``."""
+    tax = Taxonomy.from_dict(doc)
+    write_crop_model(repo, "tagger", "logits", tax.num_logits, version=version)
+    manifest = {
+        "model": {"name": "tagger", "kind": "tagger", "version": version},
+        "created": f"2026-11-2{version}T00:00:00Z",
+        "source_checkpoint": {"sha256": f"{version}" * 64},
+        "artifacts": {"model.onnx": {"sha256": "ab" * 32}},
+        "taxonomy": {"version": tax.version, "hash": tax.hash, "document": tax.to_dict()},
+        "parity": {"passed": True},
+    }
+    (repo / "tagger" / str(version) / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    """A built repository serving tagger version 1 (default taxonomy)."""
+    repo = tmp_path / "repo"
+    write_detector(repo)
+    write_crop_model(repo, "embedder", "embedding", EMBEDDING)
+    publish_tagger(repo, 1, taxonomy())
+    build_repository(repo, RepositorySettings(max_images_per_request=4, max_crops_per_image=3))
+    return repo
+
+
+def served(repo: Path) -> tuple[list[int], int, str]:
+    """(tagger's version_policy, the ensemble's tagger step, the ensemble's taxonomy hash)."""
+    step = next(
+        s for s in parse(repo, ENSEMBLE).ensemble_scheduling.step if s.model_name == "tagger"
+    )
+    params = parse(repo, ENSEMBLE).parameters
+    return (
+        list(parse(repo, "tagger").version_policy.specific.versions),
+        step.model_version,
+        params["taxonomy_hash"].string_value,
+    )
+
+
+# ---------------------------------------------------------------------- compatibility
+def test_adding_labels_is_compatible_and_listed() -> None:
+    changes = compare_taxonomies(
+        Taxonomy.from_dict(taxonomy()), Taxonomy.from_dict(taxonomy(add_colour))
+    )
+    assert changes.compatible
+    assert changes.added == ["tag colour/'beige'"]
+
+
+def test_removing_renaming_and_moving_labels_break_callers() -> None:
+    def edits(doc: dict[str, Any]) -> None:
+        rename_shorts(doc)
+        doc["tag_groups"][3]["labels"].remove("bow")
+        doc["categories"][0]["children"].remove("blazer")
+        doc["categories"][2]["children"].append("blazer")  # moved: its path changes
+        doc["tag_groups"][1]["exclusive"] = False
+
+    changes = compare_taxonomies(
+        Taxonomy.from_dict(taxonomy()), Taxonomy.from_dict(taxonomy(edits))
+    )
+    assert not changes.compatible
+    text = "\n".join(changes.breaking)
+    assert "category 'bottom/shorts' removed (renamed to 'short-trousers'?)" in text
+    assert "tag details/'bow' removed" in text
+    assert "category 'blazer' moved: top/blazer -> full-body/blazer" in text
+    assert "tag group 'pattern' changed from exclusive to independent" in text
+
+
+def test_the_check_refuses_unless_forced_and_says_what_breaks() -> None:
+    def manifest(doc: dict[str, Any], version: int) -> dict[str, Any]:
+        return {"model": {"name": "tagger", "version": version}, "taxonomy": {"document": doc}}
+
+    with pytest.raises(IncompatibleTaxonomy, match="bottom/shorts' removed") as info:
+        check_compatible(manifest(taxonomy(), 1), manifest(taxonomy(rename_shorts), 2))
+    assert "--force" in str(info.value) and "served version 1" in str(info.value)
+    forced = check_compatible(
+        manifest(taxonomy(), 1), manifest(taxonomy(rename_shorts), 2), force=True
+    )
+    assert forced is not None and forced.breaking
+
+
+def test_detector_classes_may_only_be_appended() -> None:
+    def det(classes: list[str]) -> dict[str, Any]:
+        return {"model": {"name": "detector"}, "taxonomy": {"classes": classes}}
+
+    assert check_compatible(det(["top", "bottom"]), det(["top", "bottom", "bag"])) is not None
+    with pytest.raises(IncompatibleTaxonomy, match="reordered or replaced"):
+        check_compatible(det(["top", "bottom"]), det(["bottom", "top"]))
+
+
+# --------------------------------------------------------------------------- versions
+def test_publishing_changes_nothing_served_until_rolled_out(repo: Path) -> None:
+    publish_tagger(repo, 2, taxonomy(add_colour))
+    assert served(repo)[:2] == ([1], 1)
+    assert served_version(repo / "tagger") == 1
+
+    switch = rollout(repo, "tagger")
+    assert (switch.old, switch.new) == (1, 2)
+    assert switch.changes is not None and switch.changes.added == ["tag colour/'beige'"]
+    policy, step, taxonomy_hash = served(repo)
+    assert (policy, step) == ([2], 2)
+    # The ensemble now describes version 2: its taxonomy, for the gateway to decode with.
+    assert taxonomy_hash == Taxonomy.from_dict(taxonomy(add_colour)).hash
+    document = parse(repo, ENSEMBLE).parameters["taxonomy_document"].string_value
+    assert Taxonomy.from_dict(json.loads(document)).hash == taxonomy_hash
+    # Rebuilt with the settings the repository was built with, not the defaults.
+    assert parse(repo, ENSEMBLE).parameters["max_crops_per_image"].string_value == "3"
+
+
+def test_a_rollout_that_renames_a_label_is_refused_unless_forced(repo: Path) -> None:
+    publish_tagger(repo, 2, taxonomy(rename_shorts))
+    with pytest.raises(IncompatibleTaxonomy, match="shorts"):
+        rollout(repo, "tagger")
+    assert served(repo)[:2] == ([1], 1)  # nothing changed
+
+    rollout(repo, "tagger", force=True)
+    assert served(repo)[:2] == ([2], 2)
+
+
+def test_pin_survives_a_rebuild_and_rollback_pins_the_previous_version(repo: Path) -> None:
+    publish_tagger(repo, 2, taxonomy())
+    publish_tagger(repo, 3, taxonomy())
+    rollout(repo, "tagger")
+    assert served(repo)[:2] == ([3], 3)
+
+    switch = rollback(repo, "tagger")
+    assert (switch.old, switch.new) == (3, 2)
+    build_repository(repo, RepositorySettings(max_images_per_request=4, max_crops_per_image=3))
+    assert served(repo)[:2] == ([2], 2)  # a plain rebuild keeps the pin
+    listed = {i.version: i for i in list_versions(repo, "tagger")}
+    assert listed[2].served and listed[2].pinned and not listed[3].served
+    assert listed[3].checkpoint_sha256 == "3" * 64 and listed[3].parity_passed is True
+
+    with pytest.raises(RepositoryError, match="not the newest"):
+        rollout(repo, "tagger", 2)  # serving an older version is a pin
+    rollout(repo, "tagger")  # back to the newest, pin removed
+    assert served(repo)[:2] == ([3], 3)
+    assert not any(i.pinned for i in list_versions(repo, "tagger"))
+
+
+def test_prune_keeps_the_newest_and_never_the_served_or_pinned(repo: Path) -> None:
+    for version in (2, 3, 4, 5):
+        publish_tagger(repo, version, taxonomy())
+    rollout(repo, "tagger", 2, pin=True)
+    assert prune(repo, "tagger", keep=2) == [1, 3]
+    assert sorted(int(p.name) for p in (repo / "tagger").iterdir() if p.name.isdigit()) == [
+        2,
+        4,
+        5,
+    ]
+    assert not any(p.name.startswith(".") for p in (repo / "tagger").iterdir())
+    with pytest.raises(RepositoryError, match="at least 1"):
+        prune(repo, "tagger", keep=0)
+
+
+def test_the_versions_commands(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    publish_tagger(repo, 2, taxonomy(rename_shorts))
+    args = ["repo", "versions"]
+    assert main([*args, "list", "--repository", str(repo), "--model", "tagger"]) == 0
+    out = capsys.readouterr().out
+    assert "served" in out.splitlines()[1] and out.splitlines()[2].split()[:3] == [
+        "tagger",
+        "2",
+        "-",
+    ]
+
+    assert main([*args, "rollout", "--repository", str(repo), "--model", "tagger"]) == 1
+    err = capsys.readouterr().err
+    assert "error: tagger: the new version's taxonomy breaks callers" in err
+    assert "'bottom/shorts' removed" in err
+
+    assert main([*args, "rollout", "--repository", str(repo), "--model", "tagger", "--force"]) == 0
+    assert "tagger: serving version 2 (was 1)" in capsys.readouterr().out
+    assert main([*args, "rollback", "--repository", str(repo), "--model", "tagger", "--force"]) == 0
+    assert "tagger: serving version 1 (was 2)" in capsys.readouterr().out
+    assert served(repo)[:2] == ([1], 1)
+    assert main([*args, "list", "--repository", str(repo), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert {(v["model"], v["version"], v["pinned"]) for v in listed} >= {("tagger", 1, True)}
