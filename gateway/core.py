@@ -15,6 +15,8 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+from opentelemetry import trace
+
 from fashionserve.taxonomy import Taxonomy
 from gateway import __version__
 from gateway.auth import LOCAL_IDENTITY, current_identity, require_scope
@@ -29,6 +31,7 @@ from gateway.errors import (
 from gateway.quota import Admission
 from gateway.results import ImageOutput, ImageResult, assemble_result
 from gateway.settings import GatewaySettings
+from gateway.telemetry import Telemetry, link_context
 from gateway.triton_client import ServedModel, ServedState, serving_problem
 from gateway.validation import (
     ACCEPTED_FORMATS,
@@ -58,6 +61,16 @@ class RawOptions:
     max_garments: int = 0
     include_embeddings: bool = False
     include_probability_tables: bool = False
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One image in the micro-batcher, with the span of the request that sent it (the
+    batch's span links to it) and when it was queued (wall clock, ns, for its span)."""
+
+    image: bytes
+    span: trace.SpanContext
+    queued_ns: int
 
 
 @dataclass(frozen=True)
@@ -197,14 +210,17 @@ class Analyzer:
         taxonomy: Taxonomy,
         pipeline: EndpointPool,
         monitor: ServingMonitor,
+        telemetry: Telemetry,
     ) -> None:
         self.settings = settings
         self.taxonomy = taxonomy
         self.pipeline = pipeline
         self.monitor = monitor
+        self.telemetry = telemetry
+        self.tracer = telemetry.tracer
         self.limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
-        self.batcher: MicroBatcher[bytes, ImageOutput] = MicroBatcher(
-            pipeline.infer,
+        self.batcher: MicroBatcher[_Job, ImageOutput] = MicroBatcher(
+            self._run_batch,
             max_batch_size=settings.max_batch_size,
             max_queue_delay_microseconds=settings.max_queue_delay_microseconds,
             max_batches_in_flight=settings.max_batches_in_flight,
@@ -239,7 +255,7 @@ class Analyzer:
         """Analyze one image; raises :class:`GatewayError`."""
         options = self.resolve_options(raw)
         with self.admission.admit(_tenant(), 1):
-            inspect_image(image, self.limits)
+            self._inspect(image)
             await self.monitor.require_serving()
             return await self._infer(image, options)
 
@@ -260,6 +276,9 @@ class Analyzer:
         for outcome in outcomes:
             if isinstance(outcome, Unavailable | DeadlineExceeded):
                 raise outcome
+        for outcome in outcomes:
+            if isinstance(outcome, GatewayError):
+                self.telemetry.count_rejection(outcome.reason)
         return list(outcomes)
 
     async def analyze_stream(
@@ -283,7 +302,9 @@ class Analyzer:
                 validate_request_id(item.request_id)
                 result = await self.analyze(item.image, item.options)
             except Exception as exc:
-                return StreamOutcome(item.request_id, as_gateway_error(exc))
+                err = as_gateway_error(exc)
+                self.telemetry.count_rejection(err.reason)
+                return StreamOutcome(item.request_id, err)
             return StreamOutcome(item.request_id, result)
 
         async for outcome in bounded_map(
@@ -297,19 +318,51 @@ class Analyzer:
         self, image: bytes, options: AnalyzeOptions
     ) -> ImageResult | GatewayError:
         try:
-            inspect_image(image, self.limits)
+            self._inspect(image)
             return await self._infer(image, options)
         except Exception as exc:
             return as_gateway_error(exc)
 
+    def _inspect(self, image: bytes) -> None:
+        with self.tracer.start_as_current_span("validate"):
+            inspect_image(image, self.limits)
+
     async def _infer(self, image: bytes, options: AnalyzeOptions) -> ImageResult:
+        job = _Job(image, trace.get_current_span().get_span_context(), time.time_ns())
         try:
-            output = await self.batcher.submit(image)
+            output = await self.batcher.submit(job)
         except BatcherClosed as exc:
             raise Unavailable("SHUTTING_DOWN", "the gateway is shutting down; retry") from exc
-        # The served model may have changed while the batch ran (a reload).
-        self.monitor.check_taxonomy()
-        return assemble_result(output, self.taxonomy, options)
+        with self.tracer.start_as_current_span("decode"):
+            # The served model may have changed while the batch ran (a reload).
+            self.monitor.check_taxonomy()
+            return assemble_result(output, self.taxonomy, options)
+
+    async def _run_batch(self, jobs: list[_Job]) -> Sequence[ImageOutput | BaseException]:
+        """The batcher's backend: one ensemble call for a batch, traced and timed.
+
+        One call serves several requests, so its span ``triton_infer`` is the child of the
+        first request's span and links to every request's span; each request gets a
+        ``batch_wait`` span of its own for its time in the queue.
+        """
+        sent = time.time_ns()
+        for job in jobs:
+            wait = self.tracer.start_span(
+                "batch_wait", context=link_context(job.span), start_time=job.queued_ns
+            )
+            wait.end(end_time=sent)
+        metrics = self.telemetry.metrics
+        with (
+            self.tracer.start_as_current_span(
+                "triton_infer",
+                context=link_context(jobs[0].span),
+                links=[trace.Link(job.span) for job in jobs if job.span.is_valid],
+                attributes={"fashionserve.batch_size": len(jobs)},
+            ),
+            metrics.batches_in_flight.track_inprogress(),
+            metrics.triton_seconds.time(),
+        ):
+            return await self.pipeline.infer([job.image for job in jobs])
 
     # ------------------------------------------------------------------ info
     async def serving_info(self) -> ServingInfo:

@@ -36,7 +36,12 @@ from gateway.endpoints import EndpointPool, RetryBudget
 from gateway.errors import ErrorInterceptor
 from gateway.servicer import SERVICE_NAME, FashionAnalysisServicer
 from gateway.settings import GatewaySettings
-from gateway.telemetry import REQUEST_FIELDS, RequestContextFilter
+from gateway.telemetry import (
+    REQUEST_FIELDS,
+    RequestContextFilter,
+    Telemetry,
+    TelemetryInterceptor,
+)
 from gateway.triton_client import TritonPipeline
 from protos.fashion.v1 import analysis_service_pb2_grpc as pb_grpc
 
@@ -47,7 +52,8 @@ HEALTH_SERVICES = ("", SERVICE_NAME)
 
 class GatewayServer:
     """The running parts of one gateway: the grpc.aio server (:attr:`grpc_server`), the
-    analyzer with its batcher, the Triton client and the health monitor."""
+    analyzer with its batcher, the Triton client, the health monitor and the telemetry
+    (``/metrics`` on :attr:`metrics_port` once started, when ``metrics_port`` is set)."""
 
     def __init__(
         self,
@@ -66,6 +72,8 @@ class GatewayServer:
         self.pipeline = pipeline
         self.health = health_servicer
         self.port = port
+        self.telemetry = analyzer.telemetry
+        self.metrics_port: int | None = None
         self._monitor_task: asyncio.Task[None] | None = None
 
     @property
@@ -74,7 +82,11 @@ class GatewayServer:
         return f"{self.settings.bind_host}:{self.port}"
 
     async def start(self) -> None:
-        """Start serving and the health monitor."""
+        """Start serving, the health monitor and the metrics endpoint."""
+        if self.settings.metrics_port is not None:
+            self.metrics_port = self.telemetry.serve_metrics(
+                self.settings.bind_host, self.settings.metrics_port
+            )
         self.analyzer.start()
         await self.grpc_server.start()
         self._monitor_task = asyncio.get_running_loop().create_task(
@@ -100,6 +112,7 @@ class GatewayServer:
             sizes.mean,
             waits.mean * 1e3,
         )
+        self.telemetry.close()
 
     async def wait_for_termination(self) -> None:
         """Block until the server stops."""
@@ -157,11 +170,18 @@ async def create_server(
     monitor = ServingMonitor(
         pipeline, taxonomy, settings.health_check_interval_seconds, on_change=on_change
     )
-    analyzer = Analyzer(settings, taxonomy, pipeline, monitor)
+    telemetry = Telemetry(settings.otlp_traces_endpoint)
+    analyzer = Analyzer(settings, taxonomy, pipeline, monitor, telemetry)
+    telemetry.metrics.images_queued.set_function(lambda: analyzer.batcher.queued)
 
     server = grpc.aio.server(
-        # ErrorInterceptor first: it maps what AuthInterceptor raises.
-        interceptors=[ErrorInterceptor(), AuthInterceptor(authenticator)],
+        # TelemetryInterceptor outermost, to see every call's final status; then
+        # ErrorInterceptor, which maps what AuthInterceptor raises.
+        interceptors=[
+            TelemetryInterceptor(telemetry),
+            ErrorInterceptor(on_reported=lambda err: telemetry.count_rejection(err.reason)),
+            AuthInterceptor(authenticator),
+        ],
         # Past this gRPC answers RESOURCE_EXHAUSTED itself: with the message size limit it
         # bounds what callers can make the gateway hold in memory.
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,

@@ -215,7 +215,29 @@ class GatewaySettings(BaseSettings):
         description="Taxonomy YAML the gateway decodes with (default: the packaged one); "
         "its hash must match the served tagger's.",
     )
-    log_format: Literal["text", "json"] = Field("text", description="Log line format.")
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="Log line format. `json` lines carry the request id, tenant, trace id "
+        "and span id of the request being served.",
+    )
+    metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Serve Prometheus metrics over HTTP at /metrics on this port, on the "
+        "host of listen_address; 0 picks a free port. Off (null) by default: the port must "
+        "not collide with another process, and the metrics name tenants, so a deployment "
+        "opens it deliberately (the Helm chart does with gateway.metrics.enabled).",
+    )
+    otlp_traces_endpoint: str | None = Field(
+        None,
+        max_length=2048,
+        pattern=r"^https?://[^\s/]+/?$",
+        description="OpenTelemetry collector to export traces to over OTLP/gRPC, e.g. "
+        "http://otel-collector:4317 (http:// plaintext, https:// TLS). Unset: the standard "
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT, else no export "
+        "(the caller's traceparent is still passed on to Triton).",
+    )
     jwks_file: Path | None = Field(
         None,
         description="JWKS (JSON) of the public keys that sign bearer tokens (metadata "

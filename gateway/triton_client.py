@@ -45,6 +45,7 @@ from gateway.errors import (
     internal_error,
 )
 from gateway.results import ImageOutput
+from gateway.telemetry import trace_headers
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +213,8 @@ class TritonPipeline:
                 inputs,
                 outputs=self._outputs,
                 client_timeout=timeout,
+                # W3C traceparent of the batch's span: a Triton with tracing joins the trace.
+                headers=trace_headers(),
             )
         except InferenceServerException as exc:
             raise self._map_error(exc, len(images), timeout) from exc
