@@ -788,6 +788,7 @@ def test_engine_build_script_builds_the_newest_versions(render: Render, tmp_path
         (["--set", "modelRepository.objectStorage.url=http://bucket/x"], "objectStorage.url"),
         (["--set", "gateway.config.max_batch_sizes=8"], "max_batch_sizes"),
         (["--set", "gateway.config.log_format=xml"], "log_format"),
+        (["--set", "gateway.config.otlp_traces_endpoint=collector:4317"], "otlp_traces_endpoint"),
         (["--set", "gateway.resources.limits=null"], "limits"),
         (
             ["--set-json", 'gateway.auth.apiKeys=[{"id":"dev","hash":"dev.secret-in-clear"}]'],
