@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
+import time
+
+import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from gateway.triton_client import channel_args, served_state_from_config
+from gateway.errors import DeadlineExceeded
+from gateway.triton_client import TritonPipeline, channel_args, served_state_from_config
 
 CONFIG = """
 name: "fashion_pipeline"
@@ -64,3 +70,23 @@ def test_message_limits_fit_a_full_batch_of_the_largest_images() -> None:
     assert args["grpc.max_receive_message_length"] >= 8 * 20 * 1024 * 1024
     huge = dict(channel_args(max_batch_size=256, max_image_bytes=2**30))
     assert huge["grpc.max_send_message_length"] == 2**31 - 1  # a C int
+
+
+def test_a_call_whose_deadline_has_passed_is_not_sent() -> None:
+    """No Triton listens at the address: a call that were sent would be UNAVAILABLE."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    async def call() -> None:
+        pipeline = TritonPipeline(
+            f"127.0.0.1:{port}", max_batch_size=1, max_image_bytes=1024, request_timeout_seconds=5
+        )
+        try:
+            await pipeline.infer([b"x"], deadline=time.monotonic() - 0.001)
+        finally:
+            await pipeline.close()
+
+    with pytest.raises(DeadlineExceeded) as info:
+        asyncio.run(call())
+    assert info.value.reason == "DEADLINE_EXCEEDED"
