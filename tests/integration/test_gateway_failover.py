@@ -221,3 +221,28 @@ def test_sigterm_under_load_lets_every_call_in_flight_finish(
         assert "gateway stopped" in gateway.log.read_text()
     finally:
         gateway.stop()
+
+
+def test_a_call_whose_deadline_passes_in_the_queue_never_reaches_triton(
+    own_triton: TritonServer, tmp_path: Path, scene: bytes
+) -> None:
+    # A lone call waits a whole second for its batch to fill; its caller gives it 0.3 s.
+    gateway = start_gateway(
+        own_triton.grpc_url, tmp_path / "gw", max_queue_delay_microseconds=1_000_000
+    )
+    try:
+        gateway.wait_health(SERVING)
+        before = served(own_triton)
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            gateway.stub.Analyze(
+                pb.AnalyzeRequest(image=pb.Image(data=scene)), metadata=gateway.auth, timeout=0.3
+            )
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - started < 1.0
+        time.sleep(1.2)  # past the batch's delay: had it been kept, it would have been sent
+        assert served(own_triton) == before
+        assert len(gateway.analyze(scene).garments) == 2
+        assert served(own_triton) == before + 1
+    finally:
+        gateway.stop()
