@@ -262,10 +262,9 @@ class EndpointPool:
         while True:
             endpoint = self._pick(tried)
             if endpoint is None:
+                # No addresses in the error: callers need not learn the fleet's layout.
                 raise Unavailable(
-                    "NO_TRITON_SERVING",
-                    "no inference server is serving; retry later",
-                    {"tritonTargets": self.url},
+                    "NO_TRITON_SERVING", "no inference server is serving; retry later"
                 )
             tried.add(endpoint.address)
             started = time.monotonic()
