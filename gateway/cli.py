@@ -56,9 +56,16 @@ def add_gateway_commands(subparsers: Any) -> None:
     )
     p.add_argument("--log-format", choices=["text", "json"])
     p.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus /metrics on this port (0 picks one; default: off)",
+    )
+    p.add_argument(
         "--ready-file",
         type=Path,
-        help='write {"address": "HOST:PORT", "port": N} here once listening',
+        help='write {"address": "HOST:PORT", "port": N, "metrics_port": M or null} here '
+        "once listening",
     )
 
     keys = subparsers.add_parser("keys", help="API keys").add_subparsers(
@@ -97,6 +104,7 @@ def _gateway(args: argparse.Namespace) -> int:
         "max_batch_size": args.max_batch_size,
         "max_queue_delay_microseconds": args.max_queue_delay_microseconds,
         "log_format": args.log_format,
+        "metrics_port": args.metrics_port,
     }
     if args.no_auth:
         flags["auth_enabled"] = False

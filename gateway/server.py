@@ -280,14 +280,20 @@ async def serve_async(
 def serve(settings: GatewaySettings, ready_file: Path | None = None) -> int:
     """Blocking entry point of ``fashionserve gateway``; returns the exit code.
 
-    With ``ready_file``, writes ``{"address": "HOST:PORT"}`` there once listening (for
-    scripts and tests that bind port 0).
+    With ``ready_file``, writes ``{"address": "HOST:PORT", "port": N, "metrics_port": M}``
+    there once listening (for scripts and tests that bind port 0; ``metrics_port`` is null
+    when metrics are off).
     """
 
     def on_ready(gateway: GatewayServer) -> None:
         if ready_file is not None:
             tmp = ready_file.with_name(ready_file.name + ".tmp")
-            tmp.write_text(json.dumps({"address": gateway.address, "port": gateway.port}))
+            ready = {
+                "address": gateway.address,
+                "port": gateway.port,
+                "metrics_port": gateway.metrics_port,
+            }
+            tmp.write_text(json.dumps(ready))
             tmp.replace(ready_file)
 
     try:
