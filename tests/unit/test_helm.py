@@ -560,7 +560,12 @@ def test_existing_secret_replaces_the_chart_secret(render: Render) -> None:
     ids=["chart-secret", "existing-secret"],
 )
 def test_jwks_comes_from_the_secret(render: Render, args: list[str], secret_name: str) -> None:
-    manifests = render("default", *args)
+    from gateway.settings import GatewaySettings
+
+    claims = "gateway.config.jwt_issuer=https://idp.example,gateway.config.jwt_audience=fs"
+    manifests = render("default", *args, "--set", claims)
+    settings = GatewaySettings(**gateway_config(manifests))
+    assert (settings.jwt_issuer, settings.jwt_audience) == ("https://idp.example", "fs")
     pod = one(manifests, "Deployment", "gateway")["spec"]["template"]["spec"]
     volume = next(v for v in pod["volumes"] if v["name"] == "auth")
     assert volume["secret"]["secretName"] == secret_name
@@ -773,6 +778,30 @@ def test_engine_build_script_builds_the_newest_versions(render: Render, tmp_path
     assert len(rebuilt) == 1 and "/tagger/" in rebuilt[0]
 
 
+def test_tls_and_quotas_reach_the_gateway_settings(render: Render) -> None:
+    from gateway.settings import GatewaySettings
+
+    manifests = render(
+        "default",
+        "--set",
+        "gateway.tls.enabled=true,gateway.tls.secretName=gw-tls,gateway.tls.requireClientCert=true",
+        "--set",
+        "gateway.readinessProbe.type=tcpSocket",
+        "--set",
+        "gateway.config.tenant_quotas.checkout.images_per_second=2000",
+    )
+    settings = GatewaySettings(**gateway_config(manifests))
+    assert settings.quota_for("checkout").images_per_second == 2000
+    assert settings.quota_for("other") == settings.tenant_quota
+    pod = one(manifests, "Deployment", "gateway")["spec"]["template"]["spec"]
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "tls")
+    volume = next(v for v in pod["volumes"] if v["name"] == "tls")
+    assert volume["secret"]["secretName"] == "gw-tls"
+    paths = {f"{mount['mountPath']}/{item['path']}" for item in volume["secret"]["items"]}
+    files = {settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file}
+    assert {str(f) for f in files} == paths
+
+
 @pytest.mark.parametrize(
     ("args", "complaint"),
     [
@@ -788,6 +817,8 @@ def test_engine_build_script_builds_the_newest_versions(render: Render, tmp_path
         (["--set", "modelRepository.objectStorage.url=http://bucket/x"], "objectStorage.url"),
         (["--set", "gateway.config.max_batch_sizes=8"], "max_batch_sizes"),
         (["--set", "gateway.config.log_format=xml"], "log_format"),
+        (["--set", "gateway.config.tenant_quotas.acme.burst=9"], "burst"),
+        (["--set", "gateway.config.tenant_quota.images_per_second=0"], "images_per_second"),
         (["--set", "gateway.config.otlp_traces_endpoint=collector:4317"], "otlp_traces_endpoint"),
         (["--set", "gateway.resources.limits=null"], "limits"),
         (
@@ -813,6 +844,12 @@ def test_values_violating_the_schema_are_refused(
         (["--set", "engineBuild.enabled=true"], "existingClaim"),
         (["--set", "modelRepository.source=objectStorage"], "objectStorage.url"),
         (["--kube-version", "1.26.0"], "kubeVersion"),
+        (["--set-json", 'gateway.auth.jwks="{}"'], "jwt_issuer and gateway.config.jwt_audience"),
+        (["--set", "gateway.tls.enabled=true"], "gateway.tls.secretName"),
+        (
+            ["--set", "gateway.tls.enabled=true,gateway.tls.secretName=tls"],
+            "set gateway.readinessProbe.type=tcpSocket",
+        ),
     ],
 )
 def test_inconsistent_values_are_refused(helm: str, args: list[str], complaint: str) -> None:

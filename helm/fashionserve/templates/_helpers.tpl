@@ -167,6 +167,15 @@ mount paths, the grace period).
 {{- $_ = set $cfg "jwks_file" (printf "%s/%s" .Values.gateway.auth.mountPath $jwksKey) -}}
 {{- end -}}
 {{- end -}}
+{{- with .Values.gateway.tls -}}
+{{- if .enabled -}}
+{{- $_ = set $cfg "tls_cert_file" (printf "%s/tls.crt" .mountPath) -}}
+{{- $_ = set $cfg "tls_key_file" (printf "%s/tls.key" .mountPath) -}}
+{{- if .requireClientCert -}}
+{{- $_ = set $cfg "tls_client_ca_file" (printf "%s/ca.crt" .mountPath) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- toYaml $cfg -}}
 {{- end -}}
 

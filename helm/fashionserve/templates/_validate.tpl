@@ -26,6 +26,19 @@ names the values to fix. Included once, at the top of gateway-configmap.yaml (al
 {{- if and (eq .Values.modelRepository.source "pvc") (not $pvc.create) (not $pvc.existingClaim) -}}
 {{- fail "modelRepository.source=pvc needs modelRepository.pvc.create=true or modelRepository.pvc.existingClaim" -}}
 {{- end -}}
+{{- if and $gw.auth.enabled (include "fashionserve.gateway.jwksKey" .) (not (and $gw.config.jwt_issuer $gw.config.jwt_audience)) -}}
+{{- fail "a JWKS is configured (gateway.auth.jwks or existingSecret.jwksKey): set gateway.config.jwt_issuer and gateway.config.jwt_audience, the claims every token must carry" -}}
+{{- end -}}
+{{- if and $gw.tls.enabled (not $gw.tls.secretName) -}}
+{{- fail "gateway.tls.enabled needs gateway.tls.secretName (a kubernetes.io/tls Secret with tls.crt and tls.key, and ca.crt for requireClientCert)" -}}
+{{- end -}}
+{{- if $gw.tls.enabled -}}
+{{- range $name := list "startupProbe" "readinessProbe" "livenessProbe" -}}
+{{- if eq (index $gw $name).type "grpc" -}}
+{{- fail (printf "gateway.tls.enabled: the kubelet's gRPC probes cannot speak TLS; set gateway.%s.type=tcpSocket" $name) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- if and .Values.modelRepository.objectStorage.gcsCredentialsKey (not .Values.modelRepository.objectStorage.existingSecret) -}}
 {{- fail "modelRepository.objectStorage.gcsCredentialsKey names a key of modelRepository.objectStorage.existingSecret, which is empty" -}}
 {{- end -}}
