@@ -30,7 +30,13 @@ from grpc_reflection.v1alpha import reflection
 
 from fashionserve.taxonomy import Taxonomy, load_taxonomy
 from gateway import __version__
-from gateway.auth import Authenticator, AuthInterceptor, server_credentials
+from gateway.auth import (
+    Authenticator,
+    AuthInterceptor,
+    JwksError,
+    KeyFileError,
+    server_credentials,
+)
 from gateway.core import Analyzer, ServingMonitor
 from gateway.endpoints import EndpointPool, RetryBudget
 from gateway.errors import ErrorInterceptor
@@ -298,7 +304,7 @@ def serve(settings: GatewaySettings, ready_file: Path | None = None) -> int:
 
     try:
         asyncio.run(serve_async(settings, on_ready))
-    except OSError as exc:
+    except (OSError, KeyFileError, JwksError) as exc:  # a port, key, JWKS or TLS file
         log.error("%s", exc)
         return 1
     return 0
