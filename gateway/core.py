@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 # Until Triton has told us its cap (ensemble parameter max_crops_per_image), accept any
 # max_garments up to this; the ensemble never returns more than its own cap anyway.
 FALLBACK_MAX_GARMENTS = 1024
+# Taxonomies of recently served taggers kept for decoding results still in flight.
+_RECENT_TAXONOMIES = 4
 # A request that finds the pipeline not serving re-checks Triton at most this often.
 _RECHECK_SECONDS = 0.5
 
@@ -135,6 +137,27 @@ class ServingMonitor:
         self.problem = "not checked yet"
         self._refreshing: asyncio.Task[bool] | None = None
         self._last_refresh = 0.0
+        # Taxonomies served lately, newest last: results of a tagger version that was just
+        # switched away from may still arrive, and are decoded with its own taxonomy.
+        self._recent: dict[str, Taxonomy] = {}
+
+    @property
+    def served_taxonomy(self) -> Taxonomy:
+        """The taxonomy callers get results in: the served tagger's own when the ensemble
+        publishes it (a rollout that adds labels needs no gateway restart), else the
+        gateway's ``taxonomy_file``, which then must match the served hash."""
+        return self.state.taxonomy or self.taxonomy
+
+    def decoding_taxonomy(self, width: int) -> Taxonomy | None:
+        """The taxonomy whose logit layout is ``width`` wide: the served one first, then
+        those of the other endpoints and of recent versions (a rollout in progress)."""
+        endpoint_states = [e.state for e in self.pipeline.endpoints.values()]
+        candidates = [
+            self.served_taxonomy,
+            *(s.taxonomy for s in endpoint_states if s.taxonomy is not None),
+            *reversed(self._recent.values()),
+        ]
+        return next((t for t in candidates if t.num_logits == width), None)
 
     async def refresh(self) -> bool:
         """Check Triton now (concurrent callers share one check); return ``serving``."""
@@ -147,6 +170,20 @@ class ServingMonitor:
         state = await self.pipeline.describe()
         problem = serving_problem(state, self.taxonomy)
         serving = not problem
+        before = self.served_taxonomy
+        if state.taxonomy is not None and state.taxonomy.hash != before.hash:
+            log.info(
+                "decoding with the served taxonomy %s (%s), was %s (%s)",
+                state.taxonomy.version,
+                state.taxonomy.hash[:12],
+                before.version,
+                before.hash[:12],
+            )
+        if state.taxonomy is not None:
+            self._recent.pop(state.taxonomy.hash, None)
+            self._recent[state.taxonomy.hash] = state.taxonomy
+            while len(self._recent) > _RECENT_TAXONOMIES:
+                self._recent.pop(next(iter(self._recent)))
         self.state = state
         changed = serving != self.serving or problem != self.problem
         self.serving, self.problem = serving, problem
@@ -183,8 +220,13 @@ class ServingMonitor:
 
     def check_taxonomy(self) -> None:
         """Raise UNAVAILABLE (TAXONOMY_MISMATCH) if the served tagger is known to have been
-        exported with another taxonomy than the gateway's: its logits cannot be decoded."""
-        if self.state.ready and self.state.taxonomy_hash != self.taxonomy.hash:
+        exported with another taxonomy than the gateway's, one the ensemble does not
+        publish: its logits cannot be decoded."""
+        if (
+            self.state.ready
+            and self.state.taxonomy is None
+            and self.state.taxonomy_hash != self.taxonomy.hash
+        ):
             raise Unavailable(
                 "TAXONOMY_MISMATCH",
                 self.problem,
@@ -212,8 +254,8 @@ class Analyzer:
         monitor: ServingMonitor,
         telemetry: Telemetry,
     ) -> None:
+        del taxonomy  # the monitor's: it follows the served tagger (see ServingMonitor)
         self.settings = settings
-        self.taxonomy = taxonomy
         self.pipeline = pipeline
         self.monitor = monitor
         self.telemetry = telemetry
@@ -226,6 +268,11 @@ class Analyzer:
             max_batches_in_flight=settings.max_batches_in_flight,
         )
         self.admission = Admission(settings, queued=lambda: self.batcher.queued)
+
+    @property
+    def taxonomy(self) -> Taxonomy:
+        """The taxonomy results are decoded with (GetTaxonomy, GetServingInfo)."""
+        return self.monitor.served_taxonomy
 
     def start(self) -> None:
         """Start the batcher (inside the event loop)."""
@@ -336,7 +383,31 @@ class Analyzer:
         with self.tracer.start_as_current_span("decode"):
             # The served model may have changed while the batch ran (a reload).
             self.monitor.check_taxonomy()
-            return assemble_result(output, self.taxonomy, options)
+            return assemble_result(output, await self._taxonomy_for(output), options)
+
+    async def _taxonomy_for(self, output: ImageOutput) -> Taxonomy:
+        """The taxonomy of the tagger that produced ``output``, told by its logit width.
+
+        A rollout switches the served tagger between two health checks, so a result may
+        come from a tagger the gateway has not described yet (re-check once), or from the
+        one just switched away from (still known). A rollout that renames labels without
+        changing the logit count cannot be told apart this way: the compatibility check
+        refuses it unless forced (see README, "Versions and rollouts").
+        """
+        if not output.garments:
+            return self.taxonomy
+        width = int(output.garments[0].logits.shape[-1])
+        found = self.monitor.decoding_taxonomy(width)
+        if found is None:
+            await self.monitor.refresh()
+            found = self.monitor.decoding_taxonomy(width)
+        if found is None:
+            raise Unavailable(
+                "TAXONOMY_MISMATCH",
+                f"the served tagger returned {width} logits; no known taxonomy has that layout",
+                {"logits": str(width), "gatewayTaxonomyHash": self.taxonomy.hash},
+            )
+        return found
 
     async def _run_batch(self, jobs: list[_Job]) -> Sequence[ImageOutput | BaseException]:
         """The batcher's backend: one ensemble call for a batch, traced and timed.

@@ -23,6 +23,7 @@ and receive limits are raised explicitly to fit ``max_batch_size`` images of
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -83,15 +84,19 @@ class ServedState:
     max_crops_per_image: int = 0
     embedding_dimension: int = 0
     parameters: dict[str, str] = field(default_factory=dict)
+    # The served tagger's own taxonomy, when the ensemble publishes it (verified against
+    # taxonomy_hash): the gateway decodes with it, so a rollout that adds labels needs no
+    # gateway restart.
+    taxonomy: Taxonomy | None = None
 
 
 def serving_problem(state: ServedState, taxonomy: Taxonomy) -> str:
     """Why the pipeline described by ``state`` cannot serve with ``taxonomy`` ("" if it can):
-    Triton not ready, or the served tagger exported with another taxonomy (its logits
-    cannot be decoded)."""
+    Triton not ready, or the served tagger exported with another taxonomy that the
+    ensemble does not publish (its logits cannot be decoded)."""
     if not state.ready:
         return state.problem
-    if state.taxonomy_hash != taxonomy.hash:
+    if state.taxonomy is None and state.taxonomy_hash != taxonomy.hash:
         return (
             f"the served tagger was exported with taxonomy "
             f"{state.taxonomy_version or '?'} (hash {state.taxonomy_hash[:12] or 'unknown'}), "
@@ -263,8 +268,10 @@ class TritonPipeline:
     async def describe(self) -> ServedState:
         """Readiness plus the served facts; never raises (a failure is ``ready=False``)."""
         try:
-            if not await self._client.is_server_ready(client_timeout=_STATUS_TIMEOUT):
-                return ServedState(False, "Triton is not ready")
+            # Live, not ready: with --strict-readiness a server is "not ready" while any
+            # model (re)loads, and a rollout reloads models while the ensemble serves.
+            if not await self._client.is_server_live(client_timeout=_STATUS_TIMEOUT):
+                return ServedState(False, "Triton is not live")
             if not await self._client.is_model_ready(
                 self.model_name, client_timeout=_STATUS_TIMEOUT
             ):
@@ -308,12 +315,19 @@ def served_state_from_config(
     for output in config.output:
         if output.name == ensemble.EMBEDDINGS and len(output.dims) >= 1:
             embedding_dim = max(int(output.dims[-1]), 0)
+    # `repo build` pins each step to an exact version: that is the one served. A step at
+    # -1 (a repository built before pinning) uses the newest loaded version.
+    pinned = {
+        s.model_name: str(s.model_version)
+        for s in config.ensemble_scheduling.step
+        if s.model_version > 0
+    }
     models: list[ServedModel] = []
     for name in PIPELINE_MODELS:
         built = params.get(f"{name}_version", "")
         versions = (loaded or {}).get(name) or ([built] if built else [])
-        # The ensemble's steps use version -1 (the newest loaded).
-        served = max(versions, key=lambda v: int(v) if v.isdigit() else -1, default="")
+        newest = max(versions, key=lambda v: int(v) if v.isdigit() else -1, default="")
+        served = pinned.get(name, newest)
         sha = params.get(f"{name}_sha256", "") if served == built else ""
         models.append(ServedModel(name, served, sha))
     # The recorded taxonomy hash is that of the tagger version the ensemble was built with;
@@ -322,6 +336,7 @@ def served_state_from_config(
     recorded_tagger = params.get("tagger_version", tagger.version)
     taxonomy_hash = params.get("taxonomy_hash", "") if tagger.version == recorded_tagger else ""
     return ServedState(
+        taxonomy=_published_taxonomy(params.get("taxonomy_document", ""), taxonomy_hash),
         ready=True,
         taxonomy_hash=taxonomy_hash,
         taxonomy_version=params.get("taxonomy_version", ""),
@@ -332,6 +347,25 @@ def served_state_from_config(
         embedding_dimension=embedding_dim,
         parameters=params,
     )
+
+
+def _published_taxonomy(document: str, expected_hash: str) -> Taxonomy | None:
+    """The taxonomy the ensemble publishes, if it parses and hashes to ``expected_hash``."""
+    if not document or not expected_hash:
+        return None
+    try:
+        taxonomy = Taxonomy.from_dict(json.loads(document), source="the served ensemble")
+    except (ValueError, TypeError) as exc:  # TaxonomyError is a ValueError
+        log.error("the served ensemble's taxonomy_document is invalid: %s", exc)
+        return None
+    if taxonomy.hash != expected_hash:
+        log.error(
+            "the served ensemble's taxonomy_document hashes to %s, not to its taxonomy_hash %s",
+            taxonomy.hash[:12],
+            expected_hash[:12],
+        )
+        return None
+    return taxonomy
 
 
 class _Rejected(Exception):

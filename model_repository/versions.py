@@ -286,7 +286,13 @@ def _switch_live(
     current = ensemble_versions(repo)
     # 1. both versions loaded, the ensemble still calling the old one
     build_repository(repo, settings, versions={**current, model: old}, also_load={model: [new]})
-    _load(triton_url, [model])
+    try:
+        _load(triton_url, [model])
+    except RepositoryError:
+        # The new version does not load (Triton keeps serving the old one): put the
+        # configs back as they were, so that a restart serves what runs now.
+        build_repository(repo, settings, versions={**current, model: old})
+        raise
     # 2. the ensemble calls the new one: the atomic switch
     build_repository(repo, settings, versions={**current, model: new}, also_load={model: [old]})
     _load(triton_url, [ENSEMBLE])

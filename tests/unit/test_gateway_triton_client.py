@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
 
@@ -10,8 +11,14 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from fashionserve.taxonomy import Taxonomy, load_taxonomy
 from gateway.errors import DeadlineExceeded
-from gateway.triton_client import TritonPipeline, channel_args, served_state_from_config
+from gateway.triton_client import (
+    TritonPipeline,
+    channel_args,
+    served_state_from_config,
+    serving_problem,
+)
 
 CONFIG = """
 name: "fashion_pipeline"
@@ -90,3 +97,31 @@ def test_a_call_whose_deadline_has_passed_is_not_sent() -> None:
     with pytest.raises(DeadlineExceeded) as info:
         asyncio.run(call())
     assert info.value.reason == "DEADLINE_EXCEEDED"
+
+
+def test_the_version_an_ensemble_step_is_pinned_to_is_the_served_one() -> None:
+    pinned = config()
+    step = pinned.ensemble_scheduling.step.add()
+    step.model_name, step.model_version = "tagger", 3
+    # During a rollout Triton has versions 3 and 4 of the tagger loaded; the ensemble
+    # still calls 3, so 3 is served and its taxonomy is known.
+    state = served_state_from_config(pinned, {"tagger": ["3", "4"]})
+    assert next(m for m in state.models if m.name == "tagger").version == "3"
+    assert state.taxonomy_hash == "feed"
+
+
+def test_a_published_taxonomy_is_used_only_when_it_matches_the_recorded_hash() -> None:
+    taxonomy = load_taxonomy()
+    published = config()
+    published.parameters["taxonomy_hash"].string_value = taxonomy.hash
+    published.parameters["taxonomy_document"].string_value = json.dumps(taxonomy.to_dict())
+    state = served_state_from_config(published, {"tagger": ["3"]})
+    assert state.taxonomy is not None and state.taxonomy.hash == taxonomy.hash
+    other = Taxonomy.from_dict({**taxonomy.to_dict(), "version": "9.9"})
+    # The gateway's own taxonomy differs, but the served one is published: it can decode.
+    assert serving_problem(state, other) == ""
+
+    published.parameters["taxonomy_hash"].string_value = "f00d"  # document does not match
+    state = served_state_from_config(published, {"tagger": ["3"]})
+    assert state.taxonomy is None
+    assert "the gateway decodes with 9.9" in serving_problem(state, other)
