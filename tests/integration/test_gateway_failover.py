@@ -145,6 +145,21 @@ def test_two_tritons_one_killed_under_load_no_call_fails(
         gateway.stop()
 
 
+def test_a_dns_name_is_resolved_to_the_servers_behind_it(
+    own_triton: TritonServer, tmp_path: Path, scene: bytes
+) -> None:
+    """As the Helm chart configures it (dns:/// of Triton's headless Service)."""
+    gateway = start_gateway(f"dns:///localhost:{own_triton.grpc_port}", tmp_path / "gw")
+    try:
+        gateway.wait_health(SERVING)
+        assert len(gateway.analyze(scene).garments) == 2
+        assert f"Triton endpoint 127.0.0.1:{own_triton.grpc_port} is serving" in (
+            gateway.log.read_text()
+        )
+    finally:
+        gateway.stop()
+
+
 def test_the_only_triton_killed_fails_fast_then_recovers(
     spare_triton: TritonServer, tmp_path: Path, scene: bytes
 ) -> None:
