@@ -273,7 +273,6 @@ class EndpointPool:
             caller_limited = deadline is not None and deadline - started < self.request_timeout
             try:
                 with endpoint.busy():
-                    # One attempt on one endpoint: where a tracing span per Triton call goes.
                     return await endpoint.pipeline.infer(images, deadline)
             except (Unavailable, DeadlineExceeded) as exc:
                 if isinstance(exc, Unavailable) or not caller_limited:
