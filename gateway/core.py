@@ -260,7 +260,12 @@ class Analyzer:
         self.monitor = monitor
         self.telemetry = telemetry
         self.tracer = telemetry.tracer
-        self.limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
+        self.limits = ImageLimits(
+            max_image_bytes=settings.max_image_bytes,
+            max_image_pixels=settings.max_image_pixels,
+            max_jpeg_scans=settings.max_jpeg_scans,
+            max_png_chunks=settings.max_png_chunks,
+        )
         self.batcher: MicroBatcher[_Job, ImageOutput] = MicroBatcher(
             self._run_batch,
             max_batch_size=settings.max_batch_size,

@@ -163,6 +163,22 @@ class GatewaySettings(BaseSettings):
         description="Largest image accepted, width x height (read from the header, "
         "before any decode).",
     )
+    max_jpeg_scans: int = Field(
+        100,
+        ge=1,
+        le=100_000,
+        description="Most scans (SOS markers) a JPEG may have; a progressive photo has about "
+        "ten. Each scan is a full pass over the image, so many nearly empty scans would "
+        "make decoding take minutes (TOO_MANY_SCANS).",
+    )
+    max_png_chunks: int = Field(
+        10_000,
+        ge=3,
+        le=10_000_000,
+        description="Most chunks a PNG may have (image data is usually split in 8-64 KiB "
+        "chunks). Chunks are parsed one by one, so millions of empty ones would stall the "
+        "gateway for seconds (TOO_MANY_CHUNKS).",
+    )
     max_message_bytes: int = Field(
         64 * MIB,
         ge=MIB,

@@ -11,7 +11,7 @@ decode can see is reported by Triton's preprocess step and mapped back to the im
 
 Every failure is an :class:`~gateway.errors.InvalidArgument` whose reason names the
 problem: EMPTY_IMAGE, IMAGE_TOO_LARGE, NOT_AN_IMAGE, UNSUPPORTED_FORMAT, TOO_MANY_PIXELS,
-CORRUPT_IMAGE, INVALID_OPTION, INVALID_REQUEST_ID, NO_IMAGES, TOO_MANY_IMAGES; a stream
+TOO_MANY_SCANS, TOO_MANY_CHUNKS, CORRUPT_IMAGE, INVALID_OPTION, INVALID_REQUEST_ID, NO_IMAGES, TOO_MANY_IMAGES; a stream
 past its length limits (:class:`StreamLimit`) ends with
 :class:`~gateway.errors.ResourceExhausted` STREAM_TOO_LONG.
 
@@ -49,6 +49,8 @@ class ImageLimits:
 
     max_image_bytes: int
     max_image_pixels: int
+    max_jpeg_scans: int
+    max_png_chunks: int
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,11 @@ def inspect_image(data: bytes, limits: ImageLimits) -> ImageInfo:
             f"{fmt} images are not accepted (accepted: {', '.join(ACCEPTED_FORMATS)})",
             {"format": fmt, "acceptedFormats": ",".join(ACCEPTED_FORMATS)},
         )
-    if fmt == "WEBP":
+    if fmt == "JPEG":
+        _check_jpeg_scans(data, limits.max_jpeg_scans)
+    elif fmt == "PNG":
+        _check_png_chunks(data, limits.max_png_chunks)
+    elif fmt == "WEBP":
         # The RIFF header says how long the file is: a shorter one was cut (checked before
         # PIL, whose WebP plugin sets up a decoder when it opens the file).
         declared = int.from_bytes(data[4:8], "little") + 8
@@ -128,6 +134,38 @@ def inspect_image(data: bytes, limits: ImageLimits) -> ImageInfo:
         )
     _check_complete(data, fmt, img)
     return ImageInfo(fmt, width, height, size)
+
+
+def _check_jpeg_scans(data: bytes, max_scans: int) -> None:
+    """Refuse a JPEG with more scans than a real photo has (a progressive one has about
+    ten). Each scan is a pass over every coefficient of the image, so a few megabytes of
+    nearly empty scans make a decoder spend minutes on one image. Counting SOS markers
+    is a C-speed search; one inside a thumbnail or binary metadata only counts extra."""
+    scans = data.count(b"\xff\xda")
+    if scans > max_scans:
+        raise InvalidArgument(
+            "TOO_MANY_SCANS",
+            f"the JPEG image has {scans} scans, over the limit of {max_scans}",
+            {"scans": scans, "maxJpegScans": max_scans},
+        )
+
+
+def _check_png_chunks(data: bytes, max_chunks: int) -> None:
+    """Refuse a PNG made of more chunks than ``max_chunks``, walking at most that many
+    chunk headers. PIL parses chunks one by one in Python: a file of millions of empty
+    chunks would hold the gateway's event loop for seconds."""
+    pos, count, size = 8, 0, len(data)
+    while pos + 8 <= size and count <= max_chunks:
+        count += 1
+        if data[pos + 4 : pos + 8] == b"IEND":
+            return
+        pos += 12 + int.from_bytes(data[pos : pos + 4], "big")
+    if count > max_chunks:
+        raise InvalidArgument(
+            "TOO_MANY_CHUNKS",
+            f"the PNG image has more than {max_chunks} chunks",
+            {"maxPngChunks": max_chunks},
+        )
 
 
 def _check_complete(data: bytes, fmt: str, img: Image.Image) -> None:

@@ -236,6 +236,22 @@ def png_text_bomb() -> bytes:
     return bytes(data[:at] + chunk + data[at:])
 
 
+def jpeg_scan_bomb() -> bytes:
+    """A progressive JPEG followed by 80,000 nearly empty scans (880 KB). Each scan is a
+    pass over the whole image: PIL takes 30 s on one such file of 2000 x 2000 pixels."""
+    data = scene("JPEG", progressive=True)
+    sos = data.rindex(b"\xff\xda")
+    header = data[sos : sos + 2 + int.from_bytes(data[sos + 2 : sos + 4], "big")]
+    return data[:-2] + (header + b"\x00") * 80_000 + b"\xff\xd9"
+
+
+def png_chunk_spam() -> bytes:
+    """A valid PNG with 80,000 empty private chunks (960 KB) before its image data."""
+    data = scene("PNG")
+    at = data.index(b"IDAT") - 4
+    return data[:at] + png_chunk(b"prVt", b"") * 80_000 + data[at:]
+
+
 def animated(fmt: str) -> bytes:
     """Two frames: the first has SCENE_RECTS, the second a different garment."""
     first = Image.fromarray(drawing(400, 240, SCENE_RECTS))
@@ -389,6 +405,12 @@ IMAGE_CASES: dict[str, ImageCase] = {
     ),
     "WebP canvas claiming 16384 x 16384": ImageCase(
         lambda: webp_with_canvas(16384, 16384), PIXELS_REFUSED
+    ),
+    "JPEG scan bomb (80,000 empty scans)": ImageCase(
+        jpeg_scan_bomb, Refused(INVALID, "TOO_MANY_SCANS", {"maxJpegScans": "100", "scans": None})
+    ),
+    "PNG of 80,000 empty chunks": ImageCase(
+        png_chunk_spam, Refused(INVALID, "TOO_MANY_CHUNKS", {"maxPngChunks": "10000"})
     ),
     # PIL refuses a text chunk that inflates past 1 MiB (PngImagePlugin.MAX_TEXT_CHUNK).
     "PNG text chunk inflating to 64 MiB": ImageCase(

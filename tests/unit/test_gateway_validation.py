@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import struct
 import time
@@ -23,7 +24,9 @@ from gateway.validation import (
     validate_request_id,
 )
 
-LIMITS = ImageLimits(max_image_bytes=2_000_000, max_image_pixels=4_000_000)
+LIMITS = ImageLimits(
+    max_image_bytes=2_000_000, max_image_pixels=4_000_000, max_jpeg_scans=100, max_png_chunks=1000
+)
 
 
 def encode(fmt: str, size: tuple[int, int] = (64, 48), mode: str = "RGB", **kw: object) -> bytes:
@@ -125,7 +128,7 @@ def test_svg_and_heif_are_named_unsupported() -> None:
 
 
 def test_too_many_bytes() -> None:
-    small = ImageLimits(max_image_bytes=1000, max_image_pixels=LIMITS.max_image_pixels)
+    small = dataclasses.replace(LIMITS, max_image_bytes=1000)
     with pytest.raises(InvalidArgument) as info:
         inspect_image(encode("PNG", (64, 64)), small)
     assert info.value.reason == "IMAGE_TOO_LARGE"
@@ -201,6 +204,54 @@ def test_image_count() -> None:
         with pytest.raises(InvalidArgument) as info:
             validate_image_count(count, 16)
         assert info.value.reason == expected
+
+
+# ------------------------------------------------------------------ parser work
+def jpeg_scan_bomb(extra_scans: int) -> bytes:
+    """A progressive JPEG followed by ``extra_scans`` nearly empty scans (11 bytes each),
+    each of which costs a decoder a pass over the whole image."""
+    data = encode("JPEG", (256, 256), progressive=True)
+    last_sos = data.rindex(b"\xff\xda")
+    header = data[
+        last_sos : last_sos + 2 + int.from_bytes(data[last_sos + 2 : last_sos + 4], "big")
+    ]
+    return data[:-2] + (header + b"\x00") * extra_scans + b"\xff\xd9"
+
+
+def test_a_progressive_jpeg_is_within_the_scan_limit() -> None:
+    data = encode("JPEG", (256, 256), progressive=True)
+    assert 2 < data.count(b"\xff\xda") <= 20
+    assert inspect_image(data, LIMITS).format == "JPEG"
+
+
+def test_a_jpeg_with_too_many_scans_is_refused_before_decoding() -> None:
+    data = jpeg_scan_bomb(20_000)
+    started = time.monotonic()
+    with pytest.raises(InvalidArgument) as info:
+        inspect_image(data, LIMITS)
+    assert time.monotonic() - started < 0.1
+    assert info.value.reason == "TOO_MANY_SCANS"
+    assert info.value.metadata["maxJpegScans"] == "100"
+    assert int(info.value.metadata["scans"]) > 20_000
+
+
+def png_with_chunks(count: int) -> bytes:
+    """A valid PNG with ``count`` empty private chunks before its image data."""
+    data = encode("PNG", (16, 16))
+    at = data.index(b"IDAT") - 4
+    empty = struct.pack(">I", 0) + b"prVt" + struct.pack(">I", zlib.crc32(b"prVt"))
+    return data[:at] + empty * count + data[at:]
+
+
+def test_png_chunk_limit() -> None:
+    assert inspect_image(png_with_chunks(900), LIMITS).format == "PNG"
+    data = png_with_chunks(150_000)  # 1.8 MB of empty chunks
+    started = time.monotonic()
+    with pytest.raises(InvalidArgument) as info:
+        inspect_image(data, LIMITS)
+    assert time.monotonic() - started < 0.05  # at most max_png_chunks headers walked
+    assert info.value.reason == "TOO_MANY_CHUNKS"
+    assert info.value.metadata == {"maxPngChunks": "1000"}
 
 
 # ------------------------------------------------------------------ stream length
