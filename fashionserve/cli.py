@@ -7,6 +7,7 @@ the work; heavy imports (PyTorch, ONNX) happen only in the subcommands that need
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -46,19 +47,21 @@ def _export(args: argparse.Namespace) -> int:
     # --trtexec-command: publish the ONNX version here, build the engine in the TensorRT
     # image with the printed command (no TensorRT needed on this machine).
     build_here = args.target == "tensorrt" and not args.trtexec_command
+    # With --trtexec-command the command goes to stdout alone, for scripts; everything
+    # else export prints (parity tables, data set summaries) to stderr.
+    progress = sys.stderr if args.trtexec_command else sys.stdout
     try:
-        version_dir = export_checkpoint(
-            args.checkpoint,
-            args.repository,
-            model_name=args.model_name,
-            target="tensorrt" if build_here else "onnx",
-            precision=args.precision,
-            timing_cache=args.timing_cache,
-            max_batch=args.max_batch,
-            force=args.force,
-            # The command goes to stdout alone, for scripts; the parity table to stderr.
-            echo=(lambda s: print(s, file=sys.stderr)) if args.trtexec_command else print,
-        )
+        with contextlib.redirect_stdout(progress):
+            version_dir = export_checkpoint(
+                args.checkpoint,
+                args.repository,
+                model_name=args.model_name,
+                target="tensorrt" if build_here else "onnx",
+                precision=args.precision,
+                timing_cache=args.timing_cache,
+                max_batch=args.max_batch,
+                force=args.force,
+            )
         if args.trtexec_command:
             command = trtexec_for_version(
                 version_dir,
