@@ -8,7 +8,7 @@ same generator settings throughout, it measures
    throughput ratio, and the p50 latency the gateway adds (under load, and with one
    caller, where it is pure overhead);
 2. the gateway with its micro-batching off (a second gateway, same settings file,
-   ``max_batch_size: 1``) against the default;
+   ``max_batch_size: 1``) against the default, with more callers than batch slots;
 3. fashionserve against the naive server (the same models in PyTorch, one request at a
    time) at equal concurrency;
 4. a capacity search: the highest open-loop rate meeting a p99 target, and the curve of
@@ -89,6 +89,7 @@ class BenchSettings:
     warmup: float = 3.0
     stack_warmup: float = 10.0
     concurrency: int = 8
+    batching_concurrency: int = 32
     processes: int = 2
     soak_duration: float = 600.0
     capacity_p99_ms: float | None = None
@@ -232,9 +233,9 @@ def start_default_stack(workdir: Path, logs: Path) -> Stack:
 
 
 @contextlib.contextmanager
-def extra_gateway(stack: Stack, logs: Path, **overrides: Any) -> Iterator[str]:
+def extra_gateway(stack: Stack, logs: Path, **overrides: Any) -> Iterator[tuple[str, int]]:
     """A second gateway (``fashionserve gateway``) with the stack's settings file and
-    ``overrides`` as flags (e.g. ``max_batch_size=1``); yields its address."""
+    ``overrides`` as flags (e.g. ``max_batch_size=1``); yields ``(address, pid)``."""
     ready = logs / "gateway-extra-ready.json"
     ready.unlink(missing_ok=True)
     command = ["gateway", "--listen-address", "127.0.0.1:0", "--ready-file", str(ready)]
@@ -251,7 +252,7 @@ def extra_gateway(stack: Stack, logs: Path, **overrides: Any) -> Iterator[str]:
     try:
         address = json.loads(_wait_file(ready, proc, 120, log))["address"]
         wait_serving(address)
-        yield address
+        yield address, proc.pid
     finally:
         _stop(proc, grace=20)
 
@@ -440,13 +441,19 @@ def _measure_all(bench: Bench, logs: Path) -> None:
         bench.measure("gateway_1", "gateway, 1 caller", gateway, one, servers)
         bench.measure("triton_1", "direct Triton, 1 caller", triton, one, servers)
     if "batching" not in s.skip:
-        with extra_gateway(stack, logs, max_batch_size=1) as address:
+        # Batches form only while callers outnumber the gateway's batch slots: compare on
+        # and off where they do, both at the same (higher) concurrency.
+        crowd = replace(base, concurrency=s.batching_concurrency)
+        bench.measure(
+            "gateway_batched", f"gateway, {crowd.concurrency} callers", gateway, crowd, servers
+        )
+        with extra_gateway(stack, logs, max_batch_size=1) as (address, pid):
             bench.measure(
                 "gateway_unbatched",
-                f"gateway, micro-batching off, {s.concurrency} callers",
+                f"gateway, micro-batching off, {crowd.concurrency} callers",
                 replace(gateway, address=address),
-                base,
-                servers,
+                crowd,
+                {**servers, "gateway": pid},
             )
     if "naive" not in s.skip:
         if stack.checkpoints is None:
@@ -651,13 +658,13 @@ def headline(runs: Mapping[str, Any]) -> list[dict[str, Any]]:
     )
     add(
         "micro-batching on / off throughput",
-        _ratio(tput("gateway"), tput("gateway_unbatched")),
+        _ratio(tput("gateway_batched"), tput("gateway_unbatched")),
         "x",
         "measured",
         None,
     )
-    if "gateway_unbatched" in runs and "gateway" in runs:
-        on, off = p50("gateway"), p50("gateway_unbatched")
+    if "gateway_unbatched" in runs and "gateway_batched" in runs:
+        on, off = p50("gateway_batched"), p50("gateway_unbatched")
         add(
             "micro-batching on - off p50 latency",
             on - off if on is not None and off is not None else None,

@@ -297,6 +297,7 @@ def _bench(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         stack_warmup=args.stack_warmup,
         concurrency=args.concurrency,
+        batching_concurrency=args.batching_concurrency,
         processes=args.processes,
         soak_duration=args.soak_duration,
         capacity_p99_ms=args.capacity_p99_ms,
@@ -383,6 +384,12 @@ def add_loadtest_commands(subparsers: Any) -> argparse.ArgumentParser:
         "--stack-warmup", type=float, default=10.0, help="seconds of unmeasured load first"
     )
     p.add_argument("--concurrency", type=_positive(int), default=8, help="callers per run")
+    p.add_argument(
+        "--batching-concurrency",
+        type=_positive(int),
+        default=32,
+        help="callers of the micro-batching on/off runs (more than the gateway's batch slots)",
+    )
     p.add_argument("--processes", type=_positive(int), default=2, help="generator processes")
     p.add_argument("--soak-duration", type=float, default=600.0, help="seconds (0: no soak)")
     p.add_argument(
