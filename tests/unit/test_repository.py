@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -256,3 +257,52 @@ def test_rebuilding_leaves_only_model_directories(exported: Path) -> None:
 def test_settings_are_validated(bad: dict[str, object]) -> None:
     with pytest.raises(ValidationError):
         RepositorySettings(**bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_every_model_warms_up_on_a_real_sample(exported: Path, flavour: Flavour) -> None:
+    """So that the first caller does not pay for initialisation (Triton runs the sample
+    while loading; a warm-up file of the wrong size fails the load)."""
+    import io
+
+    from PIL import Image
+
+    build_repository(exported, RepositorySettings(flavour=flavour, max_images_per_request=2))
+    itemsize = {"TYPE_FP32": 4, "TYPE_INT32": 4, "TYPE_UINT8": 1}
+    for model in ALL_MODELS:
+        config = parse(exported, model)
+        if model == ENSEMBLE:
+            assert not config.model_warmup  # Triton does not warm ensembles up
+            continue
+        (warmup,) = config.model_warmup
+        assert warmup.batch_size == 1
+        for name, spec in warmup.inputs.items():
+            assert name in {i.name for i in config.input}
+            if spec.zero_data:
+                continue
+            data = (exported / model / "warmup" / spec.input_data_file).read_bytes()
+            dtype = model_config_pb2.DataType.Name(spec.data_type)
+            if dtype == "TYPE_STRING":  # 4-byte length, then the encoded image
+                length = int.from_bytes(data[:4], "little")
+                assert length == len(data) - 4
+                assert Image.open(io.BytesIO(data[4:])).format == "JPEG"
+                continue
+            assert len(data) == int(np.prod(spec.dims)) * itemsize[dtype]
+    crops = np.frombuffer((exported / "tagger" / "warmup" / "crops").read_bytes(), np.float32)
+    assert crops.std() > 1.0  # a real garment crop, not a blank canvas
+
+
+def test_tensorrt_flavour_maps_each_gpu_type_to_its_engine(exported: Path) -> None:
+    manifest = {"tensorrt": {"engines": [{"compute_capability": "8.9", "file": "model.sm89.plan"}]}}
+    (exported / "tagger" / "1" / "manifest.json").write_text(json.dumps(manifest))
+    settings = RepositorySettings(flavour="tensorrt", engine_files={"9.0": "model.sm90.plan"})
+    build_repository(exported, settings)
+    tagger = parse(exported, "tagger")
+    # Recorded by export (8.9) plus built by a trtexec job (9.0); model.plan otherwise.
+    assert dict(tagger.cc_model_filenames) == {"8.9": "model.sm89.plan", "9.0": "model.sm90.plan"}
+    assert tagger.default_model_filename == "model.plan"
+    assert dict(parse(exported, "detector").cc_model_filenames) == {"9.0": "model.sm90.plan"}
+    with pytest.raises(ValidationError, match="compute capability"):
+        RepositorySettings(flavour="tensorrt", engine_files={"sm90": "model.plan"})
+    with pytest.raises(ValidationError, match="plan file name"):
+        RepositorySettings(flavour="tensorrt", engine_files={"9.0": "../x.plan"})

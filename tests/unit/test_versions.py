@@ -213,3 +213,27 @@ def test_the_versions_commands(repo: Path, capsys: pytest.CaptureFixture[str]) -
     assert main([*args, "list", "--repository", str(repo), "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert {(v["model"], v["version"], v["pinned"]) for v in listed} >= {("tagger", 1, True)}
+
+
+def test_export_refuses_a_taxonomy_that_breaks_the_served_version(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from test_export import make_checkpoint
+
+    repo = tmp_path / "repo"
+    served_ckpt = make_checkpoint("tagger", tmp_path / "v1.pt", Taxonomy.from_dict(taxonomy()))
+    assert main(["export", "--checkpoint", str(served_ckpt), "--repository", str(repo)]) == 0
+    renamed = make_checkpoint(
+        "tagger", tmp_path / "v2.pt", Taxonomy.from_dict(taxonomy(rename_shorts))
+    )
+    args = ["export", "--checkpoint", str(renamed), "--repository", str(repo)]
+    capsys.readouterr()
+
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "breaks callers of the served version 1" in err and "'bottom/shorts' removed" in err
+    assert sorted(p.name for p in (repo / "tagger").iterdir()) == ["1"]  # nothing published
+
+    assert main([*args, "--force"]) == 0
+    assert "breaks callers: category 'bottom/shorts' removed" in capsys.readouterr().out
+    assert (repo / "tagger" / "2" / "manifest.json").is_file()
