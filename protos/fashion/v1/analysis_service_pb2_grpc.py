@@ -93,6 +93,10 @@ class FashionAnalysisServiceServicer:
         """StreamAnalyze is for bulk work: send images as they come, receive one response per
         request, tagged with the request id the caller chose. Responses may arrive out of
         order. The server reads only as many requests as it has room to serve (flow control).
+        A stream carries at most the gateway's max_stream_requests requests and stays open at
+        most max_stream_duration_seconds; past either, the requests already read are answered
+        and the call ends with RESOURCE_EXHAUSTED (reason STREAM_TOO_LONG, metadata naming the
+        limit): open a new stream for the rest.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
