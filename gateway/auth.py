@@ -474,34 +474,8 @@ class TokenVerifier(_WatchedFile):
                 leeway=self.leeway,
                 options={"require": ["exp", "iss", "aud"]},
             )
-        except jwt.ExpiredSignatureError:
-            raise _token_error("TOKEN_EXPIRED", "the token has expired", where) from None
-        except jwt.ImmatureSignatureError:
-            raise _token_error(
-                "TOKEN_NOT_YET_VALID", "the token is not valid yet (nbf)", where
-            ) from None
-        except jwt.InvalidAudienceError:
-            raise _token_error(
-                "TOKEN_AUDIENCE_INVALID", f"the token's audience is not {self.audience!r}", where
-            ) from None
-        except jwt.InvalidIssuerError:
-            raise _token_error(
-                "TOKEN_ISSUER_INVALID", f"the token's issuer is not {self.issuer!r}", where
-            ) from None
-        except jwt.MissingRequiredClaimError as exc:
-            raise _token_error(
-                "TOKEN_CLAIM_MISSING", f"the token lacks the {exc.claim!r} claim", where
-            ) from None
-        except jwt.InvalidAlgorithmError:
-            raise _token_error(
-                "TOKEN_ALGORITHM_REFUSED",
-                f"the key {loggable(kid)!r} does not sign with {alg}",
-                where,
-            ) from None
-        except jwt.PyJWTError:
-            raise _token_error(
-                "TOKEN_SIGNATURE_INVALID", "the token's signature or claims are not valid", where
-            ) from None
+        except jwt.PyJWTError as exc:
+            raise self._refusal(exc, token, key, where) from None
         subject = loggable(claims.get("sub", "-"))
         tenant = claims.get(self.tenant_claim)
         if not isinstance(tenant, str) or not tenant:
@@ -511,6 +485,59 @@ class TokenVerifier(_WatchedFile):
                 {**where, "subject": subject},
             )
         return Identity(f"jwt:{subject}", tenant, _scopes_of(claims))
+
+    def _refusal(
+        self, exc: jwt.PyJWTError, token: str, key: jwt.PyJWK, where: dict[str, str]
+    ) -> Unauthenticated:
+        """The UNAUTHENTICATED error for what ``jwt.decode`` raised."""
+        claim = getattr(exc, "claim", "?")
+        claim_problems: list[tuple[type[jwt.PyJWTError], str, str]] = [
+            (jwt.ExpiredSignatureError, "TOKEN_EXPIRED", "the token has expired"),
+            (jwt.ImmatureSignatureError, "TOKEN_NOT_YET_VALID", "the token is not valid yet"),
+            (
+                jwt.InvalidAudienceError,
+                "TOKEN_AUDIENCE_INVALID",
+                f"the token's audience is not {self.audience!r}",
+            ),
+            (
+                jwt.InvalidIssuerError,
+                "TOKEN_ISSUER_INVALID",
+                f"the token's issuer is not {self.issuer!r}",
+            ),
+            (jwt.MissingRequiredClaimError, "TOKEN_CLAIM_MISSING", f"the token lacks {claim!r}"),
+        ]
+        for kind, reason, message in claim_problems:
+            if isinstance(exc, kind):
+                # PyJWT checks claims only once the signature is good: the token is
+                # authentic, so the subject and tenant it names are worth logging.
+                return _token_error(reason, message, {**where, **self._named_in(token, key)})
+        if isinstance(exc, jwt.InvalidAlgorithmError):
+            return _token_error(
+                "TOKEN_ALGORITHM_REFUSED", "the token's algorithm is not its key's", where
+            )
+        return _token_error(
+            "TOKEN_SIGNATURE_INVALID", "the token's signature or encoding is not valid", where
+        )
+
+    def _named_in(self, token: str, key: jwt.PyJWK) -> dict[str, str]:
+        """Subject and tenant of a token whose signature is good but claims are not."""
+        try:
+            claims = jwt.decode(
+                token,
+                key.key,
+                algorithms=[key.algorithm_name],
+                options={
+                    "verify_exp": False,
+                    "verify_nbf": False,
+                    "verify_iat": False,
+                    "verify_aud": False,
+                    "verify_iss": False,
+                },
+            )
+        except jwt.PyJWTError:
+            return {}
+        named = {"subject": claims.get("sub"), "tenant": claims.get(self.tenant_claim)}
+        return {k: loggable(v) for k, v in named.items() if v is not None}
 
 
 def _token_error(

@@ -258,7 +258,7 @@ def test_the_log_names_who_was_refused_and_holds_no_secret_or_token(secured: Sec
     """Runs last: the log of every call above."""
     log = secured.gateway.log.read_text()
     assert "denied request" in log and "PERMISSION_DENIED MISSING_SCOPE (keyId=reader" in log
-    assert "UNAUTHENTICATED TOKEN_EXPIRED (kid=rsa)" in log
+    assert "UNAUTHENTICATED TOKEN_EXPIRED (tenant=roomy subject=batch-job kid=rsa)" in log
     assert "UNAUTHENTICATED API_KEY_INVALID (keyId=beta)" in log
     assert "of tenant throttled: TENANT_RATE_LIMITED" in log
     assert len(secured.tokens) >= 8
