@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import json
 import logging
 import os
@@ -610,8 +611,11 @@ def _sample_scene() -> tuple[bytes, tuple[float, float, float, float]]:
     from fashionserve.data.synth import synthesize
     from fashionserve.taxonomy import load_taxonomy
 
-    with tempfile.TemporaryDirectory(prefix="fashionserve-warmup-") as tmp:
-        synthesize(Path(tmp), images=8, seed=7, taxonomy=load_taxonomy(), progress=False)
+    with (
+        tempfile.TemporaryDirectory(prefix="fashionserve-warmup-") as tmp,
+        contextlib.redirect_stdout(io.StringIO()),  # its data set summary is noise here
+    ):
+        synthesize(Path(tmp), images=8, seed=7, taxonomy=load_taxonomy(), workers=1, progress=False)
         labels = json.loads((Path(tmp) / "val" / "labels.json").read_text())
         for image in labels["images"]:
             anns = [a for a in labels["annotations"] if a["image_id"] == image["id"]]
