@@ -228,8 +228,10 @@ class GatewaySettings(BaseSettings):
     )
     taxonomy_file: Path | None = Field(
         None,
-        description="Taxonomy YAML the gateway decodes with (default: the packaged one); "
-        "its hash must match the served tagger's.",
+        description="Taxonomy YAML (default: the packaged one) decoded with until Triton is "
+        "reached, and with a repository whose ensemble does not publish its tagger's "
+        "taxonomy (its hash must then match the served tagger's); otherwise the gateway "
+        "decodes with the taxonomy the served ensemble publishes.",
     )
     log_format: Literal["text", "json"] = Field(
         "text",
