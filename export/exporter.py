@@ -3,7 +3,9 @@
 The steps of :func:`export_checkpoint`, in order; any failure stops before the repository
 is touched:
 
-1. load the checkpoint and build the PyTorch model (weights loaded, eval mode);
+1. load the checkpoint, check its taxonomy against the served version's
+   (:mod:`export.compat`: removing or renaming a label callers may depend on is refused
+   unless ``force``), build the PyTorch model (weights loaded, eval mode);
 2. export ONNX (TorchScript exporter, opset 17, dynamic batch dimension, the contract's
    I/O names), then ``onnx.checker`` (full check) and strict shape inference, and check
    names, dtypes, the dynamic batch axis and the static dims export relies on;
@@ -16,9 +18,7 @@ is touched:
    the same inputs (:func:`export.parity.engine_checks`); a divergence raises
    :class:`ParityError`. :func:`trtexec_for_version` gives the equivalent ``trtexec``
    command instead, for a build job in the TensorRT image;
-5. the taxonomy compatibility check against the served version (:mod:`export.compat`):
-   removing or renaming a label callers may depend on is refused unless ``force``;
-6. publish ``model.onnx``, ``model.py`` (the python-ort ONNX Runtime runner), the engine
+5. publish ``model.onnx``, ``model.py`` (the python-ort ONNX Runtime runner), the engine
    if built and ``manifest.json`` as the next numbered version (:mod:`export.publish`).
    Publishing does not change what Triton serves: ``fashionserve repo versions rollout``
    does (:mod:`model_repository.versions`).
@@ -165,7 +165,14 @@ def export_checkpoint(
         raise ExportError(f"{checkpoint}: input size {height}x{width} is not square")
     input_names, output_names = IO_NAMES[ckpt.kind]
     model_dir = Path(repository) / name
-    served = served_manifest(model_dir)
+    # Before any heavy work: refused here, nothing was spent.
+    changes = check_compatible(
+        served_manifest(model_dir),
+        {"model": {"name": name}, "taxonomy": taxonomy_section(ckpt)},
+        force=force,
+    )
+    if changes is not None and echo is not None and (changes.breaking or changes.added):
+        echo(f"taxonomy against the served version:\n{changes.summary()}")
     if target == "tensorrt":
         import_tensorrt()  # fail before minutes of work, not after
         gpu_identity()
@@ -246,10 +253,6 @@ def export_checkpoint(
                 doc["tensorrt"] = {"engines": [engine]}
             return doc
 
-        # Compared with the manifest the candidate will have (its taxonomy section only).
-        changes = check_compatible(served, manifest(0, {}), force=force)
-        if changes is not None and echo is not None and (changes.breaking or changes.added):
-            echo(f"taxonomy against the served version:\n{changes.summary()}")
         version_dir = publish_version(model_dir, files, manifest)
     log.info(
         "published %s in %.1fs (inputs %.1fs, export %.1fs, parity %.1fs, publish %.1fs)",
@@ -495,6 +498,18 @@ def tool_versions() -> dict[str, str]:
     return versions
 
 
+def taxonomy_section(ckpt: Checkpoint) -> dict[str, Any]:
+    """The manifest's ``taxonomy``: what callers see of this model's labels."""
+    taxonomy: dict[str, Any] = {"version": ckpt.taxonomy.version, "hash": ckpt.taxonomy.hash}
+    if ckpt.kind == "tagger":
+        # The gateway decodes logits with this exact taxonomy and checks it by hash.
+        taxonomy["num_logits"] = ckpt.taxonomy.num_logits
+        taxonomy["document"] = ckpt.taxonomy.to_dict()
+    elif ckpt.kind == "detector":
+        taxonomy["classes"] = list(ckpt.taxonomy.roots)  # `classes` indexes this list
+    return taxonomy
+
+
 def build_manifest(
     ckpt: Checkpoint,
     *,
@@ -510,13 +525,7 @@ def build_manifest(
     timings: dict[str, float],
 ) -> dict[str, Any]:
     """The ``manifest.json`` of a version: what it is, where it came from, how it was proven."""
-    taxonomy: dict[str, Any] = {"version": ckpt.taxonomy.version, "hash": ckpt.taxonomy.hash}
-    if ckpt.kind == "tagger":
-        # The gateway decodes logits with this exact taxonomy and checks it by hash.
-        taxonomy["num_logits"] = ckpt.taxonomy.num_logits
-        taxonomy["document"] = ckpt.taxonomy.to_dict()
-    elif ckpt.kind == "detector":
-        taxonomy["classes"] = list(ckpt.taxonomy.roots)  # `classes` indexes this list
+    taxonomy = taxonomy_section(ckpt)
     parity = report.to_dict()
     parity["batch_sizes"] = list(batch_sizes)
     parity["inputs"] = inputs_source
