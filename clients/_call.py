@@ -24,6 +24,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 too small for a batch of photos, so both directions are raised to match the server."""
 
 API_KEY_HEADER = "x-api-key"
+AUTHORIZATION_HEADER = "authorization"
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int | str]]:
@@ -37,8 +38,15 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int | str]]:
     ]
 
 
-def call_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
-    """The metadata every call carries."""
+def call_metadata(
+    api_key: str | None, bearer_token: str | None = None
+) -> tuple[tuple[str, str], ...]:
+    """The metadata every call carries: an API key or a bearer token (the gateway refuses
+    a call with both)."""
+    if api_key and bearer_token:
+        raise ValueError("pass an API key or a bearer token, not both")
+    if bearer_token:
+        return ((AUTHORIZATION_HEADER, f"Bearer {bearer_token}"),)
     return ((API_KEY_HEADER, api_key),) if api_key else ()
 
 

@@ -64,6 +64,7 @@ class AsyncFashionClient:
         address: str,
         api_key: str | None = None,
         *,
+        bearer_token: str | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
         retries: int = 3,
         retry_policy: RetryPolicy | None = None,
@@ -73,7 +74,7 @@ class AsyncFashionClient:
         self.address = address
         self.timeout = timeout
         self.retry_policy = retry_policy or RetryPolicy.with_retries(retries)
-        self._metadata = call_metadata(api_key)
+        self._metadata = call_metadata(api_key, bearer_token)
         options = channel_options(max_message_bytes)
         self._channel = (
             grpc.aio.secure_channel(address, credentials, options=options)

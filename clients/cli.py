@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # grpc is imported only when the command runs
 
 GATEWAY_ENV = "FASHIONSERVE_GATEWAY"
 API_KEY_ENV = "FASHIONSERVE_API_KEY"
+TOKEN_ENV = "FASHIONSERVE_TOKEN"
 DEFAULT_GATEWAY = "127.0.0.1:50051"
 
 # Bytes of a BatchAnalyze message besides the images themselves: field tags, options.
@@ -45,6 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get(API_KEY_ENV),
         metavar="KEY",
         help=f"API key, <key_id>.<secret> (env {API_KEY_ENV})",
+    )
+    parser.add_argument(
+        "--token",
+        default=os.environ.get(TOKEN_ENV),
+        metavar="JWT",
+        help=f"bearer token (JWT) instead of an API key (env {TOKEN_ENV})",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument(
@@ -96,8 +103,14 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
             return 2
 
+    if args.api_key and args.token:
+        print("error: pass --api-key or --token, not both", file=sys.stderr)
+        return 2
     outcomes = [_Outcome(path) for path in args.images]
-    with FashionClient(args.gateway, args.api_key, timeout=args.timeout) as client:
+    client = FashionClient(
+        args.gateway, args.api_key, bearer_token=args.token, timeout=args.timeout
+    )
+    with client:
         try:
             info = client.get_serving_info()
             for chunk in _chunks(data, info):
@@ -125,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
 _HINTS = {
     "UNAVAILABLE": f"is the gateway running there? (--gateway or {GATEWAY_ENV}; "
     "`fashionserve serve` starts one)",
-    "UNAUTHENTICATED": f"pass a valid key with --api-key or {API_KEY_ENV} "
+    "UNAUTHENTICATED": f"pass a valid key with --api-key or {API_KEY_ENV} (or a token with "
+    f"--token or {TOKEN_ENV}) "
     "(`fashionserve serve` prints its development key)",
 }
 

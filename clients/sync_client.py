@@ -56,6 +56,7 @@ class FashionClient:
     Args:
         address: the gateway, ``HOST:PORT``.
         api_key: sent as ``x-api-key`` metadata on every call (``<key_id>.<secret>``).
+        bearer_token: a JWT sent as ``authorization: Bearer <jwt>`` instead of an API key.
         timeout: the default deadline of a unary call in seconds, retries included; each
             method also takes its own ``timeout``. Streams have no default deadline.
         retries: how many times a call that failed with UNAVAILABLE is retried, with
@@ -74,6 +75,7 @@ class FashionClient:
         address: str,
         api_key: str | None = None,
         *,
+        bearer_token: str | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
         retries: int = 3,
         retry_policy: RetryPolicy | None = None,
@@ -83,7 +85,7 @@ class FashionClient:
         self.address = address
         self.timeout = timeout
         self.retry_policy = retry_policy or RetryPolicy.with_retries(retries)
-        self._metadata = call_metadata(api_key)
+        self._metadata = call_metadata(api_key, bearer_token)
         options = channel_options(max_message_bytes)
         self._channel = (
             grpc.secure_channel(address, credentials, options=options)

@@ -17,6 +17,7 @@ import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -29,6 +30,7 @@ from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
 
 from clients import FashionClient, FashionServeError
+from fashionserve.cli import main as cli_main
 from fashionserve.triton import TritonServer
 from gateway.auth import create_key
 from protos.fashion.v1 import analysis_service_pb2 as pb
@@ -193,9 +195,21 @@ def test_the_client_waits_as_the_gateway_says_then_succeeds(secured: Secured, sc
 
 
 # ------------------------------------------------------------------------ identity
-def test_valid_rs256_and_es256_tokens_are_served(secured: Secured, scene: bytes) -> None:
+def test_valid_rs256_and_es256_tokens_are_served(
+    secured: Secured, scene: bytes, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     request = pb.AnalyzeRequest(image=pb.Image(data=scene))
     assert secured.call("Analyze", request, with_token(secured.token("rsa"))).result.garments
+    address = secured.gateway.address
+    with FashionClient(address, bearer_token=secured.token("ec")) as client:
+        assert client.analyze(scene).garments
+    with pytest.raises(ValueError, match="not both"):
+        FashionClient(address, secured.keys["beta"], bearer_token=secured.token())
+    photo = tmp_path / "scene.jpg"
+    photo.write_bytes(scene)
+    argv = ["analyze", str(photo), "--gateway", address, "--token", secured.token(), "--json"]
+    assert cli_main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["images"][0]["garments"]
     info = secured.call(
         "GetServingInfo", pb.GetServingInfoRequest(), with_token(secured.token("ec"))
     )
