@@ -10,6 +10,7 @@ decodes logits with a taxonomy other than the one the served tagger was exported
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -334,16 +335,20 @@ class Analyzer:
         return list(outcomes)
 
     async def analyze_stream(
-        self, items: AsyncIterator[StreamItem]
-    ) -> AsyncIterator[StreamOutcome]:
-        """Answer a stream of requests, out of order, each with its id.
+        self,
+        items: AsyncIterator[StreamItem],
+        emit: Callable[[StreamOutcome], Awaitable[None]],
+    ) -> None:
+        """Answer a stream of requests, out of order, each with its id, through ``emit``.
 
         At most ``max_stream_in_flight`` requests are read but not yet answered: the next
         request is read only when one has been answered (flow control). Every problem,
         including an unavailable pipeline, is the error of the request it concerns; the
-        stream goes on, up to its length limits (``max_stream_requests``,
-        ``max_stream_duration_seconds``): past one, reading stops, the requests read are
-        answered, then the call ends with RESOURCE_EXHAUSTED (STREAM_TOO_LONG).
+        stream goes on, up to its length limits, which raise RESOURCE_EXHAUSTED
+        (STREAM_TOO_LONG): past ``max_stream_requests`` reading stops and the requests read
+        are answered first; past ``max_stream_duration_seconds`` the call ends at once.
+        ``emit`` (the write to the caller) runs inside the duration limit, so a caller that
+        stops reading answers cannot hold the call open either.
         """
         limit = StreamLimit(
             self.settings.max_stream_requests, self.settings.max_stream_duration_seconds
@@ -359,10 +364,14 @@ class Analyzer:
                 return StreamOutcome(item.request_id, err)
             return StreamOutcome(item.request_id, result)
 
-        async for outcome in bounded_map(
-            limit.read(items), answer, self.settings.max_stream_in_flight
+        async with (
+            limit.deadline(),
+            contextlib.aclosing(
+                bounded_map(limit.read(items), answer, self.settings.max_stream_in_flight)
+            ) as outcomes,
         ):
-            yield outcome
+            async for outcome in outcomes:
+                await emit(outcome)
         if limit.exceeded is not None:
             raise limit.exceeded
 

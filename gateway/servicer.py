@@ -16,7 +16,7 @@ import grpc
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 from fashionserve.taxonomy import ScoredLabel, Taxonomy
-from gateway.core import Analyzer, RawOptions, ServingInfo, StreamItem
+from gateway.core import Analyzer, RawOptions, ServingInfo, StreamItem, StreamOutcome
 from gateway.errors import GatewayError
 from gateway.results import Box, GarmentResult, ImageResult
 from protos.fashion.v1 import analysis_service_pb2 as pb
@@ -177,8 +177,9 @@ class FashionAnalysisServicer(pb_grpc.FashionAnalysisServiceServicer):
         self,
         request_iterator: AsyncIterator[pb.StreamAnalyzeRequest],
         context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[pb.StreamAnalyzeResponse]:
-        """A stream of images; responses out of order, each with its request id."""
+    ) -> None:
+        """A stream of images; responses out of order, each with its request id. Written
+        with ``context.write`` so that the core's stream duration limit covers the writes."""
 
         async def items() -> AsyncIterator[StreamItem]:
             async for request in request_iterator:
@@ -186,15 +187,18 @@ class FashionAnalysisServicer(pb_grpc.FashionAnalysisServiceServicer):
                     request.request_id, request.image.data, options_from_pb(request.options)
                 )
 
-        async for answer in self.analyzer.analyze_stream(items()):
+        async def emit(answer: StreamOutcome) -> None:
             if isinstance(answer.outcome, GatewayError):
-                yield pb.StreamAnalyzeResponse(
+                response = pb.StreamAnalyzeResponse(
                     request_id=answer.request_id, error=item_error_to_pb(answer.outcome)
                 )
             else:
-                yield pb.StreamAnalyzeResponse(
+                response = pb.StreamAnalyzeResponse(
                     request_id=answer.request_id, result=result_to_pb(answer.outcome)
                 )
+            await context.write(response)
+
+        await self.analyzer.analyze_stream(items(), emit)
 
     async def GetTaxonomy(
         self, request: pb.GetTaxonomyRequest, context: grpc.aio.ServicerContext

@@ -209,9 +209,9 @@ class GatewaySettings(BaseSettings):
         3600.0,
         gt=0,
         le=7 * 24 * 3600,
-        description="Longest a StreamAnalyze call may stay open, idle or not. Past it the "
-        "gateway stops reading, answers what it has read, then ends the call with "
-        "RESOURCE_EXHAUSTED (STREAM_TOO_LONG).",
+        description="Longest a StreamAnalyze call may stay open: idle, busy, or blocked on "
+        "a caller that stops reading answers. Past it the call ends at once with "
+        "RESOURCE_EXHAUSTED (STREAM_TOO_LONG); requests not answered by then are not served.",
     )
     request_timeout_seconds: float = Field(
         30.0, gt=0, le=3600, description="Deadline of each ensemble call to Triton."

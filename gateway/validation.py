@@ -23,6 +23,7 @@ the byte limit; GIF is not an accepted format at all.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import math
 import warnings
@@ -266,13 +267,18 @@ def validate_image_count(count: int, max_images: int) -> None:
 
 
 class StreamLimit:
-    """The length limits of one StreamAnalyze call: at most ``max_requests`` requests and
-    ``max_seconds`` of reading, idle time included.
+    """The length limits of one StreamAnalyze call: at most ``max_requests`` requests, and
+    open at most ``max_seconds``.
 
-    :meth:`read` passes the requests on and simply stops when a limit is passed, so that
-    the requests already read are still answered; :attr:`exceeded` then holds the error to
-    end the call with. To tell "exactly ``max_requests``, then the end" from "one too
-    many", one request past the limit is read (and dropped).
+    :meth:`read` passes the requests on and stops after ``max_requests``, so that those are
+    still answered; :attr:`exceeded` then holds the error to end the call with. To tell
+    "exactly ``max_requests``, then the end" from "one too many", one request past the
+    limit is read (and dropped).
+
+    :meth:`deadline` bounds the whole call, whatever it waits for: the caller's next
+    request, an answer, or a caller that stops reading answers (gRPC flow control then
+    blocks the writes). When it passes, what is in progress is cancelled and the call
+    ends with STREAM_TOO_LONG.
     """
 
     def __init__(self, max_requests: int, max_seconds: float) -> None:
@@ -281,23 +287,9 @@ class StreamLimit:
         self.exceeded: GatewayError | None = None
 
     async def read(self, source: AsyncIterator[T]) -> AsyncIterator[T]:
-        """The requests of ``source`` within the limits."""
-        deadline = asyncio.get_running_loop().time() + self.max_seconds
+        """The requests of ``source``, up to ``max_requests``."""
         count = 0
-        while True:
-            try:
-                async with asyncio.timeout_at(deadline):
-                    item = await anext(source)
-            except StopAsyncIteration:
-                return
-            except TimeoutError:
-                self.exceeded = ResourceExhausted(
-                    "STREAM_TOO_LONG",
-                    f"the stream was open longer than the limit of {self.max_seconds:g} s; "
-                    "the requests read were answered, open a new stream for the rest",
-                    {"maxStreamDurationSeconds": f"{self.max_seconds:g}"},
-                )
-                return
+        async for item in source:
             count += 1
             if count > self.max_requests:
                 self.exceeded = ResourceExhausted(
@@ -309,3 +301,20 @@ class StreamLimit:
                 )
                 return
             yield item
+
+    @contextlib.asynccontextmanager
+    async def deadline(self) -> AsyncIterator[None]:
+        """Run the body for at most ``max_seconds``, then raise STREAM_TOO_LONG."""
+        timeout = asyncio.timeout(self.max_seconds)
+        try:
+            async with timeout:
+                yield
+        except TimeoutError:
+            if not timeout.expired():
+                raise
+            raise ResourceExhausted(
+                "STREAM_TOO_LONG",
+                f"the stream was open longer than the limit of {self.max_seconds:g} s; "
+                "requests not answered by then were not served: send them on a new stream",
+                {"maxStreamDurationSeconds": f"{self.max_seconds:g}"},
+            ) from None

@@ -255,10 +255,8 @@ def test_png_chunk_limit() -> None:
 
 
 # ------------------------------------------------------------------ stream length
-async def _requests(count: int, pause: float = 0.0) -> AsyncIterator[int]:
+async def _requests(count: int) -> AsyncIterator[int]:
     for i in range(count):
-        if pause:
-            await asyncio.sleep(pause)
         yield i
 
 
@@ -281,12 +279,29 @@ def test_a_stream_past_its_request_limit_stops_there_and_says_why() -> None:
     assert (err.reason, err.metadata) == ("STREAM_TOO_LONG", {"maxStreamRequests": "5"})
 
 
-def test_a_stream_past_its_duration_stops_even_while_idle() -> None:
+def test_a_stream_past_its_duration_ends_whatever_it_waits_for() -> None:
+    """An idle caller, or one that stops reading answers (a write that never completes)."""
     limit = StreamLimit(max_requests=1000, max_seconds=0.3)
+
+    async def blocked() -> None:
+        async with limit.deadline():
+            await asyncio.Event().wait()
+
     started = time.monotonic()
-    read = asyncio.run(_read_all(limit, _requests(1000, pause=0.2)))
-    assert time.monotonic() - started < 0.6  # not waiting for the next request
-    assert read == [0]
-    err = limit.exceeded
-    assert isinstance(err, ResourceExhausted)
-    assert (err.reason, err.metadata) == ("STREAM_TOO_LONG", {"maxStreamDurationSeconds": "0.3"})
+    with pytest.raises(ResourceExhausted) as info:
+        asyncio.run(blocked())
+    assert time.monotonic() - started < 1.0
+    assert (info.value.reason, info.value.metadata) == (
+        "STREAM_TOO_LONG",
+        {"maxStreamDurationSeconds": "0.3"},
+    )
+
+
+def test_a_timeout_inside_a_stream_is_not_mistaken_for_its_duration_limit() -> None:
+    async def inner_timeout() -> None:
+        async with StreamLimit(max_requests=10, max_seconds=60).deadline():
+            async with asyncio.timeout(0.01):
+                await asyncio.Event().wait()
+
+    with pytest.raises(TimeoutError):
+        asyncio.run(inner_timeout())

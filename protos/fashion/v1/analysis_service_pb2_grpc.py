@@ -94,9 +94,10 @@ class FashionAnalysisServiceServicer:
         request, tagged with the request id the caller chose. Responses may arrive out of
         order. The server reads only as many requests as it has room to serve (flow control).
         A stream carries at most the gateway's max_stream_requests requests and stays open at
-        most max_stream_duration_seconds; past either, the requests already read are answered
-        and the call ends with RESOURCE_EXHAUSTED (reason STREAM_TOO_LONG, metadata naming the
-        limit): open a new stream for the rest.
+        most max_stream_duration_seconds; the call then ends with RESOURCE_EXHAUSTED (reason
+        STREAM_TOO_LONG, metadata naming the limit). Past the request limit the requests
+        already read are answered first; past the duration the call ends at once, and the
+        requests not answered must be sent again, on a new stream.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
