@@ -34,12 +34,14 @@ from typing import Any
 
 from export.compat import TaxonomyChanges, check_compatible
 from export.publish import MANIFEST, existing_versions
-from model_repository import ENSEMBLE, ONNX_MODELS
+from model_repository import ENSEMBLE, ONNX_MODELS, TAGGER
 from model_repository.build import (
     PIN_FILE,
+    TAGGER_OUTPUT,
     RepositoryError,
     build_repository,
     ensemble_versions,
+    model_version,
     read_config,
     read_pin,
     stored_settings,
@@ -209,6 +211,14 @@ def rollout(
         )
         if changes is not None and echo is not None:
             echo(f"{model} {old} -> {target}, taxonomy:\n{changes.summary()}")
+        shapes = io_changes(repo, model, old, target)
+        if shapes and triton_url is not None:
+            # One config serves both versions during a live switch (step 1).
+            raise RepositoryError(
+                f"{model} {old} -> {target} changes {'; '.join(shapes)}: the two versions "
+                "cannot be loaded side by side, so it cannot be switched live; roll it out "
+                "without --triton and restart Triton"
+            )
 
     settings = stored_settings(repo)
     live = triton_url is not None and old is not None and old != target
@@ -223,6 +233,23 @@ def rollout(
         _load(triton_url, [model] if live else [model, ENSEMBLE])
     LOG.info("%s: serving version %s (was %s)%s", model, target, old, " pinned" if pin else "")
     return Switch(model, old, target, changes, triton_url is not None)
+
+
+def io_changes(repo: Path, model: str, old: int, new: int) -> list[str]:
+    """The inputs and outputs whose shape or type differ between two versions (the
+    tagger's logit width aside: it follows the taxonomy and its config leaves it open)."""
+    a, b = model_version(repo, model, old), model_version(repo, model, new)
+    changed = []
+    for kind, before, after in (("input", a.inputs, b.inputs), ("output", a.outputs, b.outputs)):
+        old_specs = {s.name: s for s in before}
+        for spec in after:
+            prev = old_specs.get(spec.name)
+            if model == TAGGER and spec.name == TAGGER_OUTPUT:
+                continue
+            if prev != spec:
+                was = f"{list(prev.dims)} {prev.data_type}" if prev else "absent"
+                changed.append(f"{kind} {spec.name}: {was} -> {list(spec.dims)} {spec.data_type}")
+    return changed
 
 
 def rollback(
