@@ -42,7 +42,11 @@ GOOD_RECTS = [((20, 30, 120, 200), 0), ((160, 50, 300, 150), 2)]
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 # What the streaming cases run with (a gateway of their own, limits small enough to reach).
-STREAM_LIMITS = {"max_stream_requests": 10, "max_stream_duration_seconds": 1.0}
+STREAM_LIMITS = {
+    "max_stream_requests": 10,
+    "max_stream_duration_seconds": 1.0,
+    "max_concurrent_rpcs": 1,
+}
 
 
 # ---------------------------------------------------------------------- outcomes
@@ -576,7 +580,8 @@ def test_oversized_metadata_is_refused_by_grpc(gw: Gateway, good: bytes) -> None
 def stream_gw(
     own_triton: TritonServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Gateway]:
-    """A gateway whose streams may carry 10 requests and last 1 s."""
+    """A gateway whose streams may carry 10 requests and last 1 s, serving one call at a
+    time (so a stream that outlived its limit would show: the next call is refused)."""
     gateway = start_gateway(
         own_triton.grpc_url, tmp_path_factory.mktemp("stream-gw"), **STREAM_LIMITS
     )
@@ -614,3 +619,27 @@ def test_stream_over_the_duration_limit_ends(stream_gw: Gateway, good: bytes) ->
     assert set(answers) == {"first"}
     assert time.monotonic() - started < 2.4  # ended by the gateway, not by the late request
     assert_still_serving(stream_gw, good)
+
+
+def test_a_caller_that_holds_a_stream_without_reading_cannot_keep_it_open(
+    stream_gw: Gateway, good: bytes
+) -> None:
+    """It sends a few requests, reads nothing and keeps the stream open: the duration limit
+    ends the call and frees its slot (this gateway serves one call at a time)."""
+
+    def requests() -> Iterator[pb.StreamAnalyzeRequest]:
+        for i in range(5):
+            yield pb.StreamAnalyzeRequest(request_id=str(i), image=pb.Image(data=good))
+        time.sleep(3)  # holds the stream open, past the 1 s limit
+
+    call = stream_gw.stub.StreamAnalyze(requests(), metadata=stream_gw.auth, timeout=30)
+    time.sleep(2.5)  # not reading
+    assert_still_serving(stream_gw, good)  # the only call slot is free again
+    answered = []
+    with pytest.raises(grpc.RpcError) as info:
+        for reply in call:
+            answered.append(reply.request_id)
+    assert sorted(answered) == [str(i) for i in range(5)]
+    Refused(EXHAUSTED, "STREAM_TOO_LONG", {"maxStreamDurationSeconds": "1"}).check(
+        _from_rpc_error(info.value)
+    )
