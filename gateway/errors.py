@@ -169,6 +169,90 @@ async def abort(context: grpc.aio.ServicerContext, err: GatewayError) -> None:
 
 
 # ----------------------------------------------------------------- handler wrapping
+class _Undecodable:
+    """A request message that did not parse, carrying the error to raise in its place."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: InvalidArgument) -> None:
+        self.error = error
+
+
+def guard_requests(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A copy of ``handler`` on which a request message that does not parse raises
+    INVALID_ARGUMENT (MALFORMED_REQUEST) inside the call, where the error mapping sees it.
+
+    gRPC parses requests before any interceptor code runs and answers a parse failure with
+    UNKNOWN quoting the parser's exception (or, inside a stream, the exception reaches the
+    handler and would become INTERNAL). So the parser here returns a marker instead of
+    raising, and the behaviour raises on meeting it.
+    """
+    deserializer = handler.request_deserializer
+    if deserializer is None:
+        return handler
+    message_class = getattr(deserializer, "__self__", None)
+    name = getattr(getattr(message_class, "DESCRIPTOR", None), "full_name", "request")
+
+    def tolerant(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:
+            return _Undecodable(
+                InvalidArgument(
+                    "MALFORMED_REQUEST",
+                    f"the request is not a valid {name} message",
+                    {"messageType": name},
+                )
+            )
+
+    def checked(request: Any) -> Any:
+        if isinstance(request, _Undecodable):
+            raise request.error
+        return request
+
+    async def checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        async for request in requests:
+            yield checked(request)
+
+    kinds = (
+        ("unary_unary", grpc.unary_unary_rpc_method_handler, False),
+        ("unary_stream", grpc.unary_stream_rpc_method_handler, False),
+        ("stream_unary", grpc.stream_unary_rpc_method_handler, True),
+        ("stream_stream", grpc.stream_stream_rpc_method_handler, True),
+    )
+    for attr, factory, streams_in in kinds:
+        behavior = getattr(handler, attr)
+        if behavior is None:
+            continue
+
+        def requests_of(request: Any, streams_in: bool = streams_in) -> Any:
+            return checked_stream(request) if streams_in else checked(request)
+
+        if inspect.isasyncgenfunction(behavior):
+
+            async def guarded_gen(
+                request: Any, context: grpc.aio.ServicerContext, behavior: Any = behavior
+            ) -> AsyncIterator[Any]:
+                async for item in behavior(requests_of(request), context):
+                    yield item
+
+            guarded: Callable[..., Any] = guarded_gen
+        else:
+
+            async def guarded_call(
+                request: Any, context: grpc.aio.ServicerContext, behavior: Any = behavior
+            ) -> Any:
+                return await behavior(requests_of(request), context)
+
+            guarded = guarded_call
+        return factory(
+            guarded,
+            request_deserializer=tolerant,
+            response_serializer=handler.response_serializer,
+        )
+    return handler
+
+
 def wrap_handler(
     handler: grpc.RpcMethodHandler,
     before: Callable[[grpc.aio.ServicerContext], Awaitable[None]] | None = None,
@@ -300,4 +384,4 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 self.on_reported(err)
             await abort(context, err)
 
-        return wrap_handler(handler, before=echo_request_id, on_error=on_error)
+        return wrap_handler(guard_requests(handler), before=echo_request_id, on_error=on_error)

@@ -7,7 +7,8 @@ thousands of times (JPEG scans, PNG chunks), and edits of the header
 fields decoders trust (PNG IHDR with its CRC fixed up so the edit gets past the CRC check,
 JPEG SOF, GIF screen descriptor, WebP RIFF and VP8X sizes, BMP and TIFF dimensions) of
 PNG, JPEG, GIF, WebP, BMP and TIFF files; and the requests around them are mutated too
-(option values, stream request ids, batch sizes).
+(option values, stream request ids, batch sizes), and so are the serialized request
+messages themselves, sent as raw bytes.
 
 What must hold for every call: it ends within its deadline (no hang), with OK or
 INVALID_ARGUMENT and a documented reason (never INTERNAL, UNKNOWN or a crash), a result
@@ -52,7 +53,13 @@ IMAGE_REASONS = {
     "TOO_MANY_CHUNKS",
     "CORRUPT_IMAGE",
 }
-REQUEST_REASONS = {"INVALID_OPTION", "INVALID_REQUEST_ID", "NO_IMAGES", "TOO_MANY_IMAGES"}
+REQUEST_REASONS = {
+    "INVALID_OPTION",
+    "INVALID_REQUEST_ID",
+    "NO_IMAGES",
+    "TOO_MANY_IMAGES",
+    "MALFORMED_REQUEST",
+}
 ORACLE = Oracle()
 GOOD_RECTS = [((10, 8, 50, 56), 0), ((60, 20, 92, 44), 2)]
 
@@ -303,6 +310,24 @@ def run_analyze(gw: Gateway, data: bytes, options: pb.AnalyzeOptions) -> str | N
     return check_result(reply.result)
 
 
+def run_raw(gw: Gateway, method: str, data: bytes) -> str | None:
+    """Send ``data`` as the request message of ``method``, byte for byte."""
+    call = gw.channel.unary_unary(f"/fashion.v1.FashionAnalysisService/{method}")
+    try:
+        reply = call(data, metadata=gw.auth, timeout=DEADLINE)
+    except grpc.RpcError as err:
+        return check_rpc_error(err)
+    if method == "Analyze":
+        return check_result(pb.AnalyzeResponse.FromString(reply).result)
+    entries = pb.BatchAnalyzeResponse.FromString(reply).entries
+    for entry in entries:
+        is_error = entry.WhichOneof("outcome") == "error"
+        problem = check_item(entry.error if is_error else None, None if is_error else entry.result)
+        if problem:
+            return problem
+    return None
+
+
 def run_batch(gw: Gateway, images: list[bytes], options: pb.AnalyzeOptions) -> str | None:
     try:
         reply = gw.stub.BatchAnalyze(
@@ -343,14 +368,30 @@ def run_stream(gw: Gateway, requests: list[pb.StreamAnalyzeRequest]) -> str | No
 def fuzz_jobs(
     rng: random.Random, files: list[bytes]
 ) -> Iterator[tuple[str, Callable[..., Any], tuple[Any, ...], list[bytes]]]:
-    """(description, call, arguments, the images sent) until IMAGES_PER_RUN images."""
+    """(description, call, arguments, the inputs sent) until IMAGES_PER_RUN mutated images
+    have been sent (raw request messages come on top)."""
     sent = 0
     index = 0
     max_batch = LIMITS["max_images_per_batch_request"]
     while sent < IMAGES_PER_RUN:
         index += 1
         kind = rng.random()
-        if kind < 0.45:
+        if kind < 0.1:
+            # The request message itself mutated on the wire (sent as raw bytes).
+            image = rng.choice(files) if rng.random() < 0.5 else mutated_image(rng, files)
+            method, request = rng.choice(
+                (
+                    ("Analyze", pb.AnalyzeRequest(image=pb.Image(data=image))),
+                    ("BatchAnalyze", pb.BatchAnalyzeRequest(images=[pb.Image(data=image)] * 2)),
+                )
+            )
+            data = request.SerializeToString()
+            for _ in range(rng.choice((1, 1, 2))):
+                data = rng.choice((flip_bits, overwrite_bytes, truncate, repeat_or_delete))(
+                    rng, data, []
+                )
+            yield f"raw {method} #{index}", run_raw, (method, data), [data]
+        elif kind < 0.5:
             image = mutated_image(rng, files)
             sent += 1
             yield f"Analyze #{index}", run_analyze, (image, mutated_options(rng)), [image]
@@ -379,7 +420,7 @@ def test_fuzzed_images_and_requests_never_crash_hang_or_fail_internally(
     rng = random.Random(SEED)
     files = list(seed_files().values())
     jobs = list(fuzz_jobs(rng, files))
-    assert sum(len(images) for *_, images in jobs) >= 2000
+    assert sum(len(images) for what, *_, images in jobs if not what.startswith("raw")) >= 2000
 
     def run(job: tuple[str, Callable[..., Any], tuple[Any, ...], list[bytes]]) -> Failure | None:
         what, call, args, images = job

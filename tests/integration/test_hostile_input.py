@@ -26,7 +26,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from conftest import LIMITS, Gateway, Oracle, encode, start_gateway
+from conftest import LIMITS, SERVICE, Gateway, Oracle, encode, start_gateway
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
@@ -544,6 +544,48 @@ def test_batch_of_a_million_empty_images(gw: Gateway, good: bytes) -> None:
     Refused(INVALID, "TOO_MANY_IMAGES", {"imageCount": "1000000"}).check(
         _from_rpc_error(info.value)
     )
+    assert_still_serving(gw, good)
+
+
+def _truncated_request(good: bytes) -> bytes:
+    data = pb.AnalyzeRequest(image=pb.Image(data=good)).SerializeToString()
+    return data[: len(data) // 2]  # the image field announces more bytes than follow
+
+
+@pytest.mark.parametrize(
+    ("method", "build"),
+    [
+        ("Analyze", lambda good: b"\xff\xff\xff\xff"),
+        ("Analyze", _truncated_request),
+        ("BatchAnalyze", lambda good: b"\x0a\x05\x0a\x03abc\x12\x01"),
+        ("BatchAnalyze", lambda good: b"\x08" + b"\xff" * 11),  # an over-long varint
+    ],
+    ids=["garbage", "truncated message", "field overrunning its parent", "over-long varint"],
+)
+def test_malformed_request_message(
+    gw: Gateway, good: bytes, method: str, build: Callable[[bytes], bytes]
+) -> None:
+    """Bytes that do not parse as the request message: INVALID_ARGUMENT naming the message
+    type (gRPC alone would answer UNKNOWN, quoting the parser's exception)."""
+    call = gw.channel.unary_unary(f"/{SERVICE}/{method}")  # raw bytes, no serializer
+    with pytest.raises(grpc.RpcError) as info:
+        call(build(good), metadata=gw.auth, timeout=30)
+    expected = {"messageType": f"fashion.v1.{method}Request"}
+    Refused(INVALID, "MALFORMED_REQUEST", expected).check(_from_rpc_error(info.value))
+    assert_still_serving(gw, good)
+
+
+def test_malformed_message_inside_a_stream(gw: Gateway, good: bytes) -> None:
+    """A request_id that is not UTF-8 (proto3 strings must be): the stream ends with
+    INVALID_ARGUMENT, not INTERNAL."""
+    call = gw.channel.stream_stream(f"/{SERVICE}/StreamAnalyze")
+    good_request = pb.StreamAnalyzeRequest(request_id="a", image=pb.Image(data=good))
+    bad_request = b"\x0a\x02\xff\xfe"
+    with pytest.raises(grpc.RpcError) as info:
+        for _ in call(iter([good_request.SerializeToString(), bad_request]), metadata=gw.auth):
+            pass
+    expected = {"messageType": "fashion.v1.StreamAnalyzeRequest"}
+    Refused(INVALID, "MALFORMED_REQUEST", expected).check(_from_rpc_error(info.value))
     assert_still_serving(gw, good)
 
 

@@ -30,7 +30,9 @@ class FashionAnalysisServiceStub:
     the category taxonomy, its attribute tags and a vector for visual search.
 
     Errors are returned as google.rpc.Status with exactly one google.rpc.ErrorInfo in its
-    details (domain "fashionserve", an UPPER_SNAKE reason, lowerCamel metadata keys).
+    details (domain "fashionserve", an UPPER_SNAKE reason, lowerCamel metadata keys). A
+    request that does not parse as its message type is INVALID_ARGUMENT (MALFORMED_REQUEST);
+    a message over limits.max_message_bytes is RESOURCE_EXHAUSTED, from gRPC itself.
     """
 
     def __init__(self, channel):
@@ -71,7 +73,9 @@ class FashionAnalysisServiceServicer:
     the category taxonomy, its attribute tags and a vector for visual search.
 
     Errors are returned as google.rpc.Status with exactly one google.rpc.ErrorInfo in its
-    details (domain "fashionserve", an UPPER_SNAKE reason, lowerCamel metadata keys).
+    details (domain "fashionserve", an UPPER_SNAKE reason, lowerCamel metadata keys). A
+    request that does not parse as its message type is INVALID_ARGUMENT (MALFORMED_REQUEST);
+    a message over limits.max_message_bytes is RESOURCE_EXHAUSTED, from gRPC itself.
     """
 
     def Analyze(self, request, context):
@@ -158,7 +162,9 @@ class FashionAnalysisService:
     the category taxonomy, its attribute tags and a vector for visual search.
 
     Errors are returned as google.rpc.Status with exactly one google.rpc.ErrorInfo in its
-    details (domain "fashionserve", an UPPER_SNAKE reason, lowerCamel metadata keys).
+    details (domain "fashionserve", an UPPER_SNAKE reason, lowerCamel metadata keys). A
+    request that does not parse as its message type is INVALID_ARGUMENT (MALFORMED_REQUEST);
+    a message over limits.max_message_bytes is RESOURCE_EXHAUSTED, from gRPC itself.
     """
 
     @staticmethod
