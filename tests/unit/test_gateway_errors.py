@@ -74,8 +74,26 @@ async def _boom_stream(
         yield request
 
 
+async def _parsed_unary(
+    request: error_details_pb2.ErrorInfo, context: grpc.aio.ServicerContext
+) -> bytes:
+    return request.reason.encode()
+
+
+async def _parsed_stream(
+    requests: AsyncIterator[error_details_pb2.ErrorInfo], context: grpc.aio.ServicerContext
+) -> AsyncIterator[bytes]:
+    async for request in requests:
+        yield request.reason.encode()
+
+
 class _Handlers(grpc.GenericRpcHandler):
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        parse = error_details_pb2.ErrorInfo.FromString  # any message type will do
+        if details.method == "/fashion.v1.Test/ParsedUnary":
+            return grpc.unary_unary_rpc_method_handler(_parsed_unary, request_deserializer=parse)
+        if details.method == "/fashion.v1.Test/ParsedStream":
+            return grpc.stream_stream_rpc_method_handler(_parsed_stream, request_deserializer=parse)
         if details.method == "/fashion.v1.Test/Unary":
             return grpc.unary_unary_rpc_method_handler(_boom_unary)
         if details.method == "/fashion.v1.Test/Stream":
@@ -164,5 +182,40 @@ async def test_error_in_a_stream_ends_it_with_the_status() -> None:
             status = rpc_status.from_call(info.value)
             assert status is not None
             assert dict(error_info(status).metadata) == {"option": "minScore"}
+    finally:
+        await server.stop(0)
+
+
+def _assert_malformed(err: grpc.aio.AioRpcError) -> None:
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details() == "the request is not a valid google.rpc.ErrorInfo message"
+    status = rpc_status.from_call(err)
+    assert status is not None
+    info = error_info(status)
+    assert (info.reason, dict(info.metadata)) == (
+        "MALFORMED_REQUEST",
+        {"messageType": "google.rpc.ErrorInfo"},
+    )
+
+
+@aio
+async def test_a_request_that_does_not_parse_is_invalid_argument() -> None:
+    """Not gRPC's UNKNOWN quoting the parser (unary), nor INTERNAL (inside a stream)."""
+    server, address = await _serve()
+    good = error_details_pb2.ErrorInfo(reason="OK").SerializeToString()
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            unary = channel.unary_unary("/fashion.v1.Test/ParsedUnary")
+            assert await unary(good) == b"OK"
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await unary(b"\xff\xff\xff")
+            _assert_malformed(info.value)
+            stream = channel.stream_stream("/fashion.v1.Test/ParsedStream")
+            got = []
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                async for item in stream(iter([good, b"\xff\xff\xff"])):
+                    got.append(item)
+            assert got == [b"OK"]
+            _assert_malformed(info.value)
     finally:
         await server.stop(0)
