@@ -9,11 +9,14 @@ a PNG with IEND; a JPEG or PNG that does not is decoded here at 1/8 scale, or it
 verified, to tell a truncated file from one with trailing data). Damage that only a full
 decode can see is reported by Triton's preprocess step and mapped back to the image.
 
+Parsers do work in proportion to structure, not bytes, so structure is limited too, before
+any parser runs: a JPEG's scans (each a pass over the whole image) and a PNG's chunks.
+
 Every failure is an :class:`~gateway.errors.InvalidArgument` whose reason names the
 problem: EMPTY_IMAGE, IMAGE_TOO_LARGE, NOT_AN_IMAGE, UNSUPPORTED_FORMAT, TOO_MANY_PIXELS,
-TOO_MANY_SCANS, TOO_MANY_CHUNKS, CORRUPT_IMAGE, INVALID_OPTION, INVALID_REQUEST_ID, NO_IMAGES, TOO_MANY_IMAGES; a stream
-past its length limits (:class:`StreamLimit`) ends with
-:class:`~gateway.errors.ResourceExhausted` STREAM_TOO_LONG.
+TOO_MANY_SCANS, TOO_MANY_CHUNKS, CORRUPT_IMAGE, INVALID_OPTION, INVALID_REQUEST_ID,
+NO_IMAGES, TOO_MANY_IMAGES; a stream past its length limits (:class:`StreamLimit`) ends
+with :class:`~gateway.errors.ResourceExhausted` STREAM_TOO_LONG.
 
 Animated WebP and PNG are accepted and only their first frame is analysed (Triton's
 preprocess step decodes that frame alone), so the number of frames costs nothing beyond
@@ -154,7 +157,7 @@ def _check_jpeg_scans(data: bytes, max_scans: int) -> None:
 def _check_png_chunks(data: bytes, max_chunks: int) -> None:
     """Refuse a PNG made of more chunks than ``max_chunks``, walking at most that many
     chunk headers. PIL parses chunks one by one in Python: a file of millions of empty
-    chunks would hold the gateway's event loop for seconds."""
+    chunks would keep the gateway busy for seconds."""
     pos, count, size = 8, 0, len(data)
     while pos + 8 <= size and count <= max_chunks:
         count += 1
