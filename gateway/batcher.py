@@ -9,6 +9,9 @@ The contract (as Triton's dynamic batcher and Ray Serve's ``@serve.batch``):
   is busy requests queue, and the next batch takes as many as are waiting;
 * a request whose caller gave up (its task was cancelled) is dropped from the batch it
   would have joined, and a batch left empty is not sent;
+* a request may carry a deadline: one already past when its batch is sent is dropped and
+  fails with :class:`DeadlineExpired`, and the backend is given the batch's latest
+  deadline (None if a request has none) to bound its call by;
 * results are checked one-for-one against the requests; the backend may return an
   exception in place of a result to fail that one request only;
 * a backend failure (an exception raised, or a wrong number of results) fails every
@@ -39,11 +42,17 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 
-Backend = Callable[[list[T]], Awaitable[Sequence[R | BaseException]]]
+Backend = Callable[[list[T], float | None], Awaitable[Sequence[R | BaseException]]]
+"""``backend(items, deadline)``: ``deadline`` is the latest of the items' deadlines
+(``time.monotonic()`` seconds), None when some item has none."""
 
 
 class BatcherClosed(RuntimeError):
     """The batcher is shutting down and takes no more requests."""
+
+
+class DeadlineExpired(RuntimeError):
+    """The request's deadline passed before its batch was sent."""
 
 
 class BatchResultMismatch(RuntimeError):
@@ -85,6 +94,7 @@ class Histogram:
 class _Pending(Generic[T, R]):
     item: T
     future: asyncio.Future[R]
+    deadline: float | None = None
     arrived: float = field(default_factory=time.monotonic)
 
 
@@ -134,15 +144,16 @@ class MicroBatcher(Generic[T, R]):
         """Requests waiting for a batch."""
         return len(self._pending)
 
-    async def submit(self, item: T) -> R:
+    async def submit(self, item: T, deadline: float | None = None) -> R:
         """Queue ``item`` and wait for its result. Cancelling the caller drops the item if
-        it has not been sent yet."""
+        it has not been sent yet, and so does ``deadline`` (``time.monotonic()`` seconds)
+        passing: then this raises :class:`DeadlineExpired`."""
         if self._closed:
             raise BatcherClosed("the gateway is shutting down")
         if self._loop_task is None:
             self.start()
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(item, future))
+        self._pending.append(_Pending(item, future, deadline))
         self._arrival.set()
         return await future
 
@@ -222,15 +233,20 @@ class MicroBatcher(Generic[T, R]):
 
     async def _dispatch(self, batch: list[_Pending[T, R]]) -> None:
         try:
+            now = time.monotonic()
+            for p in batch:
+                if p.deadline is not None and p.deadline <= now and not p.future.done():
+                    p.future.set_exception(DeadlineExpired("the deadline passed in the queue"))
             live = [p for p in batch if not p.future.done()]
             if not live:
                 return
-            now = time.monotonic()
+            deadlines = [p.deadline for p in live]
+            deadline = None if None in deadlines else max(d for d in deadlines if d is not None)
             self.batch_size.observe(len(live))
             for p in live:
                 self.queue_wait_seconds.observe(now - p.arrived)
             try:
-                results = await self._backend([p.item for p in live])
+                results = await self._backend([p.item for p in live], deadline)
                 if len(results) != len(live):
                     raise BatchResultMismatch(
                         f"the backend returned {len(results)} results for {len(live)} requests"

@@ -21,7 +21,7 @@ from opentelemetry import trace
 from fashionserve.taxonomy import Taxonomy
 from gateway import __version__
 from gateway.auth import LOCAL_IDENTITY, current_identity, require_scope
-from gateway.batcher import BatcherClosed, MicroBatcher, bounded_map
+from gateway.batcher import BatcherClosed, DeadlineExpired, MicroBatcher, bounded_map
 from gateway.endpoints import EndpointPool
 from gateway.errors import (
     DeadlineExceeded,
@@ -304,16 +304,22 @@ class Analyzer:
         return options
 
     # ------------------------------------------------------------------ analysis
-    async def analyze(self, image: bytes, raw: RawOptions) -> ImageResult:
-        """Analyze one image; raises :class:`GatewayError`."""
+    async def analyze(
+        self, image: bytes, raw: RawOptions, deadline: float | None = None
+    ) -> ImageResult:
+        """Analyze one image; raises :class:`GatewayError`.
+
+        ``deadline`` (``time.monotonic()`` seconds, the caller's) travels with the image:
+        past it, the image is not sent to Triton, and the Triton call ends by it.
+        """
         options = self.resolve_options(raw)
         with self.admission.admit(_tenant(), 1):
             await self._inspect(image)
             await self.monitor.require_serving()
-            return await self._infer(image, options)
+            return await self._infer(image, options, deadline)
 
     async def analyze_batch(
-        self, images: Sequence[bytes], raw: RawOptions
+        self, images: Sequence[bytes], raw: RawOptions, deadline: float | None = None
     ) -> list[ImageResult | GatewayError]:
         """Analyze several images; one outcome per image, in order.
 
@@ -325,7 +331,9 @@ class Analyzer:
         options = self.resolve_options(raw)
         with self.admission.admit(_tenant(), len(images)):
             await self.monitor.require_serving()
-            outcomes = await asyncio.gather(*(self._analyze_safe(i, options) for i in images))
+            outcomes = await asyncio.gather(
+                *(self._analyze_safe(i, options, deadline) for i in images)
+            )
         for outcome in outcomes:
             if isinstance(outcome, Unavailable | DeadlineExceeded):
                 raise outcome
@@ -338,6 +346,7 @@ class Analyzer:
         self,
         items: AsyncIterator[StreamItem],
         emit: Callable[[StreamOutcome], Awaitable[None]],
+        deadline: float | None = None,
     ) -> None:
         """Answer a stream of requests, out of order, each with its id, through ``emit``.
 
@@ -357,7 +366,7 @@ class Analyzer:
         async def answer(item: StreamItem) -> StreamOutcome:
             try:
                 validate_request_id(item.request_id)
-                result = await self.analyze(item.image, item.options)
+                result = await self.analyze(item.image, item.options, deadline)
             except Exception as exc:
                 err = as_gateway_error(exc)
                 self.telemetry.count_rejection(err.reason)
@@ -376,11 +385,11 @@ class Analyzer:
             raise limit.exceeded
 
     async def _analyze_safe(
-        self, image: bytes, options: AnalyzeOptions
+        self, image: bytes, options: AnalyzeOptions, deadline: float | None
     ) -> ImageResult | GatewayError:
         try:
             await self._inspect(image)
-            return await self._infer(image, options)
+            return await self._infer(image, options, deadline)
         except Exception as exc:
             return as_gateway_error(exc)
 
@@ -394,12 +403,18 @@ class Analyzer:
         with self.tracer.start_as_current_span("validate"):
             inspect_image(image, self.limits)
 
-    async def _infer(self, image: bytes, options: AnalyzeOptions) -> ImageResult:
+    async def _infer(
+        self, image: bytes, options: AnalyzeOptions, deadline: float | None
+    ) -> ImageResult:
         job = _Job(image, trace.get_current_span().get_span_context(), time.time_ns())
         try:
-            output = await self.batcher.submit(job)
+            output = await self.batcher.submit(job, deadline)
         except BatcherClosed as exc:
             raise Unavailable("SHUTTING_DOWN", "the gateway is shutting down; retry") from exc
+        except DeadlineExpired as exc:
+            raise DeadlineExceeded(
+                "DEADLINE_EXCEEDED", "the call's deadline passed before the image was sent"
+            ) from exc
         with self.tracer.start_as_current_span("decode"):
             # The served model may have changed while the batch ran (a reload).
             self.monitor.check_taxonomy()
@@ -429,8 +444,11 @@ class Analyzer:
             )
         return found
 
-    async def _run_batch(self, jobs: list[_Job]) -> Sequence[ImageOutput | BaseException]:
-        """The batcher's backend: one ensemble call for a batch, traced and timed.
+    async def _run_batch(
+        self, jobs: list[_Job], deadline: float | None
+    ) -> Sequence[ImageOutput | BaseException]:
+        """The batcher's backend: one ensemble call for a batch, traced and timed, bounded
+        by the batch's latest deadline.
 
         One call serves several requests, so its span ``triton_infer`` is the child of the
         first request's span and links to every request's span; each request gets a
@@ -453,7 +471,7 @@ class Analyzer:
             metrics.batches_in_flight.track_inprogress(),
             metrics.triton_seconds.time(),
         ):
-            return await self.pipeline.infer([job.image for job in jobs])
+            return await self.pipeline.infer([job.image for job in jobs], deadline)
 
     # ------------------------------------------------------------------ info
     async def serving_info(self) -> ServingInfo:

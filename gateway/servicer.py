@@ -9,6 +9,7 @@ errors raised there are mapped to ``google.rpc.Status`` by
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import overload
 
@@ -144,6 +145,12 @@ def serving_info_to_pb(info: ServingInfo) -> pb.GetServingInfoResponse:
     )
 
 
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """The caller's deadline as ``time.monotonic()`` seconds (None: the caller set none)."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
 class FashionAnalysisServicer(pb_grpc.FashionAnalysisServiceServicer):
     """fashion.v1.FashionAnalysisService over :class:`gateway.core.Analyzer`."""
 
@@ -154,7 +161,9 @@ class FashionAnalysisServicer(pb_grpc.FashionAnalysisServiceServicer):
         self, request: pb.AnalyzeRequest, context: grpc.aio.ServicerContext
     ) -> pb.AnalyzeResponse:
         """One image."""
-        result = await self.analyzer.analyze(request.image.data, options_from_pb(request.options))
+        result = await self.analyzer.analyze(
+            request.image.data, options_from_pb(request.options), deadline_of(context)
+        )
         return pb.AnalyzeResponse(result=result_to_pb(result))
 
     async def BatchAnalyze(
@@ -162,7 +171,7 @@ class FashionAnalysisServicer(pb_grpc.FashionAnalysisServiceServicer):
     ) -> pb.BatchAnalyzeResponse:
         """Several images; per-image errors are entries, not a failed call."""
         outcomes = await self.analyzer.analyze_batch(
-            ImageBytes(request.images), options_from_pb(request.options)
+            ImageBytes(request.images), options_from_pb(request.options), deadline_of(context)
         )
         return pb.BatchAnalyzeResponse(
             entries=[
@@ -198,7 +207,7 @@ class FashionAnalysisServicer(pb_grpc.FashionAnalysisServiceServicer):
                 )
             await context.write(response)
 
-        await self.analyzer.analyze_stream(items(), emit)
+        await self.analyzer.analyze_stream(items(), emit, deadline_of(context))
 
     async def GetTaxonomy(
         self, request: pb.GetTaxonomyRequest, context: grpc.aio.ServicerContext

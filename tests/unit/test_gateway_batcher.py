@@ -10,7 +10,13 @@ from typing import Any
 
 import pytest
 
-from gateway.batcher import BatcherClosed, BatchResultMismatch, MicroBatcher, bounded_map
+from gateway.batcher import (
+    BatcherClosed,
+    BatchResultMismatch,
+    DeadlineExpired,
+    MicroBatcher,
+    bounded_map,
+)
 
 
 def aio(test: Callable[..., Awaitable[None]]) -> Callable[..., None]:
@@ -28,12 +34,16 @@ class Recorder:
 
     def __init__(self, delay: float = 0.0) -> None:
         self.batches: list[list[int]] = []
+        self.deadlines: list[float | None] = []
         self.delay = delay
         self.in_flight = 0
         self.max_in_flight = 0
 
-    async def __call__(self, items: list[int]) -> Sequence[int | BaseException]:
+    async def __call__(
+        self, items: list[int], deadline: float | None
+    ) -> Sequence[int | BaseException]:
         self.batches.append(list(items))
+        self.deadlines.append(deadline)
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -161,10 +171,38 @@ async def test_batch_of_only_cancelled_requests_is_not_sent() -> None:
 
 
 @aio
+async def test_a_request_past_its_deadline_is_dropped_before_the_call() -> None:
+    backend = Recorder()
+    batcher = make(backend, size=4, delay_us=100_000)
+    now = time.monotonic()
+    late = asyncio.ensure_future(batcher.submit(1, deadline=now + 0.02))  # expires in the queue
+    on_time = asyncio.ensure_future(batcher.submit(2, deadline=now + 5))
+    with pytest.raises(DeadlineExpired):
+        await late
+    assert await on_time == 4
+    assert backend.batches == [[2]]
+    await batcher.close()
+
+
+@aio
+async def test_the_call_is_bounded_by_the_latest_deadline_of_its_batch() -> None:
+    backend = Recorder()
+    batcher = make(backend, size=2)
+    now = time.monotonic()
+    assert await asyncio.gather(
+        batcher.submit(1, deadline=now + 3), batcher.submit(2, deadline=now + 5)
+    ) == [2, 4]
+    # A request without a deadline: the call has none either (the backend's own timeout).
+    assert await asyncio.gather(batcher.submit(3, deadline=now + 3), batcher.submit(4)) == [6, 8]
+    assert backend.deadlines == [now + 5, None]
+    await batcher.close()
+
+
+@aio
 async def test_backend_failure_fails_every_request_of_the_batch_with_the_cause() -> None:
     calls: list[list[int]] = []
 
-    async def broken(items: list[int]) -> Sequence[int]:
+    async def broken(items: list[int], deadline: float | None) -> Sequence[int]:
         calls.append(items)
         raise ConnectionError("triton went away")
 
@@ -179,7 +217,7 @@ async def test_backend_failure_fails_every_request_of_the_batch_with_the_cause()
 
 @aio
 async def test_result_count_is_checked_one_for_one() -> None:
-    async def short(items: list[int]) -> Sequence[int]:
+    async def short(items: list[int], deadline: float | None) -> Sequence[int]:
         return items[:-1]
 
     batcher: MicroBatcher[int, int] = MicroBatcher(
@@ -192,7 +230,7 @@ async def test_result_count_is_checked_one_for_one() -> None:
 
 @aio
 async def test_an_exception_in_place_of_a_result_fails_only_that_request() -> None:
-    async def picky(items: list[int]) -> Sequence[int | BaseException]:
+    async def picky(items: list[int], deadline: float | None) -> Sequence[int | BaseException]:
         return [ValueError(f"bad {i}") if i == 13 else i for i in items]
 
     batcher: MicroBatcher[int, int] = MicroBatcher(
