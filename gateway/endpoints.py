@@ -7,8 +7,8 @@ either ``host:port`` (one endpoint; gRPC resolves the name itself) or ``dns:///h
 
 * **Readiness.** :meth:`EndpointPool.describe` probes every endpoint at once (readiness plus
   the served facts, :meth:`TritonPipeline.describe`) and admits those that can serve: ready,
-  and exported with the gateway's taxonomy (:func:`serving_problem`, the same check the
-  health service makes). The health loop calls it, so probes run every
+  with a tagger whose taxonomy the gateway can decode (:func:`serving_problem`, the same
+  check the health service makes). The health loop calls it, so probes run every
   ``health_check_interval_seconds``.
 * **Pick.** Least outstanding calls, ties taken in turn. Triton servers are rarely equal (GPU
   types differ, a pod is warming up, one is busy with another tenant): a slow one keeps its
