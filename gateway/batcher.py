@@ -16,7 +16,8 @@ The contract (as Triton's dynamic batcher and Ray Serve's ``@serve.batch``):
   exception in place of a result to fail that one request only;
 * a backend failure (an exception raised, or a wrong number of results) fails every
   request of the batch with that cause;
-* batch sizes and queue waits are recorded in histograms.
+* batch sizes and queue waits are recorded in the histograms it is given
+  (``batch_size``, ``queue_wait_seconds``: the gateway's Prometheus metrics).
 
 :func:`bounded_map` is the flow-control half of streaming: it reads the next item of a
 stream only while fewer than ``limit`` are being served.
@@ -27,7 +28,6 @@ Nothing here knows about gRPC or Triton.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import contextvars
 import logging
@@ -35,7 +35,7 @@ import time
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -59,35 +59,11 @@ class BatchResultMismatch(RuntimeError):
     """The backend returned a different number of results than requests."""
 
 
-class Histogram:
-    """A fixed-bucket histogram (cumulative counts per upper bound, Prometheus style)."""
+class Observer(Protocol):
+    """Where a measurement goes (a ``prometheus_client`` Histogram, for one)."""
 
-    def __init__(self, name: str, bounds: Sequence[float]) -> None:
-        self.name = name
-        self.bounds = tuple(sorted(bounds))
-        self.counts = [0] * (len(self.bounds) + 1)  # last bucket: +Inf
-        self.count = 0
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
+    def observe(self, amount: float) -> None:
         """Record one value."""
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.count += 1
-        self.sum += value
-
-    def snapshot(self) -> dict[str, object]:
-        """Count, sum and cumulative bucket counts keyed by upper bound."""
-        cumulative: dict[str, int] = {}
-        running = 0
-        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
-            running += n
-            cumulative["+Inf" if bound == float("inf") else f"{bound:g}"] = running
-        return {"name": self.name, "count": self.count, "sum": self.sum, "buckets": cumulative}
-
-    @property
-    def mean(self) -> float:
-        """The mean of the recorded values (0 when empty)."""
-        return self.sum / self.count if self.count else 0.0
 
 
 @dataclass
@@ -113,6 +89,8 @@ class MicroBatcher(Generic[T, R]):
         max_batch_size: int,
         max_queue_delay_microseconds: int,
         max_batches_in_flight: int,
+        batch_size: Observer | None = None,
+        queue_wait_seconds: Observer | None = None,
     ) -> None:
         if max_batch_size < 1 or max_batches_in_flight < 1 or max_queue_delay_microseconds < 0:
             raise ValueError("batch size and batches in flight must be >= 1, delay >= 0")
@@ -125,10 +103,8 @@ class MicroBatcher(Generic[T, R]):
         self._loop_task: asyncio.Task[None] | None = None
         self._dispatches: set[asyncio.Task[None]] = set()
         self._closed = False
-        self.batch_size = Histogram("batch_size", [1, 2, 4, 8, 16, 32, 64, 128])
-        self.queue_wait_seconds = Histogram(
-            "queue_wait_seconds", [1e-4, 5e-4, 1e-3, 2e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.5, 1]
-        )
+        self._batch_size = batch_size
+        self._queue_wait_seconds = queue_wait_seconds
 
     def start(self) -> None:
         """Start the batching loop (call from the event loop that will submit)."""
@@ -242,9 +218,11 @@ class MicroBatcher(Generic[T, R]):
                 return
             deadlines = [p.deadline for p in live]
             deadline = None if None in deadlines else max(d for d in deadlines if d is not None)
-            self.batch_size.observe(len(live))
-            for p in live:
-                self.queue_wait_seconds.observe(now - p.arrived)
+            if self._batch_size is not None:
+                self._batch_size.observe(len(live))
+            if self._queue_wait_seconds is not None:
+                for p in live:
+                    self._queue_wait_seconds.observe(now - p.arrived)
             try:
                 results = await self._backend([p.item for p in live], deadline)
                 if len(results) != len(live):

@@ -272,6 +272,8 @@ class Analyzer:
             max_batch_size=settings.max_batch_size,
             max_queue_delay_microseconds=settings.max_queue_delay_microseconds,
             max_batches_in_flight=settings.max_batches_in_flight,
+            batch_size=telemetry.metrics.batch_size,
+            queue_wait_seconds=telemetry.metrics.batch_wait_seconds,
         )
         self.admission = Admission(settings, queued=lambda: self.batcher.queued)
 

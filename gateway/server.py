@@ -110,13 +110,15 @@ class GatewayServer:
         await self.grpc_server.stop(grace)
         await self.analyzer.close()
         await self.pipeline.close()
-        sizes, waits = self.analyzer.batcher.batch_size, self.analyzer.batcher.queue_wait_seconds
+        metrics = self.telemetry.metrics
+        batches = metrics.value("fashionserve_batch_size_count")
+        images = metrics.value("fashionserve_batch_wait_seconds_count")
         log.info(
             "served %d image(s) in %d batch(es): mean batch size %.2f, mean queue wait %.2f ms",
-            waits.count,
-            sizes.count,
-            sizes.mean,
-            waits.mean * 1e3,
+            images,
+            batches,
+            metrics.value("fashionserve_batch_size_sum") / max(batches, 1),
+            metrics.value("fashionserve_batch_wait_seconds_sum") / max(images, 1) * 1e3,
         )
         self.telemetry.close()
 

@@ -17,6 +17,7 @@ from gateway.batcher import (
     MicroBatcher,
     bounded_map,
 )
+from gateway.telemetry import Metrics
 
 
 def aio(test: Callable[..., Awaitable[None]]) -> Callable[..., None]:
@@ -246,14 +247,23 @@ async def test_an_exception_in_place_of_a_result_fails_only_that_request() -> No
 
 @aio
 async def test_histograms_record_batch_sizes_and_waits() -> None:
-    backend = Recorder()
-    batcher = make(backend, size=4, delay_us=20_000)
+    metrics = Metrics()  # the gateway's Prometheus histograms
+    batcher: MicroBatcher[int, int] = MicroBatcher(
+        Recorder(),
+        max_batch_size=4,
+        max_queue_delay_microseconds=20_000,
+        max_batches_in_flight=2,
+        batch_size=metrics.batch_size,
+        queue_wait_seconds=metrics.batch_wait_seconds,
+    )
     await asyncio.gather(*(batcher.submit(i) for i in range(6)))
-    assert batcher.batch_size.count == 2
-    assert batcher.batch_size.sum == 6
-    assert batcher.queue_wait_seconds.count == 6
-    snap = batcher.batch_size.snapshot()
-    assert snap["buckets"]["4"] == 2  # type: ignore[index]
+    assert metrics.value("fashionserve_batch_size_count") == 2
+    assert metrics.value("fashionserve_batch_size_sum") == 6  # a full 4, then the other 2
+    assert metrics.value("fashionserve_batch_size_bucket", le="2.0") == 1
+    assert metrics.value("fashionserve_batch_size_bucket", le="4.0") == 2
+    assert metrics.value("fashionserve_batch_wait_seconds_count") == 6
+    # The two that waited for company waited about the delay, the full batch not at all.
+    assert metrics.value("fashionserve_batch_wait_seconds_bucket", le="0.01") == 4
     await batcher.close()
 
 
