@@ -36,6 +36,7 @@ from wsgiref.simple_server import WSGIServer
 
 import grpc
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -184,7 +185,7 @@ def trace_headers() -> dict[str, str]:
     return carrier
 
 
-def link_context(span_context: trace.SpanContext) -> Any:
+def link_context(span_context: trace.SpanContext) -> Context:
     """An OpenTelemetry context whose current span is ``span_context`` (to parent a span
     to a span started elsewhere, e.g. in a request's task)."""
     return trace.set_span_in_context(trace.NonRecordingSpan(span_context))
