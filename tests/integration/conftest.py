@@ -42,7 +42,7 @@ from grpc_status import rpc_status
 from PIL import Image
 
 from fashionserve.checkpoint import file_sha256
-from fashionserve.taxonomy import load_taxonomy
+from fashionserve.taxonomy import Taxonomy, load_taxonomy
 from fashionserve.triton import TritonServer, prepare_runtime
 from gateway.auth import create_key
 from model_repository.build import BuiltRepository, RepositorySettings, build_repository
@@ -194,9 +194,22 @@ def export_oracle_models(repo: Path) -> None:
         (version / "manifest.json").write_text(json.dumps(manifest))
 
 
-def _oracle_repository(root: Path, **settings: object) -> Path:
+def publish_taxonomy(version_dir: Path, taxonomy: Taxonomy) -> None:
+    """Declare ``taxonomy`` in a tagger version's manifest, as an exported tagger does."""
+    manifest = json.loads((version_dir / "manifest.json").read_text())
+    manifest["taxonomy"] = {
+        "version": taxonomy.version,
+        "hash": taxonomy.hash,
+        "document": taxonomy.to_dict(),
+    }
+    (version_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _oracle_repository(root: Path, *, declare_taxonomy: bool = False, **settings: object) -> Path:
     repo = root / "repository"
     export_oracle_models(repo)
+    if declare_taxonomy:
+        publish_taxonomy(repo / "tagger" / "1", load_taxonomy())
     build_repository(
         repo,
         RepositorySettings(
@@ -405,22 +418,7 @@ def start_gateway(triton_url: str | list[str], workdir: Path, **settings: Any) -
 
 def own_repository(root: Path) -> Path:
     """The conftest's oracle models, the tagger declaring the packaged taxonomy."""
-    repo = root / "repository"
-    export_oracle_models(repo)
-    taxonomy = load_taxonomy()
-    manifest_path = repo / "tagger" / "1" / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    manifest["taxonomy"] = {"version": taxonomy.version, "hash": taxonomy.hash}
-    manifest_path.write_text(json.dumps(manifest))
-    build_repository(
-        repo,
-        RepositorySettings(
-            max_images_per_request=ORACLE_MAX_IMAGES,
-            preprocess_instances=1,
-            max_queue_delay_microseconds=1000,
-        ),
-    )
-    return repo
+    return _oracle_repository(root, declare_taxonomy=True)
 
 
 @pytest.fixture(scope="session")

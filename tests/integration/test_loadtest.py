@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fashionserve.triton import TritonServer
 from loadtest.generator import LoadSpec, run_load
@@ -40,11 +41,31 @@ def gateway(triton: TritonServer, tmp_path_factory: pytest.TempPathFactory) -> I
 
     root = tmp_path_factory.mktemp("loadtest-gateway")
     key = create_key(root / "keys.yaml", "loadtest", tenant="test")
+    # The overload test measures a backlog; load shedding (the default bounds answer
+    # RESOURCE_EXHAUSTED past 512 queued images or 1024 open calls) would cut it short,
+    # so the bounds here are wide enough for every request offered to be queued.
+    config = root / "gateway.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "max_queued_images": 100_000,
+                "max_images_in_flight": 100_000,
+                "max_concurrent_rpcs": 100_000,
+                "tenant_quota": {
+                    "images_per_second": 100_000,
+                    "burst_images": 100_000,
+                    "max_concurrent_images": 100_000,
+                },
+            }
+        )
+    )
     ready = root / "ready.json"
     log = root / "gateway.log"
     command = [
         *FASHIONSERVE,
         "gateway",
+        "--config",
+        str(config),
         "--listen-address",
         "127.0.0.1:0",
         "--triton-url",

@@ -24,10 +24,10 @@ import onnx
 import pytest
 from conftest import (
     ORACLE_CROP,
-    ORACLE_MAX_IMAGES,
     Gateway,
     Oracle,
-    export_oracle_models,
+    own_repository,
+    publish_taxonomy,
     start_gateway,
 )
 from grpc_health.v1 import health_pb2
@@ -35,7 +35,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 from fashionserve.taxonomy import Taxonomy, load_taxonomy
 from fashionserve.triton import TritonServer
-from model_repository.build import RepositorySettings, build_repository
 from model_repository.python_models import ORT_RUNNER
 from model_repository.versions import rollback, rollout
 from protos.fashion.v1 import analysis_service_pb2 as pb
@@ -54,18 +53,7 @@ class Stack:
 def stack(tmp_path_factory: pytest.TempPathFactory, triton_runtime: Path) -> Iterator[Stack]:
     del triton_runtime
     root = tmp_path_factory.mktemp("rollout")
-    repo = root / "repository"
-    export_oracle_models(repo)
-    # Version 1 declares the packaged taxonomy, as an exported tagger does.
-    publish_taxonomy(repo / "tagger" / "1", load_taxonomy())
-    build_repository(
-        repo,
-        RepositorySettings(
-            max_images_per_request=ORACLE_MAX_IMAGES,
-            preprocess_instances=1,
-            max_queue_delay_microseconds=1000,
-        ),
-    )
+    repo = own_repository(root)  # version 1 declares the packaged taxonomy
     triton = TritonServer(
         repo, log_file=root / "triton.log", ready_timeout=120, model_control_mode="explicit"
     ).start()
@@ -78,16 +66,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory, triton_runtime: Path) -> Ite
             gateway.stop()
     finally:
         triton.stop()
-
-
-def publish_taxonomy(version_dir: Path, taxonomy: Taxonomy) -> None:
-    manifest = json.loads((version_dir / "manifest.json").read_text())
-    manifest["taxonomy"] = {
-        "version": taxonomy.version,
-        "hash": taxonomy.hash,
-        "document": taxonomy.to_dict(),
-    }
-    (version_dir / "manifest.json").write_text(json.dumps(manifest))
 
 
 def publish_tagger(repo: Path, version: int, taxonomy: Taxonomy) -> None:
