@@ -172,6 +172,12 @@ def _check_png_chunks(data: bytes, max_chunks: int) -> None:
         )
 
 
+def has_end_marker(data: bytes) -> bool:
+    """Whether a JPEG or PNG ends with its end marker, the cheap proof that it is whole
+    (without it, :func:`inspect_image` must decode to tell a cut file from trailing data)."""
+    return data.rstrip(b"\x00").endswith(b"\xff\xd9") or b"IEND" in data[-64:]
+
+
 def _check_complete(data: bytes, fmt: str, img: Image.Image) -> None:
     """Refuse a truncated file, cheaply: look at its end first, decode only if in doubt."""
     if fmt == "JPEG":

@@ -17,6 +17,7 @@ from PIL import Image
 from gateway.errors import InvalidArgument, ResourceExhausted
 from gateway.validation import (
     ImageLimits,
+    has_end_marker,
     StreamLimit,
     inspect_image,
     validate_image_count,
@@ -162,6 +163,15 @@ def test_truncated_images_are_corrupt(fmt: str) -> None:
 
 def test_jpeg_cut_just_before_eoi_is_corrupt() -> None:
     assert reason(encode("JPEG", (200, 150))[:-2]) == "CORRUPT_IMAGE"
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_only_whole_files_count_as_ending_with_their_marker(fmt: str) -> None:
+    # The gateway checks such files on its event loop, the others in a worker thread.
+    data = encode(fmt, (200, 150))
+    assert has_end_marker(data)
+    assert not has_end_marker(data[:-20])
+    assert not has_end_marker(data + b"trailer" * 100)
 
 
 def test_jpeg_with_garbage_header_is_corrupt() -> None:
