@@ -52,7 +52,7 @@ def add_gateway_commands(subparsers: Any) -> None:
     p.add_argument(
         "--max-queue-delay-microseconds",
         type=int,
-        help="how long a batch waits to fill (default 2000)",
+        help="how long a batch waits to fill (default 0: only while every slot is busy)",
     )
     p.add_argument("--log-format", choices=["text", "json"])
     p.add_argument(

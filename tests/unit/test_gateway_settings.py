@@ -27,7 +27,7 @@ def test_defaults_match_the_documented_table(tmp_path: Path) -> None:
     assert s.auth_enabled is True
     assert (s.max_batch_size, s.max_queue_delay_microseconds, s.max_batches_in_flight) == (
         8,
-        2000,
+        0,
         4,
     )
     assert s.max_image_bytes == 20 * 1024 * 1024

@@ -16,6 +16,7 @@ def test_headline_ratios_and_verdicts():
         "gateway_1": run(5.0, 190.0),
         "triton_1": run(5.2, 187.0),
         "gateway_batched": run(18.0, 1500.0),
+        "triton_crowd": run(24.0, 1400.0),
         "gateway_unbatched": run(12.0, 2200.0),
         "naive": run(4.0, 2000.0),
         "soak": {"memory": {"gateway": {"growth_pct": 1.5}, "triton": {"growth_pct": 7.0}}},
@@ -23,6 +24,8 @@ def test_headline_ratios_and_verdicts():
     rows = {r["comparison"]: r for r in headline(runs)}
     ratio = rows["gateway / direct Triton throughput"]
     assert ratio["value"] == 18.0 / 19.0 and ratio["met"] is True
+    crowded = rows["gateway / direct Triton throughput, more callers than batch slots"]
+    assert crowded["value"] == 18.0 / 24.0 and crowded["met"] is False
     added = rows["gateway added p50 latency, 1 caller"]
     assert added["value"] == 3.0 and added["met"] is False  # over the 2 ms target
     assert rows["fashionserve / naive server throughput"]["value"] == 4.5
