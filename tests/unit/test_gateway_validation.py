@@ -17,8 +17,8 @@ from PIL import Image
 from gateway.errors import InvalidArgument, ResourceExhausted
 from gateway.validation import (
     ImageLimits,
-    has_end_marker,
     StreamLimit,
+    has_end_marker,
     inspect_image,
     validate_image_count,
     validate_options,
