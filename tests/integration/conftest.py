@@ -25,10 +25,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -447,6 +448,60 @@ def gw(own_triton: TritonServer, tmp_path_factory: pytest.TempPathFactory) -> It
         gateway.stop()
 
 
+@dataclass
+class Call:
+    """One call of a :class:`Load`."""
+
+    started: float
+    ended: float
+    code: grpc.StatusCode  # OK for a success
+    details: str = ""
+
+
+@dataclass
+class Load:
+    """``threads`` clients calling Analyze back to back until stopped; every call recorded
+    (``list.append`` is atomic, so the threads need no lock)."""
+
+    gateway: Gateway
+    image: bytes
+    threads: int = 3
+    timeout: float = 10.0  # each call's deadline, seconds
+    calls: list[Call] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _workers: list[threading.Thread] = field(default_factory=list)
+
+    def _run(self) -> None:
+        request = pb.AnalyzeRequest(image=pb.Image(data=self.image))
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                self.gateway.stub.Analyze(request, metadata=self.gateway.auth, timeout=self.timeout)
+                call = Call(started, time.monotonic(), grpc.StatusCode.OK)
+            except grpc.RpcError as err:
+                call = Call(started, time.monotonic(), err.code(), err.details() or "")
+                time.sleep(0.02)  # a refused call returns at once: do not spin
+            self.calls.append(call)
+
+    def __enter__(self) -> Load:
+        for i in range(self.threads):
+            worker = threading.Thread(target=self._run, name=f"load-{i}", daemon=True)
+            worker.start()
+            self._workers.append(worker)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for worker in self._workers:
+            worker.join(timeout=self.timeout + 5)
+
+    def failures(self) -> list[Call]:
+        return [c for c in self.calls if c.code != grpc.StatusCode.OK]
+
+    def ok(self) -> int:
+        return sum(c.code == grpc.StatusCode.OK for c in self.calls)
+
+
 def error_reason(err: grpc.RpcError) -> str:
     status = rpc_status.from_call(err)
     assert status is not None, "the error carries a google.rpc.Status"
@@ -462,3 +517,15 @@ def encode(image: Image.Image | np.ndarray, fmt: str, **kw: Any) -> bytes:
     buf = io.BytesIO()
     img.save(buf, fmt, **kw)
     return buf.getvalue()
+
+
+def corrupt_png_that_passes_the_header_checks() -> bytes:
+    """A PNG with IEND in place but garbage inside its compressed data: only a full decode
+    (Triton's preprocess step) finds out."""
+    rng = np.random.default_rng(1)
+    data = bytearray(encode((rng.random((200, 300, 3)) * 255).astype(np.uint8), "PNG"))
+    at = data.index(b"IDAT")
+    length = int.from_bytes(data[at - 4 : at], "big")
+    middle = at + 4 + length // 2
+    data[middle : middle + 64] = b"\xff" * 64
+    return bytes(data)

@@ -45,6 +45,7 @@ from conftest import (
     Gateway,
     Oracle,
     checkpoint_dir,
+    corrupt_png_that_passes_the_header_checks,
     encode,
     error_reason,
     start_gateway,
@@ -79,16 +80,6 @@ def trained_gw(
 
 
 # ------------------------------------------------------------------------ helpers
-def corrupt_png_that_passes_the_header_checks() -> bytes:
-    """A PNG with IEND in place but garbage inside its compressed data: only a full decode
-    (Triton's preprocess step) finds out."""
-    rng = np.random.default_rng(1)
-    data = bytearray(encode((rng.random((200, 300, 3)) * 255).astype(np.uint8), "PNG"))
-    at = data.index(b"IDAT")
-    length = int.from_bytes(data[at - 4 : at], "big")
-    middle = at + 4 + length // 2
-    data[middle : middle + 64] = b"\xff" * 64
-    return bytes(data)
 
 
 def assert_same_result(a: pb.ImageResult, b: pb.ImageResult) -> None:

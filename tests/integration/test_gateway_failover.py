@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import pytest
-from conftest import SERVICE, Gateway, Oracle, start_gateway, start_triton
+from conftest import SERVICE, Load, Oracle, start_gateway, start_triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fashionserve.triton import TritonServer
@@ -29,53 +27,6 @@ from protos.fashion.v1 import analysis_service_pb2 as pb
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 CALL_TIMEOUT = 10.0  # seconds: each call's deadline
-
-
-@dataclass
-class Call:
-    started: float
-    ended: float
-    code: grpc.StatusCode  # OK for a success
-    details: str = ""
-
-
-@dataclass
-class Load:
-    """``threads`` clients calling Analyze back to back until stopped."""
-
-    gateway: Gateway
-    image: bytes
-    threads: int = 3
-    calls: list[Call] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _workers: list[threading.Thread] = field(default_factory=list)
-
-    def _run(self) -> None:
-        request = pb.AnalyzeRequest(image=pb.Image(data=self.image))
-        while not self._stop.is_set():
-            started = time.monotonic()
-            try:
-                self.gateway.stub.Analyze(request, metadata=self.gateway.auth, timeout=CALL_TIMEOUT)
-                call = Call(started, time.monotonic(), grpc.StatusCode.OK)
-            except grpc.RpcError as err:
-                call = Call(started, time.monotonic(), err.code(), err.details() or "")
-                time.sleep(0.02)  # a refused call returns at once: do not spin
-            self.calls.append(call)
-
-    def __enter__(self) -> Load:
-        for i in range(self.threads):
-            worker = threading.Thread(target=self._run, name=f"load-{i}", daemon=True)
-            worker.start()
-            self._workers.append(worker)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for worker in self._workers:
-            worker.join(timeout=CALL_TIMEOUT + 5)
-
-    def failures(self) -> list[Call]:
-        return [c for c in self.calls if c.code != grpc.StatusCode.OK]
 
 
 def kill(server: TritonServer) -> None:

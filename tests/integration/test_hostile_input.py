@@ -26,7 +26,15 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from conftest import LIMITS, SERVICE, Gateway, Oracle, encode, start_gateway
+from conftest import (
+    LIMITS,
+    SERVICE,
+    Gateway,
+    Oracle,
+    corrupt_png_that_passes_the_header_checks,
+    encode,
+    start_gateway,
+)
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
@@ -300,18 +308,6 @@ def exif_rotated_jpeg() -> bytes:
     return ORACLE.scene(400, 240, SCENE_RECTS, "JPEG", rotated=True)
 
 
-def corrupt_idat_png() -> bytes:
-    """A PNG with IEND in place but garbage inside its compressed data: only a full
-    decode (Triton's preprocess step) finds out."""
-    rng = np.random.default_rng(1)
-    data = bytearray(encode((rng.random((200, 300, 3)) * 255).astype(np.uint8), "PNG"))
-    at = data.index(b"IDAT")
-    length = int.from_bytes(data[at - 4 : at], "big")
-    middle = at + 4 + length // 2
-    data[middle : middle + 64] = b"\xff" * 64
-    return bytes(data)
-
-
 def broken_crc_png() -> bytes:
     data = bytearray(scene("PNG"))
     data[29] ^= 0xFF  # the IHDR CRC
@@ -396,7 +392,7 @@ IMAGE_CASES: dict[str, ImageCase] = {
     ),
     "PNG with a broken header CRC": ImageCase(broken_crc_png, Refused(INVALID, "CORRUPT_IMAGE")),
     "PNG with garbage in its pixel data": ImageCase(
-        corrupt_idat_png, Refused(INVALID, "CORRUPT_IMAGE")
+        corrupt_png_that_passes_the_header_checks, Refused(INVALID, "CORRUPT_IMAGE")
     ),
     "PNG header declaring a zero width": ImageCase(
         lambda: png_with_size(0, 100), Refused(INVALID, "CORRUPT_IMAGE")

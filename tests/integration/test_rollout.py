@@ -11,20 +11,19 @@ from __future__ import annotations
 
 import copy
 import json
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 import onnx
 import pytest
 from conftest import (
     ORACLE_CROP,
     Gateway,
+    Load,
     Oracle,
     own_repository,
     publish_taxonomy,
@@ -38,8 +37,6 @@ from fashionserve.triton import TritonServer
 from model_repository.python_models import ORT_RUNNER
 from model_repository.versions import rollback, rollout
 from protos.fashion.v1 import analysis_service_pb2 as pb
-
-LOAD_THREADS = 3
 
 
 @dataclass
@@ -106,49 +103,6 @@ def publish_tagger(repo: Path, version: int, taxonomy: Taxonomy) -> None:
     staging.rename(version_dir)
 
 
-@dataclass
-class Load:
-    """Threads calling Analyze back to back until stopped; every outcome recorded."""
-
-    gateway: Gateway
-    image: bytes
-    ok: int = 0
-    failures: list[str] = field(default_factory=list)
-    colours: set[str] = field(default_factory=set)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                result = self.gateway.analyze(self.image)
-            except grpc.RpcError as exc:
-                with self._lock:
-                    self.failures.append(f"{exc.code().name}: {exc.details()}")
-                continue
-            with self._lock:
-                self.ok += 1
-                for garment in result.garments:
-                    for group in garment.tag_groups:
-                        if group.group == "colour":
-                            self.colours.update(label.name for label in group.labels)
-
-    def __enter__(self) -> Load:
-        self.threads = [threading.Thread(target=self.run) for _ in range(LOAD_THREADS)]
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self.threads:
-            thread.join(timeout=60)
-
-    def count(self) -> int:
-        with self._lock:
-            return self.ok
-
-
 def serving_info(gateway: Gateway) -> tuple[dict[str, str], str]:
     reply = gateway.stub.GetServingInfo(
         pb.GetServingInfoRequest(), metadata=gateway.auth, timeout=10
@@ -176,7 +130,7 @@ def test_a_version_switch_under_load_fails_no_call(stack: Stack, oracle: Oracle)
     assert serving_info(stack.gateway)[0]["tagger"] == "1"  # publishing alone changes nothing
 
     with Load(stack.gateway, image) as load:
-        while load.count() < 5:
+        while load.ok() < 5:
             time.sleep(0.05)
         rollout(stack.repo, "tagger", triton_url=stack.triton.grpc_url, drain_seconds=0.5)
         wait_for(stack.gateway, "2", new.hash)
@@ -184,8 +138,8 @@ def test_a_version_switch_under_load_fails_no_call(stack: Stack, oracle: Oracle)
             pb.GetTaxonomyRequest(), metadata=stack.gateway.auth, timeout=10
         )
         assert "beige" in next(g for g in taxonomy.tag_groups if g.name == "colour").labels
-        after_rollout = load.count()
-        while load.count() < after_rollout + 5:  # calls decoded with the new layout
+        after_rollout = load.ok()
+        while load.ok() < after_rollout + 5:  # calls decoded with the new layout
             time.sleep(0.05)
 
         # Going back removes "beige": a caller may already count it, so it takes --force.
@@ -193,12 +147,12 @@ def test_a_version_switch_under_load_fails_no_call(stack: Stack, oracle: Oracle)
             stack.repo, "tagger", force=True, triton_url=stack.triton.grpc_url, drain_seconds=0.5
         )
         wait_for(stack.gateway, "1", old.hash)
-        after_rollback = load.count()
-        while load.count() < after_rollback + 5:
+        after_rollback = load.ok()
+        while load.ok() < after_rollback + 5:
             time.sleep(0.05)
 
-    assert load.failures == []
-    assert load.ok >= 15
+    assert load.failures() == []
+    assert load.ok() >= 15
     loaded = {
         (m.name, m.version)
         for m in _repository_index(stack.triton.grpc_url)
