@@ -172,16 +172,24 @@ def _check_png_chunks(data: bytes, max_chunks: int) -> None:
         )
 
 
+def _jpeg_ends_whole(data: bytes) -> bool:
+    return data.rstrip(b"\x00").endswith(b"\xff\xd9")  # EOI, bar zero padding
+
+
+def _png_ends_whole(data: bytes) -> bool:
+    return b"IEND" in data[-64:]
+
+
 def has_end_marker(data: bytes) -> bool:
     """Whether a JPEG or PNG ends with its end marker, the cheap proof that it is whole
     (without it, :func:`inspect_image` must decode to tell a cut file from trailing data)."""
-    return data.rstrip(b"\x00").endswith(b"\xff\xd9") or b"IEND" in data[-64:]
+    return _jpeg_ends_whole(data) or _png_ends_whole(data)
 
 
 def _check_complete(data: bytes, fmt: str, img: Image.Image) -> None:
     """Refuse a truncated file, cheaply: look at its end first, decode only if in doubt."""
     if fmt == "JPEG":
-        if data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        if _jpeg_ends_whole(data):
             return
         # No EOI at the end: either data trails the image (some cameras append a
         # preview or a video) or the file is cut short. A 1/8-scale decode parses the
@@ -192,7 +200,7 @@ def _check_complete(data: bytes, fmt: str, img: Image.Image) -> None:
         except Exception as exc:
             raise _truncated(fmt, exc) from exc
     elif fmt == "PNG":
-        if b"IEND" in data[-64:]:
+        if _png_ends_whole(data):
             return
         try:
             img.verify()  # walks every chunk to IEND checking CRCs; no decompression
