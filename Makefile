@@ -21,7 +21,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy fashionserve export model_repository gateway clients loadtest tests
+	$(BIN)/mypy fashionserve tests
 
 unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit
@@ -37,7 +37,7 @@ clean:
 
 # Regenerates the Python code of the gRPC contract; tests check it is up to date.
 protos: $(STAMP)
-	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. protos/fashion/v1/analysis_service.proto
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. fashionserve/protos/fashion/v1/analysis_service.proto
 
 # The standard benchmark on the embedded default stack: writes BENCHMARKS.md (section
 # cpu-default) and benchmarks/cpu-default/. SOAK=120 shortens the memory soak. Run it on a

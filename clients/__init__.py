@@ -2,7 +2,7 @@
 
 * :class:`FashionClient` (blocking) and :class:`AsyncFashionClient` (asyncio): the same
   methods, ``analyze``, ``batch_analyze``, ``stream_analyze``, ``get_taxonomy`` and
-  ``get_serving_info``, returning the typed results of :mod:`clients.types`;
+  ``get_serving_info``, returning the typed results of :mod:`fashionserve.clients.types`;
 * :class:`FashionServeError`: every failed call, with its status code, reason and metadata;
 * :class:`RetryPolicy`: how UNAVAILABLE is retried.
 
@@ -16,11 +16,11 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from clients.aio_client import AsyncFashionClient
-    from clients.errors import FashionServeError
-    from clients.retry import RetryPolicy
-    from clients.sync_client import FashionClient
-    from clients.types import (
+    from fashionserve.clients.aio_client import AsyncFashionClient
+    from fashionserve.clients.errors import FashionServeError
+    from fashionserve.clients.retry import RetryPolicy
+    from fashionserve.clients.sync_client import FashionClient
+    from fashionserve.clients.types import (
         AnalyzeOptions,
         BatchEntry,
         Box,
@@ -38,24 +38,24 @@ if TYPE_CHECKING:
     )
 
 _MODULES: dict[str, str] = {
-    "AnalyzeOptions": "clients.types",
-    "AsyncFashionClient": "clients.aio_client",
-    "BatchEntry": "clients.types",
-    "Box": "clients.types",
-    "FashionClient": "clients.sync_client",
-    "FashionServeError": "clients.errors",
-    "GarmentResult": "clients.types",
-    "ImageResult": "clients.types",
-    "ItemError": "clients.types",
-    "Limits": "clients.types",
-    "RetryPolicy": "clients.retry",
-    "ScoredLabel": "clients.types",
-    "ServedModel": "clients.types",
-    "ServingInfo": "clients.types",
-    "StreamEntry": "clients.types",
-    "StreamRequest": "clients.types",
-    "TagGroupResult": "clients.types",
-    "TaxonomyInfo": "clients.types",
+    "AnalyzeOptions": "fashionserve.clients.types",
+    "AsyncFashionClient": "fashionserve.clients.aio_client",
+    "BatchEntry": "fashionserve.clients.types",
+    "Box": "fashionserve.clients.types",
+    "FashionClient": "fashionserve.clients.sync_client",
+    "FashionServeError": "fashionserve.clients.errors",
+    "GarmentResult": "fashionserve.clients.types",
+    "ImageResult": "fashionserve.clients.types",
+    "ItemError": "fashionserve.clients.types",
+    "Limits": "fashionserve.clients.types",
+    "RetryPolicy": "fashionserve.clients.retry",
+    "ScoredLabel": "fashionserve.clients.types",
+    "ServedModel": "fashionserve.clients.types",
+    "ServingInfo": "fashionserve.clients.types",
+    "StreamEntry": "fashionserve.clients.types",
+    "StreamRequest": "fashionserve.clients.types",
+    "TagGroupResult": "fashionserve.clients.types",
+    "TaxonomyInfo": "fashionserve.clients.types",
 }
 
 __all__ = [

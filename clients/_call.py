@@ -7,8 +7,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TypeAlias
 
-from clients.types import AnalyzeOptions, StreamRequest
-from protos.fashion.v1 import analysis_service_pb2 as pb
+from fashionserve.clients.types import AnalyzeOptions, StreamRequest
+from fashionserve.protos.fashion.v1 import analysis_service_pb2 as pb
 
 ImageInput: TypeAlias = bytes | bytearray | memoryview | str | os.PathLike[str]
 """Encoded image bytes, or the path of an image file to send as is."""

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:  # grpc is imported only when the command runs
-    from clients.types import GarmentResult, ImageResult, ItemError, ServingInfo
+    from fashionserve.clients.types import GarmentResult, ImageResult, ItemError, ServingInfo
 
 GATEWAY_ENV = "FASHIONSERVE_GATEWAY"
 API_KEY_ENV = "FASHIONSERVE_API_KEY"
@@ -82,9 +82,9 @@ class _Outcome:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``fashionserve analyze`` with parsed ``args``; returns the exit status."""
-    from clients.errors import FashionServeError
-    from clients.sync_client import FashionClient
-    from clients.types import AnalyzeOptions
+    from fashionserve.clients.errors import FashionServeError
+    from fashionserve.clients.sync_client import FashionClient
+    from fashionserve.clients.types import AnalyzeOptions
 
     try:
         options = AnalyzeOptions(
@@ -214,7 +214,7 @@ def _print_table(outcomes: Sequence[_Outcome], out: TextIO) -> None:
 
 
 def _as_json(outcomes: Sequence[_Outcome], info: ServingInfo) -> dict[str, Any]:
-    from clients.types import to_jsonable
+    from fashionserve.clients.types import to_jsonable
 
     images: list[dict[str, Any]] = []
     for o in outcomes:

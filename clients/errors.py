@@ -15,7 +15,7 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from clients.types import ItemError
+from fashionserve.clients.types import ItemError
 
 
 class FashionServeError(Exception):

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from clients.errors import FashionServeError
-from clients.sync_client import FashionClient
-from clients.types import AnalyzeOptions, GarmentResult
+from fashionserve.clients.errors import FashionServeError
+from fashionserve.clients.sync_client import FashionClient
+from fashionserve.clients.types import AnalyzeOptions, GarmentResult
 from fashionserve.taxonomy import Decoded, ScoredLabel
 
 InferFn = Callable[[list[bytes]], list[list[Any]]]

@@ -2,7 +2,7 @@
 
 Example::
 
-    from clients import AnalyzeOptions, FashionClient
+    from fashionserve.clients import AnalyzeOptions, FashionClient
 
     with FashionClient("localhost:50051", api_key="dev.abc...") as client:
         result = client.analyze("photo.jpg", AnalyzeOptions(include_embeddings=True))
@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from clients._call import (
+from fashionserve.clients._call import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_TIMEOUT,
     ImageInput,
@@ -29,9 +29,9 @@ from clients._call import (
     channel_options,
     stream_requests,
 )
-from clients.errors import FashionServeError
-from clients.retry import RetryPolicy
-from clients.types import (
+from fashionserve.clients.errors import FashionServeError
+from fashionserve.clients.retry import RetryPolicy
+from fashionserve.clients.types import (
     AnalyzeOptions,
     BatchEntry,
     ImageResult,
@@ -44,8 +44,8 @@ from clients.types import (
     stream_entry_from_proto,
     taxonomy_from_proto,
 )
-from protos.fashion.v1 import analysis_service_pb2 as pb
-from protos.fashion.v1 import analysis_service_pb2_grpc as pb_grpc
+from fashionserve.protos.fashion.v1 import analysis_service_pb2 as pb
+from fashionserve.protos.fashion.v1 import analysis_service_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
 
@@ -191,7 +191,7 @@ class FashionClient:
         timeout: float | None,
         response_type: type[T],
     ) -> T:
-        """Call ``method`` with retries (:mod:`clients.retry`) inside one overall deadline."""
+        """Call ``method`` with retries (:mod:`fashionserve.clients.retry`) inside one overall deadline."""
         state = self.retry_policy.start(timeout if timeout is not None else self.timeout)
         while True:
             try:

@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 
-from protos.fashion.v1 import analysis_service_pb2 as pb
+from fashionserve.protos.fashion.v1 import analysis_service_pb2 as pb
 
 # ------------------------------------------------------------------------------ options
 
@@ -194,7 +194,7 @@ class BatchEntry:
 
     def unwrap(self) -> ImageResult:
         """The result, or raise the entry's error as a :class:`~clients.errors.FashionServeError`."""
-        from clients.errors import FashionServeError
+        from fashionserve.clients.errors import FashionServeError
 
         if self.error is not None:
             raise FashionServeError.from_item_error(self.error)

@@ -4,24 +4,24 @@ The steps of :func:`export_checkpoint`, in order; any failure stops before the r
 is touched:
 
 1. load the checkpoint, check its taxonomy against the served version's
-   (:mod:`export.compat`: removing or renaming a label callers may depend on is refused
+   (:mod:`fashionserve.export.compat`: removing or renaming a label callers may depend on is refused
    unless ``force``), build the PyTorch model (weights loaded, eval mode);
 2. export ONNX (TorchScript exporter, opset 17, dynamic batch dimension, the contract's
    I/O names), then ``onnx.checker`` (full check) and strict shape inference, and check
    names, dtypes, the dynamic batch axis and the static dims export relies on;
 3. parity: PyTorch and ONNX Runtime on the same real inputs (rendered garment images,
    preprocessed as serving does) at batch sizes 1 and 8, per-output tolerances
-   (:func:`export.parity.default_checks`); a divergence raises :class:`ParityError`;
+   (:func:`fashionserve.export.parity.default_checks`); a divergence raises :class:`ParityError`;
 4. with ``target="tensorrt"``: build an engine with the TensorRT Python API
-   (:mod:`export.tensorrt`: FP16 or FP32, one optimisation profile over the batch range of
+   (:mod:`fashionserve.export.tensorrt`: FP16 or FP32, one optimisation profile over the batch range of
    the model's Triton config, a timing cache) and prove its parity against ONNX Runtime on
-   the same inputs (:func:`export.parity.engine_checks`); a divergence raises
+   the same inputs (:func:`fashionserve.export.parity.engine_checks`); a divergence raises
    :class:`ParityError`. :func:`trtexec_for_version` gives the equivalent ``trtexec``
    command instead, for a build job in the TensorRT image;
 5. publish ``model.onnx``, ``model.py`` (the python-ort ONNX Runtime runner), the engine
-   if built and ``manifest.json`` as the next numbered version (:mod:`export.publish`).
+   if built and ``manifest.json`` as the next numbered version (:mod:`fashionserve.export.publish`).
    Publishing does not change what Triton serves: ``fashionserve repo versions rollout``
-   does (:mod:`model_repository.versions`).
+   does (:mod:`fashionserve.model_repository.versions`).
 """
 
 from __future__ import annotations
@@ -42,8 +42,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from export.compat import check_compatible
-from export.parity import (
+from fashionserve.checkpoint import Checkpoint, file_sha256, load_checkpoint
+from fashionserve.export.compat import check_compatible
+from fashionserve.export.parity import (
     DEFAULT_BATCH_SIZES,
     IO_NAMES,
     OnnxRuntimeRunner,
@@ -56,8 +57,8 @@ from export.parity import (
     engine_checks,
     parity_inputs,
 )
-from export.publish import MANIFEST, publish_version
-from export.tensorrt import (
+from fashionserve.export.publish import MANIFEST, publish_version
+from fashionserve.export.tensorrt import (
     EngineInfo,
     Precision,
     build_engine,
@@ -67,7 +68,6 @@ from export.tensorrt import (
     import_tensorrt,
     trtexec_command,
 )
-from fashionserve.checkpoint import Checkpoint, file_sha256, load_checkpoint
 
 if TYPE_CHECKING:
     import onnx
@@ -150,8 +150,8 @@ def export_checkpoint(
 
     Raises :class:`ParityError` (nothing published) when a runtime diverges,
     :class:`ExportError` when the ONNX graph is invalid,
-    :class:`export.compat.IncompatibleTaxonomy` when the taxonomy breaks callers,
-    :class:`export.tensorrt.TensorRTError` when the engine cannot be built.
+    :class:`fashionserve.export.compat.IncompatibleTaxonomy` when the taxonomy breaks callers,
+    :class:`fashionserve.export.tensorrt.TensorRTError` when the engine cannot be built.
     """
     started = time.perf_counter()
     checkpoint = Path(checkpoint)
@@ -319,7 +319,7 @@ def _engine(
 def served_manifest(model_dir: Path) -> dict[str, Any] | None:
     """The manifest of the version Triton serves (the ``version_policy`` of the model's
     config when it names versions, else the newest), or ``None`` before the first."""
-    from model_repository.versions import served_version
+    from fashionserve.model_repository.versions import served_version
 
     version = served_version(model_dir)
     if version is None:
@@ -335,7 +335,7 @@ def config_max_batch(repository: Path, name: str, kind: str) -> int:
     """The ``max_batch_size`` the engine's profile must cover: the model's Triton config
     if it has one (Triton refuses a plan whose profile does not cover it), else what
     ``repo build`` would write by default."""
-    from model_repository.build import RepositorySettings, read_config
+    from fashionserve.model_repository.build import RepositorySettings, read_config
 
     config = read_config(repository / name)
     if config is not None and config.max_batch_size > 0:
@@ -479,7 +479,7 @@ def _all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
 # ------------------------------------------------------------------------- artifacts
 def runner_source() -> Path:
     """The python-ort ONNX Runtime runner that becomes ``<version>/model.py``."""
-    from model_repository.python_models import ORT_RUNNER
+    from fashionserve.model_repository.python_models import ORT_RUNNER
 
     if not ORT_RUNNER.is_file():
         raise ExportError(f"the ONNX Runtime runner {ORT_RUNNER} is missing (needed as model.py)")

@@ -128,7 +128,7 @@ class TensorRTRunner:
     def __init__(self, engine_path: Path, name: str | None = None) -> None:
         import torch
 
-        from export.tensorrt import TensorRTError, import_tensorrt
+        from fashionserve.export.tensorrt import TensorRTError, import_tensorrt
 
         trt = import_tensorrt()
         self._torch = torch
@@ -145,7 +145,7 @@ class TensorRTRunner:
         self.outputs = [n for n in names if n not in self.inputs]
 
     def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from export.tensorrt import TensorRTError
+        from fashionserve.export.tensorrt import TensorRTError
 
         torch, trt = self._torch, self._trt
         keep: list[Any] = []  # device buffers must outlive the execution

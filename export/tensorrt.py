@@ -87,7 +87,7 @@ def engine_filename(compute_capability: str) -> str:
 
 def default_profile(input_name: str, dims: Sequence[int], max_batch: int) -> BatchProfile:
     """Batch 1..``max_batch``, optimised for half of it (the dynamic batcher's middle
-    preferred size: see ``model_repository.build.preferred_batch_sizes``)."""
+    preferred size: see ``fashionserve.model_repository.build.preferred_batch_sizes``)."""
     return BatchProfile(input_name, tuple(dims), max_batch, max(1, max_batch // 2))
 
 

@@ -34,12 +34,17 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from export.compat import IncompatibleTaxonomy
-    from export.exporter import ExportError, ParityError, export_checkpoint, trtexec_for_version
-    from export.publish import PublishError
-    from export.tensorrt import TensorRTError, format_command
     from fashionserve.checkpoint import CheckpointError
-    from model_repository.build import RepositoryError
+    from fashionserve.export.compat import IncompatibleTaxonomy
+    from fashionserve.export.exporter import (
+        ExportError,
+        ParityError,
+        export_checkpoint,
+        trtexec_for_version,
+    )
+    from fashionserve.export.publish import PublishError
+    from fashionserve.export.tensorrt import TensorRTError, format_command
+    from fashionserve.model_repository.build import RepositoryError
 
     if args.trtexec_command and args.target != "tensorrt":
         print("error: --trtexec-command goes with --target tensorrt", file=sys.stderr)
@@ -86,7 +91,11 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _repo_build(args: argparse.Namespace) -> int:
-    from model_repository.build import RepositoryError, RepositorySettings, build_repository
+    from fashionserve.model_repository.build import (
+        RepositoryError,
+        RepositorySettings,
+        build_repository,
+    )
 
     settings = RepositorySettings(
         flavour=args.flavour,
@@ -110,10 +119,10 @@ def _repo_build(args: argparse.Namespace) -> int:
 def _versions(args: argparse.Namespace) -> int:
     import json
 
-    from export.compat import IncompatibleTaxonomy
-    from model_repository import ONNX_MODELS
-    from model_repository import versions as v
-    from model_repository.build import RepositoryError
+    from fashionserve.export.compat import IncompatibleTaxonomy
+    from fashionserve.model_repository import ONNX_MODELS
+    from fashionserve.model_repository import versions as v
+    from fashionserve.model_repository.build import RepositoryError
 
     echo = print
     try:
@@ -189,7 +198,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from clients.cli import run
+    from fashionserve.clients.cli import run
 
     return run(args)
 
@@ -364,17 +373,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json-out", type=Path, help="write the figures as JSON")
 
-    from clients.cli import add_arguments as add_analyze_arguments
+    from fashionserve.clients.cli import add_arguments as add_analyze_arguments
     from fashionserve.serve import add_arguments as add_serve_arguments
 
     add_analyze_arguments(command("analyze", _analyze, "analyse images through the gateway"))
     add_serve_arguments(
         command("serve", _serve, "build what is missing, then run Triton and the gateway")
     )
-    from gateway.cli import add_gateway_commands
+    from fashionserve.gateway.cli import add_gateway_commands
 
     add_gateway_commands(sub)
-    from loadtest.cli import add_loadtest_commands
+    from fashionserve.loadtest.cli import add_loadtest_commands
 
     add_loadtest_commands(sub)
     return parser

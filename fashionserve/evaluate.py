@@ -34,10 +34,10 @@ from fashionserve.taxonomy import Taxonomy, load_taxonomy
 if TYPE_CHECKING:
     import tritonclient.grpc as grpcclient
 
-    from clients.evaluation import DecodedGarment
+    from fashionserve.clients.evaluation import DecodedGarment
 
     # Through Triton the garments carry logits, decoded here; through the gateway they
-    # come decoded by it (clients.evaluation), so the gateway's decoding is what is scored.
+    # come decoded by it (fashionserve.clients.evaluation), so the gateway's decoding is what is scored.
     Found = ensemble.Garment | DecodedGarment
 
 InferFn = Callable[[list[bytes]], list[list[Any]]]
@@ -283,7 +283,7 @@ def evaluate(
     """
     infer: InferFn
     if gateway is not None:
-        from clients.evaluation import gateway_backend
+        from fashionserve.clients.evaluation import gateway_backend
 
         try:
             infer, served = gateway_backend(gateway, api_key)

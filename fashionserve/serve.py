@@ -39,8 +39,8 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from fashionserve.model_repository.build import RepositorySettings
     from fashionserve.triton import TritonServer
-    from model_repository.build import RepositorySettings
 
 LOG = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ def stale_models(checkpoints: Path, repository: Path) -> dict[str, str]:
     ``source_checkpoint.sha256`` of the newest version's manifest.
     """
     from fashionserve.checkpoint import file_sha256
-    from model_repository.build import RepositoryError, newest_version
+    from fashionserve.model_repository.build import RepositoryError, newest_version
 
     stale: dict[str, str] = {}
     for model in MODELS:
@@ -224,7 +224,7 @@ def stale_models(checkpoints: Path, repository: Path) -> dict[str, str]:
 
 def repository_settings() -> RepositorySettings:
     """The ensemble settings ``serve`` uses: the defaults, python-ort (embedded Triton)."""
-    from model_repository.build import RepositorySettings
+    from fashionserve.model_repository.build import RepositorySettings
 
     return RepositorySettings.model_validate({"flavour": "python-ort"})
 
@@ -234,7 +234,7 @@ def builder_fingerprint() -> str:
     config templates): after an update of that code the ensemble is assembled again."""
     import hashlib
 
-    import model_repository
+    from fashionserve import model_repository
 
     root = Path(model_repository.__file__).resolve().parent
     digest = hashlib.sha256()
@@ -245,7 +245,7 @@ def builder_fingerprint() -> str:
 
 def ensure_repository(checkpoints: Path, wd: Workdir, detail: Callable[[str], None]) -> bool:
     """Export stale models and (re)assemble the ensemble when needed; True if it did work."""
-    from model_repository.build import build_repository
+    from fashionserve.model_repository.build import build_repository
 
     settings = repository_settings()
     stale = stale_models(checkpoints, wd.repository)
@@ -258,10 +258,10 @@ def ensure_repository(checkpoints: Path, wd: Workdir, detail: Callable[[str], No
     if not stale and assembled and all(state.get(k) == v for k, v in wanted.items()):
         detail(f"up to date: {wd.repository}")
         return False
-    from export.exporter import ExportError, ParityError, export_checkpoint
-    from export.publish import PublishError
     from fashionserve.checkpoint import CheckpointError
-    from model_repository.build import RepositoryError
+    from fashionserve.export.exporter import ExportError, ParityError, export_checkpoint
+    from fashionserve.export.publish import PublishError
+    from fashionserve.model_repository.build import RepositoryError
 
     try:
         wd.repository.mkdir(parents=True, exist_ok=True)
@@ -278,7 +278,7 @@ def ensure_repository(checkpoints: Path, wd: Workdir, detail: Callable[[str], No
 
 def ensure_api_key(wd: Workdir) -> str:
     """The development API key: reused while it still matches the keys file, else new."""
-    from gateway.auth import KeyFileError, create_key, read_keys_file, verify_secret
+    from fashionserve.gateway.auth import KeyFileError, create_key, read_keys_file, verify_secret
 
     with contextlib.suppress(OSError, KeyFileError, ValueError):
         key = wd.key_file.read_text().strip()
@@ -432,8 +432,8 @@ async def _serve_gateway(
     started: float,
 ) -> int:
     """Run the gateway until a signal, or until Triton dies; returns the exit status."""
-    from gateway.server import create_server
-    from gateway.settings import load_settings
+    from fashionserve.gateway.server import create_server
+    from fashionserve.gateway.settings import load_settings
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

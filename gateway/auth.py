@@ -56,7 +56,7 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from gateway.errors import (
+from fashionserve.gateway.errors import (
     SERVICE_PREFIX,
     PermissionDenied,
     Unauthenticated,
@@ -64,7 +64,7 @@ from gateway.errors import (
     request_id_var,
     wrap_handler,
 )
-from gateway.settings import GatewaySettings
+from fashionserve.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
 
@@ -667,7 +667,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Authenticates every call of our service before its handler runs.
 
     With ``authenticator=None`` (auth turned off) every call runs as :data:`LOCAL_IDENTITY`.
-    Place it after :class:`gateway.errors.ErrorInterceptor`, which maps its rejections.
+    Place it after :class:`fashionserve.gateway.errors.ErrorInterceptor`, which maps its rejections.
     """
 
     def __init__(self, authenticator: Authenticator | None) -> None:

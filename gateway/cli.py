@@ -14,7 +14,11 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-KEY_SCOPES = ("analyze", "embed", "admin")  # gateway.auth.SCOPES, without importing grpc
+KEY_SCOPES = (
+    "analyze",
+    "embed",
+    "admin",
+)  # fashionserve.gateway.auth.SCOPES, without importing grpc
 
 
 def add_gateway_commands(subparsers: Any) -> None:
@@ -93,8 +97,8 @@ def add_gateway_commands(subparsers: Any) -> None:
 def _gateway(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from gateway.server import configure_logging, serve
-    from gateway.settings import SettingsError, load_settings
+    from fashionserve.gateway.server import configure_logging, serve
+    from fashionserve.gateway.settings import SettingsError, load_settings
 
     flags: dict[str, Any] = {
         "listen_address": args.listen_address,
@@ -129,7 +133,7 @@ def _describe(exc: Any) -> str:
 
 
 def _keys_create(args: argparse.Namespace) -> int:
-    from gateway.auth import KeyFileError, create_key
+    from fashionserve.gateway.auth import KeyFileError, create_key
 
     try:
         key = create_key(args.file, args.id, tenant=args.tenant, scopes=args.scopes)

@@ -18,23 +18,22 @@ from dataclasses import dataclass
 
 from opentelemetry import trace
 
-from fashionserve.taxonomy import Taxonomy
-from gateway import __version__
-from gateway.auth import LOCAL_IDENTITY, current_identity, require_scope
-from gateway.batcher import BatcherClosed, DeadlineExpired, MicroBatcher, bounded_map
-from gateway.endpoints import EndpointPool
-from gateway.errors import (
+from fashionserve.gateway import __version__
+from fashionserve.gateway.auth import LOCAL_IDENTITY, current_identity, require_scope
+from fashionserve.gateway.batcher import BatcherClosed, DeadlineExpired, MicroBatcher, bounded_map
+from fashionserve.gateway.endpoints import EndpointPool
+from fashionserve.gateway.errors import (
     DeadlineExceeded,
     GatewayError,
     Unavailable,
     as_gateway_error,
 )
-from gateway.quota import Admission
-from gateway.results import ImageOutput, ImageResult, assemble_result
-from gateway.settings import GatewaySettings
-from gateway.telemetry import Telemetry, link_context
-from gateway.triton_client import ServedModel, ServedState, serving_problem
-from gateway.validation import (
+from fashionserve.gateway.quota import Admission
+from fashionserve.gateway.results import ImageOutput, ImageResult, assemble_result
+from fashionserve.gateway.settings import GatewaySettings
+from fashionserve.gateway.telemetry import Telemetry, link_context
+from fashionserve.gateway.triton_client import ServedModel, ServedState, serving_problem
+from fashionserve.gateway.validation import (
     ACCEPTED_FORMATS,
     AnalyzeOptions,
     ImageLimits,
@@ -45,6 +44,7 @@ from gateway.validation import (
     validate_options,
     validate_request_id,
 )
+from fashionserve.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
 

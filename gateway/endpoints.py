@@ -35,11 +35,11 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 
+from fashionserve.gateway.errors import DeadlineExceeded, GatewayError, Unavailable
+from fashionserve.gateway.results import ImageOutput
+from fashionserve.gateway.settings import DNS_SCHEME
+from fashionserve.gateway.triton_client import ServedState, TritonPipeline, serving_problem
 from fashionserve.taxonomy import Taxonomy
-from gateway.errors import DeadlineExceeded, GatewayError, Unavailable
-from gateway.results import ImageOutput
-from gateway.settings import DNS_SCHEME
-from gateway.triton_client import ServedState, TritonPipeline, serving_problem
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from gateway.errors import ResourceExhausted
-from gateway.settings import GatewaySettings, TenantQuota
+from fashionserve.gateway.errors import ResourceExhausted
+from fashionserve.gateway.settings import GatewaySettings, TenantQuota
 
 log = logging.getLogger(__name__)
 

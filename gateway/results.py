@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fashionserve.ensemble import Garment
+from fashionserve.gateway.validation import AnalyzeOptions
 from fashionserve.taxonomy import ScoredLabel, Taxonomy
-from gateway.validation import AnalyzeOptions
 
 
 @dataclass(frozen=True)

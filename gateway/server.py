@@ -28,28 +28,28 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from fashionserve.taxonomy import Taxonomy, load_taxonomy
-from gateway import __version__
-from gateway.auth import (
+from fashionserve.gateway import __version__
+from fashionserve.gateway.auth import (
     Authenticator,
     AuthInterceptor,
     JwksError,
     KeyFileError,
     server_credentials,
 )
-from gateway.core import Analyzer, ServingMonitor
-from gateway.endpoints import EndpointPool, RetryBudget
-from gateway.errors import ErrorInterceptor
-from gateway.servicer import SERVICE_NAME, FashionAnalysisServicer
-from gateway.settings import GatewaySettings
-from gateway.telemetry import (
+from fashionserve.gateway.core import Analyzer, ServingMonitor
+from fashionserve.gateway.endpoints import EndpointPool, RetryBudget
+from fashionserve.gateway.errors import ErrorInterceptor
+from fashionserve.gateway.servicer import SERVICE_NAME, FashionAnalysisServicer
+from fashionserve.gateway.settings import GatewaySettings
+from fashionserve.gateway.telemetry import (
     REQUEST_FIELDS,
     RequestContextFilter,
     Telemetry,
     TelemetryInterceptor,
 )
-from gateway.triton_client import TritonPipeline
-from protos.fashion.v1 import analysis_service_pb2_grpc as pb_grpc
+from fashionserve.gateway.triton_client import TritonPipeline
+from fashionserve.protos.fashion.v1 import analysis_service_pb2_grpc as pb_grpc
+from fashionserve.taxonomy import Taxonomy, load_taxonomy
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """The gRPC servicer: protobuf in, domain call, protobuf out. Nothing else lives here.
 
-Validation, batching and decoding are in :mod:`gateway.core` and the modules it uses;
+Validation, batching and decoding are in :mod:`fashionserve.gateway.core` and the modules it uses;
 errors raised there are mapped to ``google.rpc.Status`` by
-:class:`gateway.errors.ErrorInterceptor`, or become ``ItemError`` entries here.
+:class:`fashionserve.gateway.errors.ErrorInterceptor`, or become ``ItemError`` entries here.
 
 (KServe: ``protocol/grpc/servicer.py`` over ``protocol/dataplane.py``.)
 """
@@ -16,12 +16,12 @@ from typing import overload
 import grpc
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
+from fashionserve.gateway.core import Analyzer, RawOptions, ServingInfo, StreamItem, StreamOutcome
+from fashionserve.gateway.errors import GatewayError
+from fashionserve.gateway.results import Box, GarmentResult, ImageResult
+from fashionserve.protos.fashion.v1 import analysis_service_pb2 as pb
+from fashionserve.protos.fashion.v1 import analysis_service_pb2_grpc as pb_grpc
 from fashionserve.taxonomy import ScoredLabel, Taxonomy
-from gateway.core import Analyzer, RawOptions, ServingInfo, StreamItem, StreamOutcome
-from gateway.errors import GatewayError
-from gateway.results import Box, GarmentResult, ImageResult
-from protos.fashion.v1 import analysis_service_pb2 as pb
-from protos.fashion.v1 import analysis_service_pb2_grpc as pb_grpc
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FashionAnalysisService"].full_name
 
@@ -152,7 +152,7 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
 
 
 class FashionAnalysisServicer(pb_grpc.FashionAnalysisServiceServicer):
-    """fashion.v1.FashionAnalysisService over :class:`gateway.core.Analyzer`."""
+    """fashion.v1.FashionAnalysisService over :class:`fashionserve.gateway.core.Analyzer`."""
 
     def __init__(self, analyzer: Analyzer) -> None:
         self.analyzer = analyzer

@@ -52,9 +52,9 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-from gateway import __version__
-from gateway.auth import identity_var
-from gateway.errors import SERVICE_PREFIX, request_id_var, wrap_handler
+from fashionserve.gateway import __version__
+from fashionserve.gateway.auth import identity_var
+from fashionserve.gateway.errors import SERVICE_PREFIX, request_id_var, wrap_handler
 
 log = logging.getLogger(__name__)
 

@@ -36,8 +36,7 @@ import tritonclient.grpc.aio as aioclient
 from tritonclient.utils import InferenceServerException
 
 from fashionserve import ensemble
-from fashionserve.taxonomy import Taxonomy
-from gateway.errors import (
+from fashionserve.gateway.errors import (
     DeadlineExceeded,
     GatewayError,
     InternalError,
@@ -45,8 +44,9 @@ from gateway.errors import (
     Unavailable,
     internal_error,
 )
-from gateway.results import ImageOutput
-from gateway.telemetry import trace_headers
+from fashionserve.gateway.results import ImageOutput
+from fashionserve.gateway.telemetry import trace_headers
+from fashionserve.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
 

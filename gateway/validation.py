@@ -36,8 +36,8 @@ from typing import TypeVar
 
 from PIL import Image
 
+from fashionserve.gateway.errors import GatewayError, InvalidArgument, ResourceExhausted
 from fashionserve.imaging import ALLOWED_FORMATS, sniff_format
-from gateway.errors import GatewayError, InvalidArgument, ResourceExhausted
 
 T = TypeVar("T")
 

@@ -1,9 +1,9 @@
 """The load-test harness: closed and open loops, capacity search, soak, benchmarks.
 
 Entry points: ``fashionserve loadtest run|capacity|soak|naive-server|bench``
-(:mod:`loadtest.cli`); the pieces are :mod:`loadtest.generator` (scheduling and worker
-processes), :mod:`loadtest.targets` (what is called), :mod:`loadtest.recorder`
-(HdrHistograms and their merge), :mod:`loadtest.report` (JSON, Markdown, plots, SLO),
-:mod:`loadtest.capacity`, :mod:`loadtest.memory` (soak), :mod:`loadtest.naive_server`
-and :mod:`loadtest.bench`.
+(:mod:`fashionserve.loadtest.cli`); the pieces are :mod:`fashionserve.loadtest.generator` (scheduling and worker
+processes), :mod:`fashionserve.loadtest.targets` (what is called), :mod:`fashionserve.loadtest.recorder`
+(HdrHistograms and their merge), :mod:`fashionserve.loadtest.report` (JSON, Markdown, plots, SLO),
+:mod:`fashionserve.loadtest.capacity`, :mod:`fashionserve.loadtest.memory` (soak), :mod:`fashionserve.loadtest.naive_server`
+and :mod:`fashionserve.loadtest.bench`.
 """

@@ -46,9 +46,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from loadtest.generator import LoadSpec, clock, run_load
-from loadtest.memory import cpu_snapshot
-from loadtest.report import (
+from fashionserve.loadtest.generator import LoadSpec, clock, run_load
+from fashionserve.loadtest.memory import cpu_snapshot
+from fashionserve.loadtest.report import (
     SUMMARY_HEADER,
     callers,
     markdown_table,
@@ -59,7 +59,7 @@ from loadtest.report import (
     result_to_dict,
     summary_row,
 )
-from loadtest.targets import TargetSpec
+from fashionserve.loadtest.targets import TargetSpec
 
 TARGETS = {
     "gateway_throughput_ratio": 0.9,
@@ -405,7 +405,7 @@ def run_bench(settings: BenchSettings) -> int:
 
 
 def _bench_images(settings: BenchSettings) -> list[bytes]:
-    from loadtest.images import load_images, synthetic_images
+    from fashionserve.loadtest.images import load_images, synthetic_images
 
     if settings.images:
         return load_images(list(settings.images), limit=16)
@@ -498,7 +498,7 @@ def _measure_all(bench: Bench, logs: Path) -> None:
 
 
 def _capacity(bench: Bench, gateway: TargetSpec) -> float:
-    from loadtest.capacity import find_capacity
+    from fashionserve.loadtest.capacity import find_capacity
 
     s = bench.settings
     target = s.capacity_p99_ms

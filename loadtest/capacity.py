@@ -14,9 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from loadtest.generator import LoadSpec, RunResult, run_load
-from loadtest.report import Slo, check_slo, result_to_dict
-from loadtest.targets import TargetSpec
+from fashionserve.loadtest.generator import LoadSpec, RunResult, run_load
+from fashionserve.loadtest.report import Slo, check_slo, result_to_dict
+from fashionserve.loadtest.targets import TargetSpec
 
 KEEP_UP = 0.9
 """A step must achieve at least this fraction of the offered rate: over a short step a

@@ -15,10 +15,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loadtest.defaults import DEFAULT_ADDRESSES, TARGET_KINDS
+from fashionserve.loadtest.defaults import DEFAULT_ADDRESSES, TARGET_KINDS
 
 if TYPE_CHECKING:
-    from loadtest.targets import TargetSpec
+    from fashionserve.loadtest.targets import TargetSpec
 
 API_KEY_ENV = "FASHIONSERVE_API_KEY"
 
@@ -132,7 +132,7 @@ def _add_slo_flags(p: argparse.ArgumentParser, memory_growth: float | None = Non
 
 
 def _target_spec(args: argparse.Namespace) -> TargetSpec:
-    from loadtest.targets import TargetSpec
+    from fashionserve.loadtest.targets import TargetSpec
 
     return TargetSpec(
         kind=args.target,
@@ -143,7 +143,7 @@ def _target_spec(args: argparse.Namespace) -> TargetSpec:
 
 
 def _images(args: argparse.Namespace) -> list[bytes]:
-    from loadtest.images import load_images, synthetic_images
+    from fashionserve.loadtest.images import load_images, synthetic_images
 
     if args.images:
         return load_images(args.images, limit=args.max_images)
@@ -151,7 +151,7 @@ def _images(args: argparse.Namespace) -> list[bytes]:
 
 
 def _load_spec(args: argparse.Namespace, default_duration: float) -> Any:
-    from loadtest.generator import LoadSpec
+    from fashionserve.loadtest.generator import LoadSpec
 
     duration = args.duration if args.duration or args.requests else default_duration
     return LoadSpec(
@@ -170,8 +170,14 @@ def _load_spec(args: argparse.Namespace, default_duration: float) -> Any:
 
 
 def _run(args: argparse.Namespace, default_duration: float = 10.0) -> int:
-    from loadtest.generator import LoadTestError, run_load
-    from loadtest.report import Slo, check_slo, markdown_summary, result_to_dict, write_report
+    from fashionserve.loadtest.generator import LoadTestError, run_load
+    from fashionserve.loadtest.report import (
+        Slo,
+        check_slo,
+        markdown_summary,
+        result_to_dict,
+        write_report,
+    )
 
     try:
         result = run_load(
@@ -212,9 +218,9 @@ def _soak(args: argparse.Namespace) -> int:
 
 
 def _capacity(args: argparse.Namespace) -> int:
-    from loadtest.capacity import find_capacity
-    from loadtest.generator import LoadTestError
-    from loadtest.report import markdown_table, plot_latency_vs_load
+    from fashionserve.loadtest.capacity import find_capacity
+    from fashionserve.loadtest.generator import LoadTestError
+    from fashionserve.loadtest.report import markdown_table, plot_latency_vs_load
 
     def on_step(step: dict[str, Any]) -> None:
         lat = step["latency_ms"]
@@ -273,7 +279,7 @@ def _capacity(args: argparse.Namespace) -> int:
 
 
 def _naive_server(args: argparse.Namespace) -> int:
-    from loadtest.naive_server import serve_naive
+    from fashionserve.loadtest.naive_server import serve_naive
 
     return serve_naive(
         args.checkpoints,
@@ -286,7 +292,7 @@ def _naive_server(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from loadtest.bench import BenchSettings, run_bench
+    from fashionserve.loadtest.bench import BenchSettings, run_bench
 
     settings = BenchSettings(
         output=args.output,

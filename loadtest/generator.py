@@ -32,9 +32,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from loadtest.memory import MemoryWatcher
-from loadtest.recorder import Recorder, merge_payloads
-from loadtest.targets import Target, TargetSpec, open_target
+from fashionserve.loadtest.memory import MemoryWatcher
+from fashionserve.loadtest.recorder import Recorder, merge_payloads
+from fashionserve.loadtest.targets import Target, TargetSpec, open_target
 
 Mode = Literal["closed", "open"]
 Arrival = Literal["constant", "poisson"]
@@ -337,7 +337,7 @@ async def open_loop(
 # ----------------------------------------------------------------------- parent side
 @dataclass
 class RunResult:
-    """Everything one run measured (see :func:`loadtest.report.result_to_dict`)."""
+    """Everything one run measured (see :func:`fashionserve.loadtest.report.result_to_dict`)."""
 
     label: str
     target: TargetSpec

@@ -21,8 +21,8 @@ import grpc
 import numpy as np
 
 from fashionserve.imaging import ImageDecodeError, decode_image, letterbox, square_crop
-from protos.fashion.v1 import analysis_service_pb2 as pb
-from protos.fashion.v1 import analysis_service_pb2_grpc as pb_grpc
+from fashionserve.protos.fashion.v1 import analysis_service_pb2 as pb
+from fashionserve.protos.fashion.v1 import analysis_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loadtest.generator import RunResult
+from fashionserve.loadtest.generator import RunResult
 
 SCHEMA = "fashionserve-loadtest/1"
 

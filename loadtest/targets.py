@@ -16,9 +16,9 @@ from typing import Any, Protocol
 
 import grpc
 
-from loadtest.defaults import TARGET_KINDS, TargetKind
-from protos.fashion.v1 import analysis_service_pb2 as pb
-from protos.fashion.v1 import analysis_service_pb2_grpc as pb_grpc
+from fashionserve.loadtest.defaults import TARGET_KINDS, TargetKind
+from fashionserve.protos.fashion.v1 import analysis_service_pb2 as pb
+from fashionserve.protos.fashion.v1 import analysis_service_pb2_grpc as pb_grpc
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 """gRPC's 4 MiB default is too small for full-size photos; raised on the client side."""

@@ -1,6 +1,6 @@
 """What Triton loads: the model repository builder, its templates and the python-backend models.
 
-The ensemble and step names below are the contract between :mod:`model_repository.build`
+The ensemble and step names below are the contract between :mod:`fashionserve.model_repository.build`
 (which writes the configs), the python-backend models and the clients
 (:mod:`fashionserve.ensemble`).
 """

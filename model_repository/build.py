@@ -16,7 +16,7 @@ template. Each model is written aside and renamed into place.
 Versions: each exported model serves exactly one version, named in its config's
 ``version_policy { specific }`` and in the ensemble step that calls it (never ``-1``). So
 a version published later changes nothing until it is rolled out
-(:mod:`model_repository.versions`), a restarted Triton serves what the ensemble expects,
+(:mod:`fashionserve.model_repository.versions`), a restarted Triton serves what the ensemble expects,
 and the ensemble's parameters (taxonomy, artifact hashes) always describe the versions it
 calls. The served version is the pinned one (``pinned.json`` beside the versions) or else
 the newest.
@@ -49,8 +49,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fashionserve.imaging import DEFAULT_MAX_PIXELS, decode_image, square_crop
-from model_repository import CROP, DETECTOR, EMBEDDER, ENSEMBLE, PREPROCESS, TAGGER
-from model_repository.python_models import CROP_MODEL, ORT_RUNNER, PREPROCESS_MODEL
+from fashionserve.model_repository import CROP, DETECTOR, EMBEDDER, ENSEMBLE, PREPROCESS, TAGGER
+from fashionserve.model_repository.python_models import CROP_MODEL, ORT_RUNNER, PREPROCESS_MODEL
 
 LOG = logging.getLogger(__name__)
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -632,7 +632,7 @@ def warmup_samples(det_size: int, crop_size: int, source_size: int) -> dict[str,
     garment crop ``[3,C,C]``."""
     import numpy as np
 
-    from model_repository.python_models.steps import preprocess_images
+    from fashionserve.model_repository.python_models.steps import preprocess_images
 
     data, box = _sample_scene()
     pre = preprocess_images([data], det_size, source_size)

@@ -2,7 +2,7 @@
 
 ``fashionserve export`` publishes a new numbered version; nothing changes in what Triton
 serves until the version is rolled out here. The served version of each model is the one
-the ensemble calls (its steps name exact versions, see :mod:`model_repository.build`):
+the ensemble calls (its steps name exact versions, see :mod:`fashionserve.model_repository.build`):
 the pinned version (``pinned.json``) if any, else the newest.
 
 A change of served version rebuilds the repository with the settings it was built with
@@ -16,7 +16,7 @@ A change of served version rebuilds the repository with the settings it was buil
 3. after ``drain_seconds`` (longer than a request takes), the model's config loads only
    the new version, and Triton unloads the old.
 
-Before any switch the taxonomy compatibility check (:mod:`export.compat`) compares the
+Before any switch the taxonomy compatibility check (:mod:`fashionserve.export.compat`) compares the
 served version with the new one and refuses removals and renames unless forced.
 """
 
@@ -32,10 +32,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from export.compat import TaxonomyChanges, check_compatible
-from export.publish import MANIFEST, existing_versions
-from model_repository import ENSEMBLE, ONNX_MODELS, TAGGER
-from model_repository.build import (
+from fashionserve.export.compat import TaxonomyChanges, check_compatible
+from fashionserve.export.publish import MANIFEST, existing_versions
+from fashionserve.model_repository import ENSEMBLE, ONNX_MODELS, TAGGER
+from fashionserve.model_repository.build import (
     PIN_FILE,
     TAGGER_OUTPUT,
     RepositoryError,

@@ -3,7 +3,7 @@
 Copied into the repository as ``crop/1/model.py``. Inputs: the detector's ``DET_BOXES``
 [N,K,4], ``DET_SCORES`` [N,K], ``DET_CLASSES`` [N,K], preprocess's ``SOURCE`` and
 ``IMAGE_SIZES``. Outputs ``CROPS`` FP32 [M,3,C,C] and the ``GARMENT_*`` tensors (see
-:func:`model_repository.python_models.steps.crop_step`; M = 1 dummy row when nothing is
+:func:`fashionserve.model_repository.python_models.steps.crop_step`; M = 1 dummy row when nothing is
 kept). Config parameters: ``detector_input_size``, ``crop_size``, ``min_score``,
 ``max_crops_per_image``, ``crop_margin``.
 """
@@ -16,7 +16,7 @@ from typing import Any
 import triton_python_backend_utils as pb_utils
 
 from fashionserve import ensemble
-from model_repository.python_models import steps
+from fashionserve.model_repository.python_models import steps
 
 _INPUTS = (steps.DET_BOXES, steps.DET_SCORES, steps.DET_CLASSES, steps.SOURCE, ensemble.IMAGE_SIZES)
 _OUTPUTS = (

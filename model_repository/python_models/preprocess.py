@@ -15,7 +15,7 @@ from typing import Any
 import triton_python_backend_utils as pb_utils
 
 from fashionserve import ensemble
-from model_repository.python_models import steps
+from fashionserve.model_repository.python_models import steps
 
 
 def _invalid(message: str) -> Any:

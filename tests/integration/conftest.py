@@ -4,7 +4,7 @@ Two kinds of model repository:
 
 * ``triton`` serves the trained demo models: each checkpoint of ``checkpoints/`` at the
   repository root (or ``$FASHIONSERVE_CHECKPOINTS``) is exported with
-  :func:`export.exporter.export_checkpoint` into a temporary repository and the ensemble is
+  :func:`fashionserve.export.exporter.export_checkpoint` into a temporary repository and the ensemble is
   built around them. Tests that use it are skipped, saying why, when no checkpoints exist.
 * ``oracle_triton`` serves hand-written "oracle" models with the contract's ONNX I/O, so the
   pipeline's geometry is checked exactly with no training: the detector finds the bounding
@@ -43,13 +43,17 @@ from grpc_status import rpc_status
 from PIL import Image
 
 from fashionserve.checkpoint import file_sha256
+from fashionserve.gateway.auth import create_key
+from fashionserve.model_repository.build import (
+    BuiltRepository,
+    RepositorySettings,
+    build_repository,
+)
+from fashionserve.model_repository.python_models import ORT_RUNNER
+from fashionserve.protos.fashion.v1 import analysis_service_pb2 as pb
+from fashionserve.protos.fashion.v1 import analysis_service_pb2_grpc as pb_grpc
 from fashionserve.taxonomy import Taxonomy, load_taxonomy
 from fashionserve.triton import TritonServer, prepare_runtime
-from gateway.auth import create_key
-from model_repository.build import BuiltRepository, RepositorySettings, build_repository
-from model_repository.python_models import ORT_RUNNER
-from protos.fashion.v1 import analysis_service_pb2 as pb
-from protos.fashion.v1 import analysis_service_pb2_grpc as pb_grpc
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHECKPOINT_KINDS = ("detector", "tagger", "embedder")
@@ -287,7 +291,7 @@ def trained_repository(
     checkpoints: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> BuiltRepository:
     """The demo checkpoints exported and assembled into a python-ort repository."""
-    from export.exporter import export_checkpoint
+    from fashionserve.export.exporter import export_checkpoint
 
     source = checkpoints
 

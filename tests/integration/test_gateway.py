@@ -55,9 +55,9 @@ from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
 from PIL import Image
 
+from fashionserve.protos.fashion.v1 import analysis_service_pb2 as pb
 from fashionserve.taxonomy import load_taxonomy
 from fashionserve.triton import TritonServer
-from protos.fashion.v1 import analysis_service_pb2 as pb
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

@@ -21,8 +21,8 @@ import pytest
 from conftest import SERVICE, Load, Oracle, start_gateway, start_triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from fashionserve.protos.fashion.v1 import analysis_service_pb2 as pb
 from fashionserve.triton import TritonServer
-from protos.fashion.v1 import analysis_service_pb2 as pb
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

@@ -37,7 +37,7 @@ from conftest import LIMITS, Gateway, Oracle, error_reason
 from grpc_health.v1 import health_pb2
 from PIL import Image
 
-from protos.fashion.v1 import analysis_service_pb2 as pb
+from fashionserve.protos.fashion.v1 import analysis_service_pb2 as pb
 
 SEED = 20261122
 IMAGES_PER_RUN = 2400  # "thousands": at least 2000 mutated images reach the gateway

@@ -29,11 +29,11 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
 
-from clients import FashionClient, FashionServeError
 from fashionserve.cli import main as cli_main
+from fashionserve.clients import FashionClient, FashionServeError
+from fashionserve.gateway.auth import create_key
+from fashionserve.protos.fashion.v1 import analysis_service_pb2 as pb
 from fashionserve.triton import TritonServer
-from gateway.auth import create_key
-from protos.fashion.v1 import analysis_service_pb2 as pb
 
 ISSUER = "https://idp.test"
 AUDIENCE = "fashionserve-it"

@@ -2,7 +2,7 @@
 
 Real Triton (the conftest's ``triton``, serving the trained demo models) behind a small
 recording gRPC proxy, so the test sees the metadata Triton is sent; the gateway runs in
-this process (``gateway.server.create_server`` on its own event loop thread) so that an
+this process (``fashionserve.gateway.server.create_server`` on its own event loop thread) so that an
 in-memory span exporter can be added to its tracer provider; calls and scrapes go over
 real sockets.
 """
@@ -31,12 +31,12 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from fashionserve.gateway.auth import create_key
+from fashionserve.gateway.server import GatewayServer, create_server
+from fashionserve.gateway.settings import load_settings
+from fashionserve.protos.fashion.v1 import analysis_service_pb2 as pb
+from fashionserve.protos.fashion.v1 import analysis_service_pb2_grpc as pb_grpc
 from fashionserve.triton import TritonServer
-from gateway.auth import create_key
-from gateway.server import GatewayServer, create_server
-from gateway.settings import load_settings
-from protos.fashion.v1 import analysis_service_pb2 as pb
-from protos.fashion.v1 import analysis_service_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"

@@ -40,8 +40,8 @@ from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
 from PIL import Image
 
+from fashionserve.protos.fashion.v1 import analysis_service_pb2 as pb
 from fashionserve.triton import TritonServer
-from protos.fashion.v1 import analysis_service_pb2 as pb
 
 ORACLE = Oracle()
 # The good image sent after every case: two garments the oracle finds exactly.

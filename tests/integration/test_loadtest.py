@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fashionserve.loadtest.generator import LoadSpec, run_load
+from fashionserve.loadtest.images import synthetic_images
+from fashionserve.loadtest.report import result_to_dict
+from fashionserve.loadtest.targets import TargetSpec
 from fashionserve.triton import TritonServer
-from loadtest.generator import LoadSpec, run_load
-from loadtest.images import synthetic_images
-from loadtest.report import result_to_dict
-from loadtest.targets import TargetSpec
 
 FASHIONSERVE = [sys.executable, "-m", "fashionserve.cli"]
 
@@ -37,7 +37,7 @@ class Gateway:
 @pytest.fixture(scope="module")
 def gateway(triton: TritonServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     """``fashionserve gateway`` on a free port with one API key, in front of ``triton``."""
-    from gateway.auth import create_key
+    from fashionserve.gateway.auth import create_key
 
     root = tmp_path_factory.mktemp("loadtest-gateway")
     key = create_key(root / "keys.yaml", "loadtest", tenant="test")
@@ -84,7 +84,7 @@ def gateway(triton: TritonServer, tmp_path_factory: pytest.TempPathFactory) -> I
                 pytest.fail(f"the gateway did not start:\n{log.read_text()}")
             time.sleep(0.1)
         address = json.loads(ready.read_text())["address"]
-        from loadtest.bench import wait_serving
+        from fashionserve.loadtest.bench import wait_serving
 
         wait_serving(address, timeout=60)
         yield Gateway(address, key)
@@ -210,7 +210,7 @@ def test_wrong_api_key_shows_as_errors_by_status_code(gateway, images):
 def test_open_loop_latency_grows_beyond_capacity(gateway, images):
     """Offered 3x what the service can do, the backlog shows as latency (no coordinated
     omission); at 0.3x, requests wait for little more than their own service time."""
-    from loadtest.images import load_images
+    from fashionserve.loadtest.images import load_images
 
     target = TargetSpec("gateway", gateway.address, api_key=gateway.api_key)
     pictures = load_images([images])

@@ -511,7 +511,7 @@ def test_trained_boxes_land_on_the_garments_at_any_size_and_aspect_ratio(
     from fashionserve.evaluate import load_labels
     from fashionserve.imaging import decode_image
     from fashionserve.metrics import match_detections
-    from model_repository.build import RepositorySettings
+    from fashionserve.model_repository.build import RepositorySettings
 
     settings = RepositorySettings()  # what the `triton` fixture serves
     detector_ckpt = load_checkpoint(checkpoints / "detector.pt")

@@ -32,11 +32,11 @@ from conftest import (
 from grpc_health.v1 import health_pb2
 from onnx import TensorProto, helper, numpy_helper
 
+from fashionserve.model_repository.python_models import ORT_RUNNER
+from fashionserve.model_repository.versions import rollback, rollout
+from fashionserve.protos.fashion.v1 import analysis_service_pb2 as pb
 from fashionserve.taxonomy import Taxonomy, load_taxonomy
 from fashionserve.triton import TritonServer
-from model_repository.python_models import ORT_RUNNER
-from model_repository.versions import rollback, rollout
-from protos.fashion.v1 import analysis_service_pb2 as pb
 
 
 @dataclass

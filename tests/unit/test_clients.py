@@ -23,7 +23,8 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from PIL import Image
 
-from clients import (
+from fashionserve.cli import main as fashionserve_main
+from fashionserve.clients import (
     AnalyzeOptions,
     AsyncFashionClient,
     FashionClient,
@@ -31,15 +32,14 @@ from clients import (
     RetryPolicy,
     StreamRequest,
 )
-from clients.types import (
+from fashionserve.clients.types import (
     batch_entry_from_proto,
     garment_from_proto,
     serving_info_from_proto,
     to_jsonable,
 )
-from fashionserve.cli import main as fashionserve_main
-from protos.fashion.v1 import analysis_service_pb2 as pb
-from protos.fashion.v1 import analysis_service_pb2_grpc as pb_grpc
+from fashionserve.protos.fashion.v1 import analysis_service_pb2 as pb
+from fashionserve.protos.fashion.v1 import analysis_service_pb2_grpc as pb_grpc
 
 GOOD_KEY = "dev.s3cret"
 MIB = 1024 * 1024

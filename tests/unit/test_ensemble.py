@@ -16,7 +16,7 @@ from PIL import Image
 
 from fashionserve import ensemble
 from fashionserve.imaging import letterbox, square_crop
-from model_repository.python_models import steps
+from fashionserve.model_repository.python_models import steps
 
 S = 128  # detector input side in these tests
 K = 6  # detections per image

@@ -13,13 +13,13 @@ import pytest
 import torch
 
 import fashionserve.models
-from export.exporter import ParityError, export_checkpoint
-from export.parity import detections
-from export.publish import publish_version
 from fashionserve.checkpoint import Checkpoint, file_sha256, save_checkpoint
+from fashionserve.export.exporter import ParityError, export_checkpoint
+from fashionserve.export.parity import detections
+from fashionserve.export.publish import publish_version
+from fashionserve.model_repository.python_models import ORT_RUNNER
 from fashionserve.models import DEFAULT_ARCH, build_model
 from fashionserve.taxonomy import Taxonomy, load_taxonomy
-from model_repository.python_models import ORT_RUNNER
 
 # Small versions of the real architectures (random init): parity does not need training,
 # and these export and run in well under a second.

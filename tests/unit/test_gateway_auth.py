@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
 from fashionserve.cli import main as cli_main
-from gateway.auth import (
+from fashionserve.gateway.auth import (
     KeyFileError,
     KeyStore,
     create_key,
@@ -32,11 +32,11 @@ from gateway.auth import (
     read_keys_file,
     verify_secret,
 )
-from gateway.errors import Unauthenticated
-from gateway.server import create_server
-from gateway.settings import load_settings
-from protos.fashion.v1 import analysis_service_pb2 as pb
-from protos.fashion.v1 import analysis_service_pb2_grpc as pb_grpc
+from fashionserve.gateway.errors import Unauthenticated
+from fashionserve.gateway.server import create_server
+from fashionserve.gateway.settings import load_settings
+from fashionserve.protos.fashion.v1 import analysis_service_pb2 as pb
+from fashionserve.protos.fashion.v1 import analysis_service_pb2_grpc as pb_grpc
 
 
 def aio(test: Callable[..., Awaitable[None]]) -> Callable[..., None]:

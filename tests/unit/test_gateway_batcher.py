@@ -10,14 +10,14 @@ from typing import Any
 
 import pytest
 
-from gateway.batcher import (
+from fashionserve.gateway.batcher import (
     BatcherClosed,
     BatchResultMismatch,
     DeadlineExpired,
     MicroBatcher,
     bounded_map,
 )
-from gateway.telemetry import Metrics
+from fashionserve.gateway.telemetry import Metrics
 
 
 def aio(test: Callable[..., Awaitable[None]]) -> Callable[..., None]:

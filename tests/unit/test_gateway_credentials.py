@@ -30,12 +30,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from gateway.auth import Authenticator, JwksError, KeyStore, TokenVerifier, create_key
-from gateway.errors import Unauthenticated
-from gateway.server import create_server
-from gateway.settings import load_settings
-from protos.fashion.v1 import analysis_service_pb2 as pb
-from protos.fashion.v1 import analysis_service_pb2_grpc as pb_grpc
+from fashionserve.gateway.auth import Authenticator, JwksError, KeyStore, TokenVerifier, create_key
+from fashionserve.gateway.errors import Unauthenticated
+from fashionserve.gateway.server import create_server
+from fashionserve.gateway.settings import load_settings
+from fashionserve.protos.fashion.v1 import analysis_service_pb2 as pb
+from fashionserve.protos.fashion.v1 import analysis_service_pb2_grpc as pb_grpc
 
 ISSUER = "https://idp.example"
 AUDIENCE = "fashionserve"

@@ -1,6 +1,6 @@
 """The endpoint pool's policy: readiness, pick, ejection and return, retries, DNS.
 
-Each Triton server is a scripted stand-in for :class:`gateway.triton_client.TritonPipeline`
+Each Triton server is a scripted stand-in for :class:`fashionserve.gateway.triton_client.TritonPipeline`
 (the unit tier runs no Triton; ``tests/integration/test_gateway_failover.py`` runs the same
 behaviour against real ``tritonserver`` processes), and DNS is a scripted resolver, since
 the answers of a real one cannot be chosen here.
@@ -16,11 +16,11 @@ from typing import Any, cast
 
 import pytest
 
+from fashionserve.gateway.endpoints import EndpointPool, RetryBudget, resolve_dns, split_target
+from fashionserve.gateway.errors import DeadlineExceeded, GatewayError, InternalError, Unavailable
+from fashionserve.gateway.results import ImageOutput
+from fashionserve.gateway.triton_client import ServedState, TritonPipeline
 from fashionserve.taxonomy import load_taxonomy
-from gateway.endpoints import EndpointPool, RetryBudget, resolve_dns, split_target
-from gateway.errors import DeadlineExceeded, GatewayError, InternalError, Unavailable
-from gateway.results import ImageOutput
-from gateway.triton_client import ServedState, TritonPipeline
 
 TAXONOMY = load_taxonomy()
 

@@ -17,7 +17,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from gateway.errors import (
+from fashionserve.gateway.errors import (
     DOMAIN,
     ErrorInterceptor,
     InvalidArgument,

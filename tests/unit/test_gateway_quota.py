@@ -1,4 +1,4 @@
-"""Per-tenant quotas and overload bounds (gateway.quota) on a fake clock, the RetryInfo they
+"""Per-tenant quotas and overload bounds (fashionserve.gateway.quota) on a fake clock, the RetryInfo they
 send, and the client honouring it."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import pytest
 from google.rpc import error_details_pb2
 from pydantic import ValidationError
 
-from clients.errors import FashionServeError
-from clients.retry import RetryPolicy
-from gateway.errors import GatewayError, ResourceExhausted, to_rpc_status
-from gateway.quota import _PRUNE_AT, Admission
-from gateway.settings import GatewaySettings, load_settings
+from fashionserve.clients.errors import FashionServeError
+from fashionserve.clients.retry import RetryPolicy
+from fashionserve.gateway.errors import GatewayError, ResourceExhausted, to_rpc_status
+from fashionserve.gateway.quota import _PRUNE_AT, Admission
+from fashionserve.gateway.settings import GatewaySettings, load_settings
 
 
 class Clock:
@@ -181,9 +181,9 @@ def test_refusal_carries_retry_info_and_the_client_waits_at_least_that() -> None
 def test_calls_past_max_concurrent_rpcs_are_refused_by_grpc_at_once() -> None:
     import asyncio
 
-    from gateway.server import create_server
-    from protos.fashion.v1 import analysis_service_pb2 as pb
-    from protos.fashion.v1 import analysis_service_pb2_grpc as pb_grpc
+    from fashionserve.gateway.server import create_server
+    from fashionserve.protos.fashion.v1 import analysis_service_pb2 as pb
+    from fashionserve.protos.fashion.v1 import analysis_service_pb2_grpc as pb_grpc
 
     async def run() -> None:
         s = load_settings(listen_address="127.0.0.1:0", auth_enabled=False, max_concurrent_rpcs=1)

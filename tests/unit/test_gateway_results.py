@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from fashionserve.ensemble import Garment
+from fashionserve.gateway.results import ImageOutput, assemble_result, clip_box
+from fashionserve.gateway.validation import AnalyzeOptions
 from fashionserve.taxonomy import Taxonomy, load_taxonomy
-from gateway.results import ImageOutput, assemble_result, clip_box
-from gateway.validation import AnalyzeOptions
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from gateway.settings import GatewaySettings, SettingsError, load_settings
+from fashionserve.gateway.settings import GatewaySettings, SettingsError, load_settings
 
 
 @pytest.fixture(autouse=True)

@@ -26,10 +26,10 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from gateway.auth import Identity, identity_var
-from gateway.errors import ErrorInterceptor, InvalidArgument
-from gateway.server import JsonFormatter
-from gateway.telemetry import (
+from fashionserve.gateway.auth import Identity, identity_var
+from fashionserve.gateway.errors import ErrorInterceptor, InvalidArgument
+from fashionserve.gateway.server import JsonFormatter
+from fashionserve.gateway.telemetry import (
     RequestContextFilter,
     Telemetry,
     TelemetryInterceptor,

@@ -11,14 +11,14 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from fashionserve.taxonomy import Taxonomy, load_taxonomy
-from gateway.errors import DeadlineExceeded
-from gateway.triton_client import (
+from fashionserve.gateway.errors import DeadlineExceeded
+from fashionserve.gateway.triton_client import (
     TritonPipeline,
     channel_args,
     served_state_from_config,
     serving_problem,
 )
+from fashionserve.taxonomy import Taxonomy, load_taxonomy
 
 CONFIG = """
 name: "fashion_pipeline"

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gateway.errors import InvalidArgument, ResourceExhausted
-from gateway.validation import (
+from fashionserve.gateway.errors import InvalidArgument, ResourceExhausted
+from fashionserve.gateway.validation import (
     ImageLimits,
     StreamLimit,
     has_end_marker,

@@ -474,7 +474,7 @@ def test_graceful_termination_outlasts_the_drain(render: Render, name: str) -> N
 
 @pytest.mark.parametrize("name", RENDERS)
 def test_gateway_config_is_accepted_by_the_gateway(render: Render, name: str) -> None:
-    from gateway.settings import GatewaySettings
+    from fashionserve.gateway.settings import GatewaySettings
 
     manifests = render(name)
     config = gateway_config(manifests)
@@ -514,7 +514,7 @@ def test_gateway_ports_are_served(render: Render) -> None:
 
 
 def test_chart_made_secret_holds_the_key_file(render: Render, tmp_path: Path) -> None:
-    from gateway.auth import read_keys_file
+    from fashionserve.gateway.auth import read_keys_file
 
     manifests = render("cpu-python-ort")
     secret = one(manifests, "Secret", "gateway")
@@ -560,7 +560,7 @@ def test_existing_secret_replaces_the_chart_secret(render: Render) -> None:
     ids=["chart-secret", "existing-secret"],
 )
 def test_jwks_comes_from_the_secret(render: Render, args: list[str], secret_name: str) -> None:
-    from gateway.settings import GatewaySettings
+    from fashionserve.gateway.settings import GatewaySettings
 
     claims = "gateway.config.jwt_issuer=https://idp.example,gateway.config.jwt_audience=fs"
     manifests = render("default", *args, "--set", claims)
@@ -779,7 +779,7 @@ def test_engine_build_script_builds_the_newest_versions(render: Render, tmp_path
 
 
 def test_tls_and_quotas_reach_the_gateway_settings(render: Render) -> None:
-    from gateway.settings import GatewaySettings
+    from fashionserve.gateway.settings import GatewaySettings
 
     manifests = render(
         "default",

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from loadtest.recorder import Recorder, merge_payloads
+from fashionserve.loadtest.recorder import Recorder, merge_payloads
 
 
 def fill(rec: Recorder, latencies_ms: list[float], start: float, code: str = "OK") -> None:

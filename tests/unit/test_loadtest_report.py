@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-from loadtest.generator import LoadSpec, RunResult
-from loadtest.memory import MemoryWatcher, growth, process_tree
-from loadtest.recorder import Recorder
-from loadtest.report import (
+from fashionserve.loadtest.generator import LoadSpec, RunResult
+from fashionserve.loadtest.memory import MemoryWatcher, growth, process_tree
+from fashionserve.loadtest.recorder import Recorder
+from fashionserve.loadtest.report import (
     Slo,
     check_slo,
     markdown_summary,
@@ -20,7 +20,7 @@ from loadtest.report import (
     result_to_dict,
     write_report,
 )
-from loadtest.targets import TargetSpec
+from fashionserve.loadtest.targets import TargetSpec
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

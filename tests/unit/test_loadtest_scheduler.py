@@ -10,7 +10,7 @@ import statistics
 
 import pytest
 
-from loadtest.generator import (
+from fashionserve.loadtest.generator import (
     LoadSpec,
     clock,
     closed_loop,
@@ -21,8 +21,8 @@ from loadtest.generator import (
     process_schedule,
     split,
 )
-from loadtest.recorder import Recorder
-from loadtest.targets import Outcome
+from fashionserve.loadtest.recorder import Recorder
+from fashionserve.loadtest.targets import Outcome
 
 
 def take(iterator, n):

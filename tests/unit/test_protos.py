@@ -16,6 +16,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PROTO = Path("protos/fashion/v1/analysis_service.proto")
+# Code is generated through the fashionserve/protos link, so that it imports fashionserve.protos.
+GENERATE_FROM = "fashionserve" / PROTO
 GENERATED = ("analysis_service_pb2.py", "analysis_service_pb2.pyi", "analysis_service_pb2_grpc.py")
 
 
@@ -42,14 +44,14 @@ def test_generated_code_is_up_to_date(tmp_path: Path) -> None:
         f"--python_out={tmp_path}",
         f"--pyi_out={tmp_path}",
         f"--grpc_python_out={tmp_path}",
-        str(PROTO),
+        str(GENERATE_FROM),
     )
     assert result.returncode == 0, result.stderr
     stale = [
         name
         for name in GENERATED
         if not filecmp.cmp(
-            tmp_path / PROTO.parent / name, ROOT / PROTO.parent / name, shallow=False
+            tmp_path / GENERATE_FROM.parent / name, ROOT / PROTO.parent / name, shallow=False
         )
     ]
     assert not stale, f"generated code is stale, run `make protos`: {stale}"

@@ -14,15 +14,15 @@ from onnx import TensorProto, helper, numpy_helper
 from pydantic import ValidationError
 from tritonclient.grpc import model_config_pb2
 
-from model_repository import ENSEMBLE
-from model_repository.build import (
+from fashionserve.model_repository import ENSEMBLE
+from fashionserve.model_repository.build import (
     FLAVOURS,
     Flavour,
     RepositoryError,
     RepositorySettings,
     build_repository,
 )
-from model_repository.python_models import CROP_MODEL, ORT_RUNNER, PREPROCESS_MODEL
+from fashionserve.model_repository.python_models import CROP_MODEL, ORT_RUNNER, PREPROCESS_MODEL
 
 DET_SIZE, DETECTIONS, CROP_SIZE, LOGITS, EMBEDDING = 64, 8, 32, 30, 16
 ALL_MODELS = ("preprocess", "detector", "crop", "tagger", "embedder", ENSEMBLE)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from fashionserve.gateway.auth import read_keys_file, verify_secret
 from fashionserve.serve import ServeError, Workdir, add_arguments, check_port_free, ensure_api_key
-from gateway.auth import read_keys_file, verify_secret
 
 
 def test_development_key_is_private_reused_and_verifiable(tmp_path: Path) -> None:

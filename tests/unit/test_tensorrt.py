@@ -14,11 +14,16 @@ from pathlib import Path
 import pytest
 from test_export import make_checkpoint
 
-from export.exporter import export_checkpoint, trtexec_for_version
-from export.tensorrt import BatchProfile, default_profile, engine_filename, trtexec_command
 from fashionserve.cli import main
+from fashionserve.export.exporter import export_checkpoint, trtexec_for_version
+from fashionserve.export.tensorrt import (
+    BatchProfile,
+    default_profile,
+    engine_filename,
+    trtexec_command,
+)
+from fashionserve.model_repository.build import RepositorySettings, build_repository
 from fashionserve.taxonomy import Taxonomy, load_taxonomy
-from model_repository.build import RepositorySettings, build_repository
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +165,11 @@ def test_engine_build_records_itself_and_matches_onnx_runtime(
     assert manifest["artifacts"][plan.name]["bytes"] == plan.stat().st_size
 
     # The tensorrt flavour loads it for this GPU type through cc_model_filenames.
-    from model_repository.build import engine_files, model_version, render_cc_model_filenames
+    from fashionserve.model_repository.build import (
+        engine_files,
+        model_version,
+        render_cc_model_filenames,
+    )
 
     mv = model_version(tmp_path / "repo", kind, int(version.name), "tensorrt")
     files = engine_files(mv, RepositorySettings(flavour="tensorrt"))

@@ -10,12 +10,22 @@ from typing import Any
 import pytest
 from test_repository import EMBEDDING, parse, write_crop_model, write_detector
 
-from export.compat import IncompatibleTaxonomy, check_compatible, compare_taxonomies
 from fashionserve.cli import main
+from fashionserve.export.compat import IncompatibleTaxonomy, check_compatible, compare_taxonomies
+from fashionserve.model_repository import ENSEMBLE
+from fashionserve.model_repository.build import (
+    RepositoryError,
+    RepositorySettings,
+    build_repository,
+)
+from fashionserve.model_repository.versions import (
+    list_versions,
+    prune,
+    rollback,
+    rollout,
+    served_version,
+)
 from fashionserve.taxonomy import Taxonomy, load_taxonomy
-from model_repository import ENSEMBLE
-from model_repository.build import RepositoryError, RepositorySettings, build_repository
-from model_repository.versions import list_versions, prune, rollback, rollout, served_version
 
 BASE = load_taxonomy().to_dict()
 

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos.fashion.v1 import analysis_service_pb2 as protos_dot_fashion_dot_v1_dot_analysis__service__pb2
+from fashionserve.protos.fashion.v1 import analysis_service_pb2 as fashionserve_dot_protos_dot_fashion_dot_v1_dot_analysis__service__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/fashion/v1/analysis_service_pb2_grpc.py depends on'
+        + ' but the generated code in fashionserve/protos/fashion/v1/analysis_service_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -43,28 +43,28 @@ class FashionAnalysisServiceStub:
         """
         self.Analyze = channel.unary_unary(
                 '/fashion.v1.FashionAnalysisService/Analyze',
-                request_serializer=protos_dot_fashion_dot_v1_dot_analysis__service__pb2.AnalyzeRequest.SerializeToString,
-                response_deserializer=protos_dot_fashion_dot_v1_dot_analysis__service__pb2.AnalyzeResponse.FromString,
+                request_serializer=fashionserve_dot_protos_dot_fashion_dot_v1_dot_analysis__service__pb2.AnalyzeRequest.SerializeToString,
+                response_deserializer=fashionserve_dot_protos_dot_fashion_dot_v1_dot_analysis__service__pb2.AnalyzeResponse.FromString,
                 _registered_method=True)
         self.BatchAnalyze = channel.unary_unary(
                 '/fashion.v1.FashionAnalysisService/BatchAnalyze',
-                request_serializer=protos_dot_fashion_dot_v1_dot_analysis__service__pb2.BatchAnalyzeRequest.SerializeToString,
-                response_deserializer=protos_dot_fashion_dot_v1_dot_analysis__service__pb2.BatchAnalyzeResponse.FromString,
+                request_serializer=fashionserve_dot_protos_dot_fashion_dot_v1_dot_analysis__service__pb2.BatchAnalyzeRequest.SerializeToString,
+                response_deserializer=fashionserve_dot_protos_dot_fashion_dot_v1_dot_analysis__service__pb2.BatchAnalyzeResponse.FromString,
                 _registered_method=True)
         self.StreamAnalyze = channel.stream_stream(
                 '/fashion.v1.FashionAnalysisService/StreamAnalyze',
-                request_serializer=protos_dot_fashion_dot_v1_dot_analysis__service__pb2.StreamAnalyzeRequest.SerializeToString,
-                response_deserializer=protos_dot_fashion_dot_v1_dot_analysis__service__pb2.StreamAnalyzeResponse.FromString,
+                request_serializer=fashionserve_dot_protos_dot_fashion_dot_v1_dot_analysis__service__pb2.StreamAnalyzeRequest.SerializeToString,
+                response_deserializer=fashionserve_dot_protos_dot_fashion_dot_v1_dot_analysis__service__pb2.StreamAnalyzeResponse.FromString,
                 _registered_method=True)
         self.GetTaxonomy = channel.unary_unary(
                 '/fashion.v1.FashionAnalysisService/GetTaxonomy',
-                request_serializer=protos_dot_fashion_dot_v1_dot_analysis__service__pb2.GetTaxonomyRequest.SerializeToString,
-                response_deserializer=protos_dot_fashion_dot_v1_dot_analysis__service__pb2.GetTaxonomyResponse.FromString,
+                request_serializer=fashionserve_dot_protos_dot_fashion_dot_v1_dot_analysis__service__pb2.GetTaxonomyRequest.SerializeToString,
+                response_deserializer=fashionserve_dot_protos_dot_fashion_dot_v1_dot_analysis__service__pb2.GetTaxonomyResponse.FromString,
                 _registered_method=True)
         self.GetServingInfo = channel.unary_unary(
                 '/fashion.v1.FashionAnalysisService/GetServingInfo',
-                request_serializer=protos_dot_fashion_dot_v1_dot_analysis__service__pb2.GetServingInfoRequest.SerializeToString,
-                response_deserializer=protos_dot_fashion_dot_v1_dot_analysis__service__pb2.GetServingInfoResponse.FromString,
+                request_serializer=fashionserve_dot_protos_dot_fashion_dot_v1_dot_analysis__service__pb2.GetServingInfoRequest.SerializeToString,
+                response_deserializer=fashionserve_dot_protos_dot_fashion_dot_v1_dot_analysis__service__pb2.GetServingInfoResponse.FromString,
                 _registered_method=True)
 
 
@@ -126,28 +126,28 @@ def add_FashionAnalysisServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Analyze': grpc.unary_unary_rpc_method_handler(
                     servicer.Analyze,
-                    request_deserializer=protos_dot_fashion_dot_v1_dot_analysis__service__pb2.AnalyzeRequest.FromString,
-                    response_serializer=protos_dot_fashion_dot_v1_dot_analysis__service__pb2.AnalyzeResponse.SerializeToString,
+                    request_deserializer=fashionserve_dot_protos_dot_fashion_dot_v1_dot_analysis__service__pb2.AnalyzeRequest.FromString,
+                    response_serializer=fashionserve_dot_protos_dot_fashion_dot_v1_dot_analysis__service__pb2.AnalyzeResponse.SerializeToString,
             ),
             'BatchAnalyze': grpc.unary_unary_rpc_method_handler(
                     servicer.BatchAnalyze,
-                    request_deserializer=protos_dot_fashion_dot_v1_dot_analysis__service__pb2.BatchAnalyzeRequest.FromString,
-                    response_serializer=protos_dot_fashion_dot_v1_dot_analysis__service__pb2.BatchAnalyzeResponse.SerializeToString,
+                    request_deserializer=fashionserve_dot_protos_dot_fashion_dot_v1_dot_analysis__service__pb2.BatchAnalyzeRequest.FromString,
+                    response_serializer=fashionserve_dot_protos_dot_fashion_dot_v1_dot_analysis__service__pb2.BatchAnalyzeResponse.SerializeToString,
             ),
             'StreamAnalyze': grpc.stream_stream_rpc_method_handler(
                     servicer.StreamAnalyze,
-                    request_deserializer=protos_dot_fashion_dot_v1_dot_analysis__service__pb2.StreamAnalyzeRequest.FromString,
-                    response_serializer=protos_dot_fashion_dot_v1_dot_analysis__service__pb2.StreamAnalyzeResponse.SerializeToString,
+                    request_deserializer=fashionserve_dot_protos_dot_fashion_dot_v1_dot_analysis__service__pb2.StreamAnalyzeRequest.FromString,
+                    response_serializer=fashionserve_dot_protos_dot_fashion_dot_v1_dot_analysis__service__pb2.StreamAnalyzeResponse.SerializeToString,
             ),
             'GetTaxonomy': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTaxonomy,
-                    request_deserializer=protos_dot_fashion_dot_v1_dot_analysis__service__pb2.GetTaxonomyRequest.FromString,
-                    response_serializer=protos_dot_fashion_dot_v1_dot_analysis__service__pb2.GetTaxonomyResponse.SerializeToString,
+                    request_deserializer=fashionserve_dot_protos_dot_fashion_dot_v1_dot_analysis__service__pb2.GetTaxonomyRequest.FromString,
+                    response_serializer=fashionserve_dot_protos_dot_fashion_dot_v1_dot_analysis__service__pb2.GetTaxonomyResponse.SerializeToString,
             ),
             'GetServingInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetServingInfo,
-                    request_deserializer=protos_dot_fashion_dot_v1_dot_analysis__service__pb2.GetServingInfoRequest.FromString,
-                    response_serializer=protos_dot_fashion_dot_v1_dot_analysis__service__pb2.GetServingInfoResponse.SerializeToString,
+                    request_deserializer=fashionserve_dot_protos_dot_fashion_dot_v1_dot_analysis__service__pb2.GetServingInfoRequest.FromString,
+                    response_serializer=fashionserve_dot_protos_dot_fashion_dot_v1_dot_analysis__service__pb2.GetServingInfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -182,8 +182,8 @@ class FashionAnalysisService:
             request,
             target,
             '/fashion.v1.FashionAnalysisService/Analyze',
-            protos_dot_fashion_dot_v1_dot_analysis__service__pb2.AnalyzeRequest.SerializeToString,
-            protos_dot_fashion_dot_v1_dot_analysis__service__pb2.AnalyzeResponse.FromString,
+            fashionserve_dot_protos_dot_fashion_dot_v1_dot_analysis__service__pb2.AnalyzeRequest.SerializeToString,
+            fashionserve_dot_protos_dot_fashion_dot_v1_dot_analysis__service__pb2.AnalyzeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -209,8 +209,8 @@ class FashionAnalysisService:
             request,
             target,
             '/fashion.v1.FashionAnalysisService/BatchAnalyze',
-            protos_dot_fashion_dot_v1_dot_analysis__service__pb2.BatchAnalyzeRequest.SerializeToString,
-            protos_dot_fashion_dot_v1_dot_analysis__service__pb2.BatchAnalyzeResponse.FromString,
+            fashionserve_dot_protos_dot_fashion_dot_v1_dot_analysis__service__pb2.BatchAnalyzeRequest.SerializeToString,
+            fashionserve_dot_protos_dot_fashion_dot_v1_dot_analysis__service__pb2.BatchAnalyzeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -236,8 +236,8 @@ class FashionAnalysisService:
             request_iterator,
             target,
             '/fashion.v1.FashionAnalysisService/StreamAnalyze',
-            protos_dot_fashion_dot_v1_dot_analysis__service__pb2.StreamAnalyzeRequest.SerializeToString,
-            protos_dot_fashion_dot_v1_dot_analysis__service__pb2.StreamAnalyzeResponse.FromString,
+            fashionserve_dot_protos_dot_fashion_dot_v1_dot_analysis__service__pb2.StreamAnalyzeRequest.SerializeToString,
+            fashionserve_dot_protos_dot_fashion_dot_v1_dot_analysis__service__pb2.StreamAnalyzeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -263,8 +263,8 @@ class FashionAnalysisService:
             request,
             target,
             '/fashion.v1.FashionAnalysisService/GetTaxonomy',
-            protos_dot_fashion_dot_v1_dot_analysis__service__pb2.GetTaxonomyRequest.SerializeToString,
-            protos_dot_fashion_dot_v1_dot_analysis__service__pb2.GetTaxonomyResponse.FromString,
+            fashionserve_dot_protos_dot_fashion_dot_v1_dot_analysis__service__pb2.GetTaxonomyRequest.SerializeToString,
+            fashionserve_dot_protos_dot_fashion_dot_v1_dot_analysis__service__pb2.GetTaxonomyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -290,8 +290,8 @@ class FashionAnalysisService:
             request,
             target,
             '/fashion.v1.FashionAnalysisService/GetServingInfo',
-            protos_dot_fashion_dot_v1_dot_analysis__service__pb2.GetServingInfoRequest.SerializeToString,
-            protos_dot_fashion_dot_v1_dot_analysis__service__pb2.GetServingInfoResponse.FromString,
+            fashionserve_dot_protos_dot_fashion_dot_v1_dot_analysis__service__pb2.GetServingInfoRequest.SerializeToString,
+            fashionserve_dot_protos_dot_fashion_dot_v1_dot_analysis__service__pb2.GetServingInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,
