@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint typecheck unit integration clean protos bench
+.PHONY: serve test lint typecheck layers unit integration clean protos bench
 
 $(STAMP): pyproject.toml
 	@echo "==> creating $(VENV) and installing fashionserve (PyTorch CPU build included)"
@@ -23,13 +23,17 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy fashionserve tests
 
+# The import-linter contracts of pyproject.toml: the layers, the client's isolation, no cycles.
+layers: $(STAMP)
+	$(BIN)/lint-imports
+
 unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit
 
 integration: $(STAMP)
 	$(BIN)/pytest -q tests/integration
 
-test: lint typecheck
+test: lint typecheck layers
 	$(BIN)/pytest -q -ra
 
 clean:
