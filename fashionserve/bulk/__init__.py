@@ -1,0 +1,1 @@
+"""Bulk daily tagging: ``fashionserve batch run|status`` (issue 12, being written)."""
