@@ -9,13 +9,10 @@ once, for both the sync and the asyncio client.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import grpc
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
-
-from fashionserve.clients.types import ItemError
+if TYPE_CHECKING:  # grpc is imported by the calls, so the command line can catch this cheaply
+    import grpc
 
 
 class FashionServeError(Exception):
@@ -65,6 +62,9 @@ class FashionServeError(Exception):
     @classmethod
     def from_rpc_error(cls, error: grpc.RpcError, attempts: int = 1) -> FashionServeError:
         """Build from a failed call (sync ``grpc.RpcError`` or ``grpc.aio.AioRpcError``)."""
+        from google.rpc import error_details_pb2
+        from grpc_status import rpc_status
+
         call: Any = error  # both carry code(), details() and trailing_metadata()
         code: grpc.StatusCode = call.code()
         message: str = call.details() or ""
@@ -94,15 +94,4 @@ class FashionServeError(Exception):
             metadata=metadata,
             attempts=attempts,
             retry_delay=retry_delay,
-        )
-
-    @classmethod
-    def from_item_error(cls, error: ItemError) -> FashionServeError:
-        """Build from the error of one item of a batch or a stream."""
-        return cls(
-            error.code,
-            error.message,
-            error.reason,
-            domain="fashionserve",
-            metadata=error.metadata,
         )

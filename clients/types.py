@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 
+from fashionserve.clients.errors import FashionServeError
 from fashionserve.protos.fashion.v1 import analysis_service_pb2 as pb
 
 # ------------------------------------------------------------------------------ options
@@ -193,11 +194,16 @@ class BatchEntry:
         return self.error is None
 
     def unwrap(self) -> ImageResult:
-        """The result, or raise the entry's error as a :class:`~clients.errors.FashionServeError`."""
-        from fashionserve.clients.errors import FashionServeError
-
+        """The result, or raise the entry's error as a :class:`FashionServeError`."""
         if self.error is not None:
-            raise FashionServeError.from_item_error(self.error)
+            error = self.error
+            raise FashionServeError(
+                error.code,
+                error.message,
+                error.reason,
+                domain="fashionserve",
+                metadata=error.metadata,
+            )
         assert self.result is not None, "an entry has either a result or an error"
         return self.result
 

@@ -12,6 +12,11 @@ compared: a gap means serving differs from training (a coordinate, crop or taxon
 * retrieval: each query garment (ground truth matched at IoU >= 0.5) ranks the gallery (the
   returned garment that best overlaps each gallery image's ground truth) by embedding;
   Acc@k counts unmatched query garments as misses.
+
+``--triton`` scores the ensemble's raw outputs, decoding the tagger logits here;
+``--gateway`` scores what a caller of the public API gets (through the client library): the
+gateway's micro-batching, validation and taxonomy decoding included. Both feed the same
+scoring code, so any gap between the two figures is lost in the gateway.
 """
 
 from __future__ import annotations
@@ -29,16 +34,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fashionserve import ensemble, metrics
-from fashionserve.taxonomy import Taxonomy, load_taxonomy
+from fashionserve.errors import FailedPrecondition
+from fashionserve.taxonomy import Decoded, ScoredLabel, Taxonomy, load_taxonomy
 
 if TYPE_CHECKING:
     import tritonclient.grpc as grpcclient
 
-    from fashionserve.clients.evaluation import DecodedGarment
-
-    # Through Triton the garments carry logits, decoded here; through the gateway they
-    # come decoded by it (fashionserve.clients.evaluation), so the gateway's decoding is what is scored.
-    Found = ensemble.Garment | DecodedGarment
+    from fashionserve.clients.types import GarmentResult
 
 InferFn = Callable[[list[bytes]], list[list[Any]]]
 """Encoded images in; per image, the garments found."""
@@ -50,8 +52,31 @@ DEFAULT_BATCH = 8
 CONCURRENT_REQUESTS = 2  # keeps Triton's preprocess busy while the models run
 
 
-class EvaluationError(RuntimeError):
-    """The evaluation cannot run: Triton unreachable, data missing, taxonomy mismatch."""
+class EvaluationError(FailedPrecondition):
+    """The evaluation cannot run: Triton or the gateway unreachable, data missing, taxonomy
+    mismatch, an image refused."""
+
+    reason = "EVALUATION_FAILED"
+
+
+@dataclass
+class DecodedGarment:
+    """A garment as the gateway returns it, shaped for the evaluation's scoring.
+
+    It has the fields of ``fashionserve.ensemble.Garment`` that scoring reads, except that
+    ``decoded`` replaces the logits: the gateway has already decoded them.
+    """
+
+    box: tuple[float, float, float, float]
+    score: float
+    detector_class: int  # index into Taxonomy.roots
+    decoded: Decoded
+    embedding: np.ndarray = field(repr=False)
+
+
+Found = ensemble.Garment | DecodedGarment
+"""A garment found in one image: through Triton it carries logits, decoded here; through
+the gateway it comes decoded, so the gateway's decoding is what is scored."""
 
 
 @dataclass
@@ -265,6 +290,73 @@ def _connect(triton: str) -> tuple[grpcclient.InferenceServerClient, dict[str, s
     return client, ensemble.pipeline_parameters(client)
 
 
+# ------------------------------------------------------------------- through the gateway
+def decoded_garment(g: GarmentResult, roots: Sequence[str]) -> DecodedGarment:
+    """Convert one gateway garment; ``roots`` (the top-level categories, in taxonomy
+    order) turns its detector class name back into the index the scoring expects."""
+    if g.embedding is None:
+        raise EvaluationError("the evaluation needs embeddings: ask for include_embeddings")
+    return DecodedGarment(
+        box=g.box.as_tuple(),
+        score=g.detector_score,
+        detector_class=list(roots).index(g.detector_class),
+        decoded=Decoded(
+            category_path=[ScoredLabel(s.name, s.probability) for s in g.category_path],
+            tags={
+                t.group: [ScoredLabel(s.name, s.probability) for s in t.labels]
+                for t in g.tag_groups
+            },
+        ),
+        embedding=np.asarray(g.embedding, np.float32),
+    )
+
+
+def gateway_backend(
+    address: str, api_key: str | None, timeout: float = 300.0
+) -> tuple[InferFn, dict[str, str]]:
+    """``(infer, served)`` for evaluating through the gateway at ``address``, a caller of
+    the public API (the client library).
+
+    ``served`` mirrors the ensemble parameters the Triton backend reports (taxonomy
+    version and hash, ``max_images_per_request`` = the gateway's BatchAnalyze limit,
+    model versions); ``infer`` sends one ``BatchAnalyze`` call (thread-safe) and raises
+    :class:`EvaluationError` naming the image if any image of it fails.
+    """
+    from fashionserve.clients import AnalyzeOptions, FashionClient, FashionServeError
+
+    client = FashionClient(address, api_key, timeout=timeout)
+    try:
+        info = client.get_serving_info()
+        roots = client.get_taxonomy().roots
+    except FashionServeError as exc:
+        client.close()
+        raise EvaluationError(f"the gateway at {address} cannot be used: {exc}") from exc
+    served = {
+        "taxonomy_version": info.taxonomy_version,
+        "taxonomy_hash": info.taxonomy_hash,
+        "max_images_per_request": str(info.limits.max_images_per_batch),
+        "gateway_version": info.gateway_version,
+        **{f"{m.name}_version": m.version for m in info.models},
+    }
+    # Server defaults for score floor and cap: the same as the ensemble applies.
+    options = AnalyzeOptions(include_embeddings=True)
+
+    def infer(images: list[bytes]) -> list[list[Any]]:
+        try:
+            entries = client.batch_analyze(images, options)
+        except FashionServeError as exc:
+            raise EvaluationError(f"BatchAnalyze failed at {address}: {exc}") from exc
+        out: list[list[Any]] = []
+        for i, entry in enumerate(entries):
+            if entry.error is not None:
+                raise EvaluationError(f"image {i} of a batch failed: {entry.error}")
+            assert entry.result is not None
+            out.append([decoded_garment(g, roots) for g in entry.result.garments])
+        return out
+
+    return infer, served
+
+
 def evaluate(
     data: Path,
     triton: str | None = None,
@@ -283,12 +375,7 @@ def evaluate(
     """
     infer: InferFn
     if gateway is not None:
-        from fashionserve.clients.evaluation import gateway_backend
-
-        try:
-            infer, served = gateway_backend(gateway, api_key)
-        except RuntimeError as exc:
-            raise EvaluationError(str(exc)) from exc
+        infer, served = gateway_backend(gateway, api_key)
     elif triton is not None:
         client, served = _connect(triton)
 
