@@ -16,9 +16,7 @@ activations a real image does.
 
 from __future__ import annotations
 
-import json
 import math
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from fashionserve.data.reader import Sample, read_split
 from fashionserve.imaging import decode_image, letterbox, square_crop
 
 if TYPE_CHECKING:
@@ -586,27 +585,25 @@ def parity_inputs(
     """``count`` real, preprocessed model inputs for a model ``kind``.
 
     With ``data`` (a ``data synth`` directory or one split of it), read its images;
-    otherwise render a small fixed-seed set with the synthetic generator into a temporary
-    directory. Detector inputs are letterboxed images; tagger/embedder inputs are square
-    crops around the ground-truth garment boxes.
+    otherwise render a small fixed-seed set with the synthetic generator, in memory.
+    Detector inputs are letterboxed images; tagger/embedder inputs are square crops around
+    the ground-truth garment boxes.
     """
+    labelled: Iterable[Sample]
     if data is not None:
-        return _inputs_from(kind, size, count, Path(data), {"data": str(Path(data).resolve())})
+        labelled = (
+            sample
+            for split in _splits(Path(data))
+            for sample in read_split(split.parent, split.name).samples
+        )
+        return _inputs_from(kind, size, count, labelled, {"data": str(Path(data).resolve())})
 
-    from fashionserve.data.synth import synthesize
-    from fashionserve.taxonomy import load_taxonomy
+    from fashionserve.data.dataset import render_samples
 
     # The packaged taxonomy, not the checkpoint's: the pixels are what matters, and the
     # renderer knows how to draw the categories it ships with.
-    with tempfile.TemporaryDirectory(prefix="fashionserve-parity-") as tmp:
-        synthesize(
-            Path(tmp),
-            images=max(SYNTH_MIN_IMAGES, count),
-            seed=seed,
-            taxonomy=load_taxonomy(),
-            progress=False,
-        )
-        return _inputs_from(kind, size, count, Path(tmp), {"synthetic": {"seed": seed}})
+    labelled = render_samples(max(SYNTH_MIN_IMAGES, count), seed, splits=PARITY_SPLITS)
+    return _inputs_from(kind, size, count, labelled, {"synthetic": {"seed": seed}})
 
 
 def _splits(data: Path) -> list[Path]:
@@ -619,32 +616,25 @@ def _splits(data: Path) -> list[Path]:
 
 
 def _inputs_from(
-    kind: str, size: int, count: int, data: Path, source: dict[str, Any]
+    kind: str, size: int, count: int, labelled: Iterable[Sample], source: dict[str, Any]
 ) -> ParityInputs:
     samples: list[np.ndarray] = []
     used: list[str] = []
-    for split in _splits(data):
+    for sample in labelled:
         if len(samples) >= count:
             break
-        used.append(split.name)
-        labels = json.loads((split / "labels.json").read_text())
-        by_image: dict[int, list[dict[str, Any]]] = {}
-        for ann in sorted(labels["annotations"], key=lambda a: a["id"]):
-            by_image.setdefault(ann["image_id"], []).append(ann)
-        for info in sorted(labels["images"], key=lambda i: i["id"]):
-            if len(samples) >= count:
-                break
-            # decode_image: the decoding (EXIF, colour modes) the serving preprocess uses.
-            image = decode_image((split / "images" / info["file_name"]).read_bytes())
-            if kind == "detector":
-                samples.append(letterbox(image, size)[0])
-                continue
-            for ann in by_image.get(info["id"], []):
-                x, y, w, h = ann["bbox"]
-                samples.append(square_crop(image, (x, y, x + w, y + h), size))
+        if sample.split not in used:
+            used.append(sample.split)
+        # decode_image: the decoding (EXIF, colour modes) the serving preprocess uses.
+        image = decode_image(sample.image)
+        if kind == "detector":
+            samples.append(letterbox(image, size)[0])
+            continue
+        for garment in sample.garments:
+            samples.append(square_crop(image, garment.box, size))
     samples = samples[:count]
     if len(samples) < count:
-        raise ValueError(f"{data}: only {len(samples)} {kind} inputs, {count} needed")
+        raise ValueError(f"{source}: only {len(samples)} {kind} inputs, {count} needed")
     stacked = np.stack(samples).transpose(0, 3, 1, 2).astype(np.float32)
     source = {**source, "splits": used, "count": len(samples)}
     return ParityInputs(np.ascontiguousarray(stacked), source)

@@ -39,6 +39,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from fashionserve.data.reader import Sample
     from fashionserve.model_repository.build import RepositorySettings
     from fashionserve.triton import TritonServer
 
@@ -187,7 +188,7 @@ def train_checkpoints(
     wd: Workdir, images: int, budget: float, detail: Callable[[str], None]
 ) -> None:
     """Render the synthetic data set (if not already there) and train what is missing."""
-    from fashionserve.data.synth import synthesize
+    from fashionserve.data.writer import synthesize
     from fashionserve.taxonomy import load_taxonomy
     from fashionserve.train import train_all
 
@@ -297,37 +298,20 @@ def ensure_sample(wd: Workdir) -> Path:
     """A synthetic street scene to try the service on (rendered once, a few seconds)."""
     if wd.sample.is_file():
         return wd.sample
-    with tempfile.TemporaryDirectory(prefix="sample-", dir=wd.root) as tmp:
-        image = render_scene(Path(tmp), seed=7)[0]
-        _write_atomic(wd.sample, image.read_bytes(), mode=0o644)
+    _write_atomic(wd.sample, showcase_scene(seed=7).image, mode=0o644)
     return wd.sample
 
 
-def render_scene(tmp: Path, seed: int) -> tuple[Path, list[dict[str, Any]]]:
-    """Render a small synthetic data set into ``tmp`` and pick a val scene to show: one
-    with several garments (up to three), large ones first.
+def showcase_scene(seed: int) -> Sample:
+    """A synthetic val scene to show, with its ground truth: one with several garments (up
+    to three), large ones first, from the smallest data set the renderer accepts."""
+    from fashionserve.data.dataset import render_samples
 
-    Returns the image path and its COCO annotations (ground truth). The smallest data set
-    the renderer accepts takes a few seconds; its summary line goes to stderr so that
-    stdout keeps only the ready line.
-    """
-    from fashionserve.data.synth import synthesize
-    from fashionserve.taxonomy import load_taxonomy
+    def showcase(sample: Sample) -> tuple[int, float]:
+        area = sum(g.bbox[2] * g.bbox[3] for g in sample.garments)
+        return min(len(sample.garments), 3), area / (sample.width * sample.height)
 
-    with contextlib.redirect_stdout(sys.stderr):
-        synthesize(tmp, images=12, seed=seed, taxonomy=load_taxonomy(), workers=1, progress=False)
-    labels = json.loads((tmp / "val" / "labels.json").read_text())
-    by_image: dict[int, list[dict[str, Any]]] = {}
-    for ann in labels["annotations"]:
-        by_image.setdefault(ann["image_id"], []).append(ann)
-
-    def showcase(im: dict[str, Any]) -> tuple[int, float]:
-        anns = by_image.get(im["id"], [])
-        covered = sum(a["area"] for a in anns) / (im["width"] * im["height"])
-        return min(len(anns), 3), covered
-
-    best = max(labels["images"], key=showcase)
-    return tmp / "val" / "images" / best["file_name"], by_image.get(best["id"], [])
+    return max(render_samples(12, seed, splits=("val",)), key=showcase)
 
 
 def write_gateway_config(wd: Workdir, listen: str, triton_url: str, max_batch_size: int) -> Path:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import tempfile
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,20 +28,13 @@ def load_images(paths: Sequence[Path], limit: int = 32) -> list[bytes]:
 
 
 def synthetic_images(count: int = 16, seed: int = 1234) -> list[bytes]:
-    """``count`` street scenes (JPEG) from the seeded synthetic renderer.
+    """``count`` JPEG scenes from the seeded synthetic renderer: street scenes first, then
+    val and train scenes.
 
     Street scenes hold one or more garments on a cluttered background: the images the
     service is built for, so every pipeline step (crops, tagger, embedder) does real work.
     """
-    import fashionserve.data.synth as synth
+    from fashionserve.data.dataset import render_samples
 
-    render = getattr(synth, "render_sample", None)
-    if render is not None:
-        return [bytes(render(seed=seed + i)) for i in range(count)]
-    # Older renderer without render_sample: render a small data set and take its scenes.
-    from fashionserve.taxonomy import load_taxonomy
-
-    with tempfile.TemporaryDirectory(prefix="fashionserve-loadtest-") as tmp:
-        synth.synthesize(Path(tmp), images=max(8, count), seed=seed, taxonomy=load_taxonomy())
-        dirs = [Path(tmp) / split / "images" for split in ("query", "val", "train")]
-        return load_images([d for d in dirs if d.is_dir()], limit=count)
+    samples = render_samples(max(8, count), seed, splits=("query", "val", "train"))
+    return [sample.image for sample in itertools.islice(samples, count)]

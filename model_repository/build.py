@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import io
 import json
 import logging
 import os
@@ -608,21 +607,11 @@ def render_cc_model_filenames(files: Mapping[str, str]) -> str:
 @functools.lru_cache(maxsize=1)
 def _sample_scene() -> tuple[bytes, tuple[float, float, float, float]]:
     """One rendered garment scene (JPEG bytes) and its first garment's box."""
-    from fashionserve.data.synth import synthesize
-    from fashionserve.taxonomy import load_taxonomy
+    from fashionserve.data.dataset import render_samples
 
-    with (
-        tempfile.TemporaryDirectory(prefix="fashionserve-warmup-") as tmp,
-        contextlib.redirect_stdout(io.StringIO()),  # its data set summary is noise here
-    ):
-        synthesize(Path(tmp), images=8, seed=7, taxonomy=load_taxonomy(), workers=1, progress=False)
-        labels = json.loads((Path(tmp) / "val" / "labels.json").read_text())
-        for image in labels["images"]:
-            anns = [a for a in labels["annotations"] if a["image_id"] == image["id"]]
-            if anns:
-                data = (Path(tmp) / "val" / "images" / image["file_name"]).read_bytes()
-                x, y, w, h = anns[0]["bbox"]
-                return data, (x, y, x + w, y + h)
+    for sample in render_samples(8, 7, splits=("val",)):
+        if sample.garments:
+            return sample.image, sample.garments[0].box
     raise RepositoryError("the synthetic renderer produced no garment for the warm-up sample")
 
 

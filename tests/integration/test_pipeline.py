@@ -452,7 +452,7 @@ def _red_square() -> bytes:
 @pytest.fixture(scope="module")
 def rendered(trained_repository: object, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small synthetic data set (val, query, gallery splits) with known boxes."""
-    from fashionserve.data.synth import synthesize
+    from fashionserve.data.writer import synthesize
     from fashionserve.taxonomy import load_taxonomy
 
     del trained_repository  # only to skip, before rendering, when there are no checkpoints

@@ -156,13 +156,13 @@ def analyze(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     )
 
 
-def render_scene(tmp: Path) -> tuple[Path, list[list[float]]]:
+def render_scene() -> tuple[bytes, list[list[float]]]:
     """A synthetic scene (not the one serve wrote) and its ground-truth boxes x1,y1,x2,y2."""
-    from fashionserve.serve import render_scene as render
+    from fashionserve.serve import showcase_scene
 
-    image, annotations = render(tmp, seed=12345)
-    assert annotations, "the busiest val scene has garments"
-    return image, [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in annotations)]
+    sample = showcase_scene(seed=12345)
+    assert sample.garments, "the busiest val scene has garments"
+    return sample.image, [list(g.box) for g in sample.garments]
 
 
 def iou(a: list[float], b: list[float]) -> float:
@@ -198,9 +198,9 @@ def test_first_start_prints_one_ready_line(first: Stack) -> None:
 
 
 def test_analyze_a_rendered_scene_as_json_and_drawn(first: Stack, tmp_path: Path) -> None:
-    rendered, truth = render_scene(tmp_path / "synth")
+    rendered, truth = render_scene()
     image = tmp_path / "scene.jpg"
-    image.write_bytes(rendered.read_bytes())
+    image.write_bytes(rendered)
     drawn = tmp_path / "drawn"
     done = analyze(
         str(image),
@@ -259,7 +259,7 @@ def test_evaluate_through_the_gateway_matches_triton(first: Stack, tmp_path: Pat
     gateway's validation, micro-batching and taxonomy decoding lose nothing."""
     import yaml
 
-    from fashionserve.data.synth import synthesize
+    from fashionserve.data.writer import synthesize
     from fashionserve.evaluate import evaluate
     from fashionserve.taxonomy import load_taxonomy
 

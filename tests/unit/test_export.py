@@ -39,7 +39,7 @@ def taxonomy() -> Taxonomy:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory, taxonomy: Taxonomy) -> Path:
     """A few rendered garment images, shared by the tests that pass ``data=``."""
-    from fashionserve.data.synth import synthesize
+    from fashionserve.data.writer import synthesize
 
     out = tmp_path_factory.mktemp("synth")
     synthesize(out, images=8, seed=5, taxonomy=taxonomy)

@@ -9,7 +9,11 @@ from typing import Any
 
 import pytest
 
-from fashionserve.data.synth import SPLITS, synthesize
+from fashionserve.data.catalog import CannotRender
+from fashionserve.data.dataset import render_samples
+from fashionserve.data.reader import read_split
+from fashionserve.data.scenes import SPLITS
+from fashionserve.data.writer import synthesize
 from fashionserve.imaging import decode_image
 from fashionserve.taxonomy import Taxonomy, load_taxonomy
 
@@ -223,5 +227,17 @@ def test_categories_the_renderer_cannot_draw_are_refused(tmp_path: Path) -> None
     tax = Taxonomy.from_dict(
         {"version": "t2", "categories": [{"name": "accessory", "children": ["hat"]}]}
     )
-    with pytest.raises(ValueError, match="hat"):
+    with pytest.raises(CannotRender, match="hat"):
         synthesize(tmp_path, 24, 0, tax, workers=1, progress=False)
+
+
+def test_samples_rendered_in_memory_are_the_written_ones_read_back(runs: dict[str, Any]) -> None:
+    """render_samples (no data set written) gives the bytes and labels synthesize writes,
+    in the order asked, and read_split reads them back as the same samples."""
+    root, _ = runs["a"]
+    wanted = ("val", "gallery")
+    in_memory = list(render_samples(IMAGES, 0, splits=wanted))
+    read_back = [s for split in wanted for s in read_split(root, split).samples]
+    assert [(s.split, s.index) for s in in_memory] == [(s.split, s.index) for s in read_back]
+    assert in_memory == read_back
+    assert any(s.garments for s in in_memory)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fashionserve.checkpoint import load_checkpoint
+from fashionserve.data.writer import synthesize
 from fashionserve.taxonomy import load_taxonomy
 from fashionserve.train import DetectorData, Garment, Split, pk_batches, train_all
 
@@ -17,9 +18,8 @@ KINDS = ("detector", "tagger", "embedder")
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    synth = pytest.importorskip("fashionserve.data.synth")
     out = tmp_path_factory.mktemp("data")
-    synth.synthesize(out, images=24, seed=0, taxonomy=load_taxonomy())
+    synthesize(out, images=24, seed=0, taxonomy=load_taxonomy())
     return out
 
 

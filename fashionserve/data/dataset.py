@@ -1,0 +1,212 @@
+"""A synthetic data set: its plan (the catalog, and which products each image of each split
+shows) and its samples rendered in memory.
+
+Splits:
+
+* ``train``: ``images`` cluttered scenes with 0 to 4 garments (about 8% empty), every
+  product at least ``MIN_TRAIN_OCCURRENCES`` times;
+* ``val``: the same kind of scenes, different draws, same catalog;
+* ``query``: one "street" scene per product, with that product and maybe one more;
+* ``gallery``: one "shop" image per product (alone, centred, plain light background).
+
+:func:`render_samples` is the one way to get a few labelled synthetic images without
+writing a data set (load-test images, warm-up and parity inputs, the ``serve`` sample):
+the same bytes and labels that :func:`fashionserve.data.writer.synthesize` would write for
+that seed and size, rendered only for the splits asked, as they are consumed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from multiprocessing import get_all_start_methods, get_context
+
+import numpy as np
+
+from fashionserve.data.catalog import CannotRender, Product, check_taxonomy, make_catalog
+from fashionserve.data.reader import GroundTruth, Sample
+from fashionserve.data.scenes import SPLITS, Scene, SceneSpec, Studio, render_scene
+from fashionserve.taxonomy import Taxonomy, load_taxonomy
+
+EMPTY_FRACTION = 0.08
+"""Share of train and val scenes with no garment (negatives for the detector)."""
+
+MIN_TRAIN_OCCURRENCES = 3
+"""Every product appears at least this many times in train."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a data set holds before any pixel is drawn: its catalog and its scenes."""
+
+    seed: int
+    products: tuple[Product, ...]
+    scenes: tuple[SceneSpec, ...]
+
+
+def plan_data_set(images: int, seed: int, taxonomy: Taxonomy) -> Plan:
+    """The plan of the data set with ``images`` train scenes for ``seed`` and ``taxonomy``.
+
+    The catalog holds ``max(60, images // 15)`` products (fewer when ``images`` is too
+    small to show each at least ``MIN_TRAIN_OCCURRENCES`` times in train); val holds
+    ``max(20, images // 10)`` scenes. Raises :class:`CannotRender` when the taxonomy names
+    categories or tags the renderer cannot draw, or when ``images`` is too small for every
+    category to appear.
+    """
+    check_taxonomy(taxonomy)
+    products, scenes = _plan(images, seed, taxonomy)
+    return Plan(seed, tuple(products), tuple(scenes))
+
+
+def render_planned(
+    plan: Plan, splits: Iterable[str] = SPLITS, workers: int = 1
+) -> Iterator[Sample]:
+    """The samples of ``splits`` (in that order, each by index), rendered in this process
+    or in a pool of ``workers`` processes: byte-identical either way."""
+    wanted = list(splits)
+    scenes = [s for split in wanted for s in plan.scenes if s.split == split]
+    by_id = {p.id: p for p in plan.products}
+    if workers <= 1:
+        studio = Studio(plan.seed, dict(by_id))
+        for spec in scenes:
+            yield _labelled(render_scene(studio, spec), by_id)
+        return
+    # fork where available: spawn would re-import the caller's __main__, which breaks
+    # scripts without a main guard. Workers use no thread pools (no BLAS), so forking is
+    # safe even after a progress bar has started its monitor thread.
+    method = "fork" if "fork" in get_all_start_methods() else "spawn"
+    ctx = get_context(method)
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(plan.seed, plan.products)) as pool:
+        for scene in pool.imap(_render_in_worker, scenes, chunksize=8):
+            yield _labelled(scene, by_id)
+
+
+def render_samples(
+    images: int,
+    seed: int,
+    *,
+    splits: Iterable[str] = SPLITS,
+    taxonomy: Taxonomy | None = None,
+) -> Iterator[Sample]:
+    """The samples of ``splits`` of the data set ``images``/``seed`` (default taxonomy: the
+    packaged one), rendered in memory one at a time as they are consumed."""
+    return render_planned(plan_data_set(images, seed, taxonomy or load_taxonomy()), splits)
+
+
+def _labelled(scene: Scene, products: dict[int, Product]) -> Sample:
+    spec = scene.spec
+    return Sample(
+        split=spec.split,
+        index=spec.index,
+        file_name=f"{spec.index:06d}.jpg",
+        width=scene.width,
+        height=scene.height,
+        image=scene.jpeg,
+        garments=tuple(
+            GroundTruth(
+                bbox=bbox,
+                category_path=products[pid].path,
+                # A deep, JSON-plain copy: a caller may change it without touching the catalog.
+                tags=json.loads(json.dumps(products[pid].tags)),
+                product_id=pid,
+            )
+            for pid, bbox in scene.garments
+        ),
+    )
+
+
+_STUDIO: Studio | None = None  # a pool worker's own
+
+
+def _init_worker(seed: int, products: tuple[Product, ...]) -> None:
+    global _STUDIO
+    _STUDIO = Studio(seed, {p.id: p for p in products})
+
+
+def _render_in_worker(spec: SceneSpec) -> Scene:
+    assert _STUDIO is not None, "worker not initialised"
+    return render_scene(_STUDIO, spec)
+
+
+def _garment_counts(rng: np.random.Generator, n: int) -> list[int]:
+    counts = rng.choice([1, 2, 3, 4], size=n, p=[0.3, 0.32, 0.22, 0.16])
+    empty = rng.random(n) < EMPTY_FRACTION
+    return [0 if e else int(c) for c, e in zip(counts, empty, strict=True)]
+
+
+def _assign(
+    rng: np.random.Generator, counts: list[int], slots: list[int], n_products: int
+) -> list[tuple[int, ...]]:
+    """Deal product ids (``slots``, then uniform draws) into images, no repeats per image."""
+    total = sum(counts)
+    fill = rng.integers(1, n_products + 1, max(0, total - len(slots))).tolist()
+    pool = [*slots, *fill][:total]
+    pool = [pool[i] for i in rng.permutation(len(pool))]
+    images: list[list[int]] = []
+    pos = 0
+    for c in counts:
+        images.append(pool[pos : pos + c])
+        pos += c
+    # Swap away duplicates within an image (a scene shows two different products).
+    for i, ids in enumerate(images):
+        for a in range(len(ids)):
+            if ids.count(ids[a]) == 1:
+                continue
+            for _ in range(200):
+                j = int(rng.integers(0, len(images)))
+                if not images[j] or j == i:
+                    continue
+                b = int(rng.integers(0, len(images[j])))
+                if images[j][b] not in ids and ids[a] not in images[j]:
+                    ids[a], images[j][b] = images[j][b], ids[a]
+                    break
+    return [tuple(ids) for ids in images]
+
+
+def _plan(images: int, seed: int, taxonomy: Taxonomy) -> tuple[list[Product], list[SceneSpec]]:
+    rng = np.random.default_rng([seed, 0, 0])
+    n_leaves = len(taxonomy.leaves)
+    counts = _garment_counts(rng, images)
+    n_products = max(60, images // 15)
+    # A small run cannot show a large catalog three times each: shrink the catalog.
+    n_products = max(n_leaves, min(n_products, sum(counts) // (MIN_TRAIN_OCCURRENCES + 1)))
+    needed = n_products * MIN_TRAIN_OCCURRENCES
+    for i in rng.permutation(images):
+        if sum(counts) >= needed:
+            break
+        counts[i] = 4
+    if sum(counts) < needed:
+        raise CannotRender(
+            f"{images} train images are too few to show {n_leaves} products "
+            f"{MIN_TRAIN_OCCURRENCES} times each; use at least {math.ceil(needed / 4)}"
+        )
+    products = make_catalog(taxonomy, n_products, seed)
+    ids = [p.id for p in products]
+    tasks: list[SceneSpec] = []
+    train_slots = [pid for pid in ids for _ in range(MIN_TRAIN_OCCURRENCES)]
+    for i, prods in enumerate(_assign(rng, counts, train_slots, n_products)):
+        tasks.append(SceneSpec("train", i + 1, "scene", prods))
+
+    n_val = max(20, images // 10)
+    val_counts = _garment_counts(rng, n_val)
+    while sum(val_counts) < n_leaves:
+        val_counts[int(rng.integers(0, n_val))] = 4
+    by_leaf = {leaf: [p.id for p in products if p.leaf == leaf] for leaf in taxonomy.leaves}
+    val_slots = [int(rng.choice(by_leaf[leaf])) for leaf in taxonomy.leaves]
+    for i, prods in enumerate(_assign(rng, val_counts, val_slots, n_products)):
+        tasks.append(SceneSpec("val", i + 1, "scene", prods))
+
+    order = rng.permutation(n_products)
+    for i, k in enumerate(order):
+        pid = ids[k]
+        shown: tuple[int, ...] = (pid,)
+        if rng.random() < 0.4:
+            other = int(rng.integers(1, n_products + 1))
+            if other != pid:
+                shown = (pid, other) if rng.random() < 0.5 else (other, pid)
+        tasks.append(SceneSpec("query", i + 1, "street", shown))
+    for i, pid in enumerate(ids):
+        tasks.append(SceneSpec("gallery", i + 1, "shop", (pid,)))
+    return products, tasks
