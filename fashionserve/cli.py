@@ -19,7 +19,7 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from fashionserve.data.writer import synthesize
+    from fashionserve.data.synth import synthesize
     from fashionserve.taxonomy import load_taxonomy
 
     synthesize(args.out, images=args.images, seed=args.seed, taxonomy=load_taxonomy(args.taxonomy))
@@ -386,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     from fashionserve.loadtest.cli import add_loadtest_commands
 
     add_loadtest_commands(sub)
+    from fashionserve.bulk.cli import add_commands as add_batch_commands
+
+    add_batch_commands(sub)
     return parser
 
 
