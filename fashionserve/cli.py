@@ -19,7 +19,7 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from fashionserve.data.synth import synthesize
+    from fashionserve.data.writer import synthesize
     from fashionserve.taxonomy import load_taxonomy
 
     synthesize(args.out, images=args.images, seed=args.seed, taxonomy=load_taxonomy(args.taxonomy))
