@@ -1,9 +1,9 @@
 """``fashionserve batch run|status``: the command line of bulk tagging.
 
 Exit status of ``batch run``: 0 when every input has a row (``_SUCCESS`` written), 1 on an
-error (printed; what was committed stays, and the same command resumes), 130 when stopped
-by SIGINT or SIGTERM after committing what was in flight. ``batch status``: 0, or 1 when
-there is no journal in ``--output``.
+error (:func:`fashionserve.cli.main` prints it; what was committed stays, and the same
+command resumes), 130 when stopped by SIGINT or SIGTERM after committing what was in
+flight. ``batch status``: 0, or 1 when ``--output`` holds no journal.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def add_commands(subparsers: Any) -> None:
         description="Tag every input image through the gateway into a Parquet dataset, "
         "exactly once: run the same command again to resume after a crash or a kill.",
     )
-    p.set_defaults(handler=_run)
+    p.set_defaults(handler=_run, error_status=1)
     p.add_argument(
         "--input",
         required=True,
@@ -79,7 +79,7 @@ def add_commands(subparsers: Any) -> None:
         help="progress of a run, from its journal (also while it runs)",
         description="Show a run's progress from the journal in its output directory.",
     )
-    p.set_defaults(handler=_status)
+    p.set_defaults(handler=_status, error_status=1)
     p.add_argument("--output", required=True, type=Path, metavar="DIR", help="output directory")
     p.add_argument("--json", action="store_true", help="print JSON")
 
@@ -111,11 +111,7 @@ def _run(args: argparse.Namespace) -> int:
         include_embeddings=args.include_embeddings,
         retry_failed=args.retry_failed,
     )
-    try:
-        result = run_batch(options)
-    except Error as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        return 1
+    result = run_batch(options)
     if result.interrupted:
         print(
             f"stopped: {result.tagged} images committed; run the same command to resume",
@@ -129,11 +125,7 @@ def _run(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from fashionserve.bulk.status import read_status
 
-    try:
-        status = read_status(args.output)
-    except Error as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        return 1
+    status = read_status(args.output)
     if args.json:
         print(json.dumps(asdict(status), indent=2))
     else:

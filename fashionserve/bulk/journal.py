@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from fashionserve.bulk.errors import DuplicateIds, OutputMismatch
+from fashionserve.bulk.errors import DuplicateIds, OutputFormatError, OutputMismatch
 from fashionserve.bulk.sources import InputItem
 
 JOURNAL_FILE = "_journal.sqlite"
@@ -137,7 +137,7 @@ class Journal:
         """Open for reading, also while a run writes (``batch status``)."""
         path = output / JOURNAL_FILE
         if not path.is_file():
-            raise OutputMismatch(f"{output}: no bulk journal there ({JOURNAL_FILE})")
+            raise OutputFormatError(f"{output}: no bulk journal there ({JOURNAL_FILE})")
         return cls(sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None))
 
     def close(self) -> None:

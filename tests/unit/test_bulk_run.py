@@ -32,6 +32,7 @@ from fashionserve.bulk.errors import (
     CallRefused,
     DuplicateIds,
     GatewayUnavailable,
+    OutputFormatError,
     OutputMismatch,
 )
 from fashionserve.bulk.journal import Journal
@@ -362,7 +363,7 @@ def test_embeddings_on_request(gateway: tuple[StandIn, str], images: Path, tmp_p
 
 
 def fashionserve_main(argv: list[str]) -> int:
-    """``fashionserve`` with only the ``batch`` commands."""
+    """``fashionserve`` with only the ``batch`` commands (errors raised, not printed)."""
     parser = argparse.ArgumentParser(prog="fashionserve")
     add_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
@@ -390,8 +391,8 @@ def test_the_command_line(
     assert fashionserve_main(["batch", "status", "--output", str(out)]) == 0
     text = capsys.readouterr().out
     assert "done:    12 of 12 (100.0%)" in text and "complete" in text
-    assert fashionserve_main(["batch", "status", "--output", str(tmp_path / "none")]) == 1
-    assert "no bulk journal" in capsys.readouterr().err
+    with pytest.raises(OutputFormatError, match="no bulk journal"):
+        fashionserve_main(["batch", "status", "--output", str(tmp_path / "none")])
     with pytest.raises(SystemExit):
         fashionserve_main(["batch", "run", "--input", "x", "--output", "y", "--shard", "3/3"])
     assert isinstance(read_output(out), pa.Table)
