@@ -16,6 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from fashionserve.bulk.defaults import CONCURRENCY, PART_ROWS
 from fashionserve.bulk.sources import Shard
 from fashionserve.errors import Error
 
@@ -66,12 +67,25 @@ def add_commands(subparsers: Any) -> None:
         metavar="I/N",
         help="process the I-th of N deterministic shards of the input (default 0/1)",
     )
-    p.add_argument("--concurrency", type=_positive, default=32, metavar="C", help="calls in flight")
+    p.add_argument(
+        "--concurrency",
+        type=_positive,
+        default=CONCURRENCY,
+        metavar="C",
+        help=f"Analyze calls in flight (default {CONCURRENCY})",
+    )
     p.add_argument(
         "--include-embeddings", action="store_true", help="store each garment's embedding"
     )
     p.add_argument(
         "--retry-failed", action="store_true", help="analyse again the images marked failed"
+    )
+    p.add_argument(
+        "--part-rows",
+        type=_positive,
+        default=PART_ROWS,
+        metavar="N",
+        help=f"rows per part file (default {PART_ROWS}): a kill redoes at most this many images",
     )
 
     p = batch.add_parser(
@@ -110,6 +124,7 @@ def _run(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         include_embeddings=args.include_embeddings,
         retry_failed=args.retry_failed,
+        part_rows=args.part_rows,
     )
     result = run_batch(options)
     if result.interrupted:

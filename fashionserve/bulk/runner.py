@@ -4,7 +4,7 @@ The run lists the input into the journal (once), deletes part files the journal 
 name (left by a killed run), then calls the gateway's ``Analyze`` for each pending image
 with at most ``concurrency`` calls in flight; the gateway batches concurrent calls for
 Triton itself. Rows gather into a part file that is written aside, renamed in and then
-committed in the journal (every :data:`PART_ROWS` rows or :data:`PART_SECONDS` seconds).
+committed in the journal (every ``part_rows`` rows or :data:`PART_SECONDS` seconds).
 
 Failures, image by image:
 
@@ -37,6 +37,7 @@ import grpc
 import pyarrow.compute as pc
 from tqdm import tqdm
 
+from fashionserve.bulk.defaults import CONCURRENCY, PART_ROWS
 from fashionserve.bulk.errors import CallRefused, GatewayUnavailable
 from fashionserve.bulk.journal import Journal, RunConfig
 from fashionserve.bulk.output import (
@@ -57,8 +58,6 @@ from fashionserve.clients import AnalyzeOptions, AsyncFashionClient, FashionServ
 
 log = logging.getLogger(__name__)
 
-PART_ROWS = 1000
-"""Rows per part file: what a kill can lose (and redo) at most, besides calls in flight."""
 PART_SECONDS = 30.0
 """A part is also committed after this long, so a slow run shows progress."""
 CALL_TIMEOUT = 120.0
@@ -87,9 +86,10 @@ class RunOptions:
     gateway: str
     api_key: str | None = None
     shard: Shard = field(default_factory=Shard)
-    concurrency: int = 32
+    concurrency: int = CONCURRENCY
     include_embeddings: bool = False
     retry_failed: bool = False
+    part_rows: int = PART_ROWS
 
 
 @dataclass(frozen=True)
@@ -298,7 +298,10 @@ class _Run:
         return ok_row(item.id, item.uri, digest, result, served, embeddings)
 
     def _part_due(self) -> bool:
-        return len(self.rows) >= PART_ROWS or time.monotonic() - self.last_flush > PART_SECONDS
+        return (
+            len(self.rows) >= self.options.part_rows
+            or time.monotonic() - self.last_flush > PART_SECONDS
+        )
 
     async def _flush(self, only_if_due: bool = False) -> None:
         """Commit the rows gathered so far as one part file."""

@@ -131,9 +131,8 @@ def gateway() -> Iterator[tuple[StandIn, str]]:
 
 
 @pytest.fixture(autouse=True)
-def small_parts(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Parts of 3 rows, so a dozen images make several parts; fast retries."""
-    monkeypatch.setattr(runner, "PART_ROWS", 3)
+def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fast retries."""
     monkeypatch.setattr(
         runner,
         "RETRY_POLICY",
@@ -165,7 +164,9 @@ def images(tmp_path: Path) -> Path:
 
 def _options(src: Path | str, out: Path, address: str, **kw: Any) -> RunOptions:
     kw.setdefault("concurrency", 4)
-    return RunOptions(input=str(src), output=out, gateway=address, api_key=KEY, **kw)
+    kw.setdefault("part_rows", 3)
+    kw.setdefault("api_key", KEY)
+    return RunOptions(input=str(src), output=out, gateway=address, **kw)
 
 
 def _rows(out: Path) -> list[dict[str, Any]]:
@@ -310,7 +311,7 @@ def test_a_refused_key_stops_the_run(
     gateway: tuple[StandIn, str], images: Path, tmp_path: Path
 ) -> None:
     _, address = gateway
-    options = RunOptions(input=str(images), output=tmp_path / "out", gateway=address, api_key="bad")
+    options = _options(images, tmp_path / "out", address, api_key="bad")
     with pytest.raises(CallRefused, match="API_KEY_INVALID"):
         run_batch(options)
 
@@ -382,7 +383,8 @@ def test_the_command_line(
     out = tmp_path / "out"
     monkeypatch.setenv("FASHIONSERVE_API_KEY", KEY)
     monkeypatch.setenv("FASHIONSERVE_GATEWAY", address)
-    assert fashionserve_main(["batch", "run", "--input", str(images), "--output", str(out)]) == 0
+    run = ["batch", "run", "--input", str(images), "--output", str(out), "--part-rows", "3"]
+    assert fashionserve_main(run) == 0
     capsys.readouterr()
     assert fashionserve_main(["batch", "status", "--output", str(out), "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
