@@ -20,7 +20,6 @@ Triton and its python-backend processes; the ready file is removed.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -38,114 +37,43 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from fashionserve.ensemble import MODEL_KINDS, MODEL_NAME
+from fashionserve.errors import Error, FailedPrecondition
+from fashionserve.stack import COMMITTED_CHECKPOINTS, Workdir, resolve_checkpoints
+
 if TYPE_CHECKING:
     from fashionserve.data.reader import Sample
-    from fashionserve.model_repository.build import RepositorySettings
+    from fashionserve.model_repository.settings import RepositorySettings
     from fashionserve.triton import TritonServer
 
 LOG = logging.getLogger(__name__)
 
-MODELS = ("detector", "tagger", "embedder")
-REPO_ROOT = Path(__file__).resolve().parents[1]
-COMMITTED_CHECKPOINTS = REPO_ROOT / "checkpoints"
-CHECKPOINTS_ENV = "FASHIONSERVE_CHECKPOINTS"
 DEV_KEY_ID = "dev"
 READY_TIMEOUT = 300.0  # seconds for Triton to load every model and the gateway to report it
 
 
-class ServeError(RuntimeError):
+class ServeError(FailedPrecondition):
     """The stack could not be built or started; the message says what to do."""
+
+    reason = "SERVE_FAILED"
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """What ``fashionserve serve`` is asked for (its flags, with the same defaults)."""
+
+    workdir: Path = Path("var")
+    host: str = "127.0.0.1"
+    port: int = 50051
+    ready_file: Path | None = None
+    checkpoints: Path | None = None
+    train_images: int = 3000
+    train_budget: float = 1.0
+    ready_timeout: float = READY_TIMEOUT
 
 
 class _StopRequested(Exception):
     """SIGTERM or SIGINT arrived while building or starting."""
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``serve`` flags to ``parser``."""
-    parser.add_argument(
-        "--workdir",
-        type=Path,
-        default=Path("var"),
-        help="where built artefacts, keys and logs live (default: ./var)",
-    )
-    parser.add_argument("--host", default="127.0.0.1", help="gateway listen host")
-    parser.add_argument("--port", type=int, default=50051, help="gateway port (0 picks a free one)")
-    parser.add_argument(
-        "--ready-file",
-        type=Path,
-        metavar="PATH",
-        help='once ready, write {"address": "HOST:PORT", "api_key": "..."} here (for scripts)',
-    )
-    env_checkpoints = os.environ.get(CHECKPOINTS_ENV)
-    parser.add_argument(
-        "--checkpoints",
-        type=Path,
-        default=Path(env_checkpoints) if env_checkpoints else None,
-        help=f"directory with detector.pt, tagger.pt, embedder.pt (env {CHECKPOINTS_ENV}; "
-        "default: the committed demo checkpoints, else ones trained under the workdir)",
-    )
-    parser.add_argument(
-        "--train-images",
-        type=int,
-        default=3000,
-        help="train-split size when no checkpoints exist and they must be trained",
-    )
-    parser.add_argument(
-        "--train-budget",
-        type=float,
-        default=1.0,
-        help="fraction of the standard training schedule when training is needed",
-    )
-    parser.add_argument(
-        "--ready-timeout", type=float, default=READY_TIMEOUT, help="seconds to wait for ready"
-    )
-
-
-# ------------------------------------------------------------------------------ layout
-
-
-@dataclass(frozen=True)
-class Workdir:
-    """The files ``serve`` keeps under its work directory."""
-
-    root: Path
-
-    @property
-    def data(self) -> Path:
-        return self.root / "data"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
-    @property
-    def repository(self) -> Path:
-        return self.root / "model_repository"
-
-    @property
-    def keys_file(self) -> Path:
-        return self.root / "keys.yaml"
-
-    @property
-    def key_file(self) -> Path:
-        return self.root / "dev-api-key"
-
-    @property
-    def gateway_config(self) -> Path:
-        return self.root / "gateway.yaml"
-
-    @property
-    def state(self) -> Path:
-        return self.root / "serve-state.json"
-
-    @property
-    def sample(self) -> Path:
-        return self.root / "sample.jpg"
-
-    @property
-    def logs(self) -> Path:
-        return self.root / "logs"
 
 
 class Progress:
@@ -172,18 +100,6 @@ def _say(text: str) -> None:
 # ------------------------------------------------------------------------ build phases
 
 
-def resolve_checkpoints(requested: Path | None, wd: Workdir) -> tuple[Path, bool]:
-    """``(directory, complete)``: where the checkpoints are or will be trained."""
-    if requested is not None:
-        if not all((requested / f"{m}.pt").is_file() for m in MODELS):
-            raise ServeError(f"--checkpoints {requested} lacks one of {', '.join(MODELS)} (.pt)")
-        return requested, True
-    for candidate in (COMMITTED_CHECKPOINTS, wd.checkpoints):
-        if all((candidate / f"{m}.pt").is_file() for m in MODELS):
-            return candidate, True
-    return wd.checkpoints, False
-
-
 def train_checkpoints(
     wd: Workdir, images: int, budget: float, detail: Callable[[str], None]
 ) -> None:
@@ -195,7 +111,7 @@ def train_checkpoints(
     if not (wd.data / "train" / "labels.json").is_file():
         detail(f"rendering {images} synthetic training images into {wd.data}")
         synthesize(wd.data, images=images, seed=0, taxonomy=load_taxonomy())
-    missing = [m for m in MODELS if not (wd.checkpoints / f"{m}.pt").is_file()]
+    missing: list[str] = [m for m in MODEL_KINDS if not (wd.checkpoints / f"{m}.pt").is_file()]
     detail(f"training {', '.join(missing)} (budget {budget}) into {wd.checkpoints}")
     train_all(wd.data, wd.checkpoints, seed=0, models=missing, budget=budget)
 
@@ -207,17 +123,18 @@ def stale_models(checkpoints: Path, repository: Path) -> dict[str, str]:
     ``source_checkpoint.sha256`` of the newest version's manifest.
     """
     from fashionserve.checkpoint import file_sha256
-    from fashionserve.model_repository.build import RepositoryError, newest_version
+    from fashionserve.repository import published_versions, read_manifest
 
     stale: dict[str, str] = {}
-    for model in MODELS:
+    for model in MODEL_KINDS:
         sha = file_sha256(checkpoints / f"{model}.pt")
-        try:
-            served = newest_version(repository, model).manifest
-        except RepositoryError:
+        newest = max(published_versions(repository / model), default=None)
+        if newest is None:
             stale[model] = "not exported yet"
             continue
-        served_sha = (served.get("source_checkpoint") or {}).get("sha256")
+        manifest = read_manifest(repository / model / str(newest))
+        source = manifest.source_checkpoint if manifest is not None else None
+        served_sha = source.sha256 if source is not None else None
         if served_sha != sha:
             stale[model] = f"checkpoint changed ({str(served_sha)[:12]} -> {sha[:12]})"
     return stale
@@ -225,7 +142,7 @@ def stale_models(checkpoints: Path, repository: Path) -> dict[str, str]:
 
 def repository_settings() -> RepositorySettings:
     """The ensemble settings ``serve`` uses: the defaults, python-ort (embedded Triton)."""
-    from fashionserve.model_repository.build import RepositorySettings
+    from fashionserve.model_repository.settings import RepositorySettings
 
     return RepositorySettings.model_validate({"flavour": "python-ort"})
 
@@ -255,14 +172,11 @@ def ensure_repository(checkpoints: Path, wd: Workdir, detail: Callable[[str], No
         "repository_settings": settings.model_dump(mode="json"),
         "builder": builder_fingerprint(),
     }
-    assembled = (wd.repository / "fashion_pipeline" / "config.pbtxt").is_file()
+    assembled = (wd.repository / MODEL_NAME / "config.pbtxt").is_file()
     if not stale and assembled and all(state.get(k) == v for k, v in wanted.items()):
         detail(f"up to date: {wd.repository}")
         return False
-    from fashionserve.checkpoint import CheckpointError
-    from fashionserve.export.exporter import ExportError, ParityError, export_checkpoint
-    from fashionserve.export.publish import PublishError
-    from fashionserve.model_repository.build import RepositoryError
+    from fashionserve.export.exporter import export_checkpoint
 
     try:
         wd.repository.mkdir(parents=True, exist_ok=True)
@@ -271,7 +185,7 @@ def ensure_repository(checkpoints: Path, wd: Workdir, detail: Callable[[str], No
             export_checkpoint(checkpoints / f"{model}.pt", wd.repository, echo=None)
         detail("assembling the fashion_pipeline ensemble")
         build_repository(wd.repository, settings)
-    except (CheckpointError, ExportError, ParityError, PublishError, RepositoryError) as exc:
+    except Error as exc:  # a checkpoint, an export or the ensemble: say which step failed
         raise ServeError(f"cannot build the model repository: {exc}") from exc
     _write_json(wd.state, {**state, **wanted})
     return True
@@ -279,7 +193,12 @@ def ensure_repository(checkpoints: Path, wd: Workdir, detail: Callable[[str], No
 
 def ensure_api_key(wd: Workdir) -> str:
     """The development API key: reused while it still matches the keys file, else new."""
-    from fashionserve.gateway.auth import KeyFileError, create_key, read_keys_file, verify_secret
+    from fashionserve.gateway.auth.keys import (
+        KeyFileError,
+        create_key,
+        read_keys_file,
+        verify_secret,
+    )
 
     with contextlib.suppress(OSError, KeyFileError, ValueError):
         key = wd.key_file.read_text().strip()
@@ -333,31 +252,31 @@ def write_gateway_config(wd: Workdir, listen: str, triton_url: str, max_batch_si
 # -------------------------------------------------------------------------------- run
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run ``fashionserve serve``; returns the exit status."""
-    wd = Workdir(args.workdir.resolve())
-    ready_file: Path | None = args.ready_file.resolve() if args.ready_file else None
+def run(options: ServeOptions) -> int:
+    """Run ``fashionserve serve``; returns the exit status, or raises :class:`ServeError`
+    (or the error of the step that failed) when the stack cannot be built or started."""
+    wd = Workdir(options.workdir.resolve())
+    ready_file: Path | None = options.ready_file.resolve() if options.ready_file else None
     if ready_file is not None:
         ready_file.unlink(missing_ok=True)  # never leave a stale "ready" from a past run
     previous = _raise_on_signals()
     triton: TritonServer | None = None
     started = time.monotonic()
     try:
-        check_port_free(args.host, args.port)
+        check_port_free(options.host, options.port)
         wd.root.mkdir(parents=True, exist_ok=True)
         progress = Progress(total=4)
-        api_key, sample = _build(args, wd, progress)
+        api_key, sample = _build(options, wd, progress)
         with progress.step("starting Triton and the gateway") as detail:
-            triton = _start_triton(wd, args.ready_timeout, detail)
+            triton = _start_triton(wd, options.ready_timeout, detail)
         # From here the asyncio loop owns SIGINT/SIGTERM.
         _restore_signals(previous)
-        return asyncio.run(_serve_gateway(args, wd, triton, api_key, sample, ready_file, started))
+        return asyncio.run(
+            _serve_gateway(options, wd, triton, api_key, sample, ready_file, started)
+        )
     except _StopRequested:
         _say("stopped before the stack was ready")
         return 0
-    except ServeError as exc:
-        _say(f"error: {exc}")
-        return 1
     finally:
         _restore_signals(previous)
         if triton is not None:
@@ -367,20 +286,20 @@ def run(args: argparse.Namespace) -> int:
             ready_file.unlink(missing_ok=True)
 
 
-def _build(args: argparse.Namespace, wd: Workdir, progress: Progress) -> tuple[str, Path]:
+def _build(options: ServeOptions, wd: Workdir, progress: Progress) -> tuple[str, Path]:
     """Steps 1-3: checkpoints, repository, key and sample; returns ``(api_key, sample)``.
 
     What the build steps print (export parity tables, data set summaries) goes to stderr
     with the progress: stdout carries the ready line alone, for scripts.
     """
     with contextlib.redirect_stdout(sys.stderr):
-        checkpoints, complete = resolve_checkpoints(args.checkpoints, wd)
+        checkpoints, complete = resolve_checkpoints(options.checkpoints, wd)
         with progress.step("checkpoints") as detail:
             if complete:
                 detail(f"using {_rel(checkpoints)}")
             else:
                 detail(f"no checkpoints in {_rel(COMMITTED_CHECKPOINTS)}: training demo models")
-                train_checkpoints(wd, args.train_images, args.train_budget, detail)
+                train_checkpoints(wd, options.train_images, options.train_budget, detail)
         with progress.step("model repository") as detail:
             ensure_repository(checkpoints, wd, detail)
         with progress.step("API key and sample image") as detail:
@@ -391,23 +310,20 @@ def _build(args: argparse.Namespace, wd: Workdir, progress: Progress) -> tuple[s
 
 
 def _start_triton(wd: Workdir, timeout: float, detail: Callable[[str], None]) -> TritonServer:
-    from fashionserve.triton import TritonError, TritonServer
+    from fashionserve.triton import TritonServer
 
     log = wd.logs / "triton.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text("")  # this run's log only
     server = TritonServer(wd.repository, log_file=log, ready_timeout=timeout)
     detail(f"Triton loading the models (log: {_rel(log)})")
-    try:
-        server.start()
-    except TritonError as exc:
-        raise ServeError(str(exc)) from exc
+    server.start()
     detail(f"Triton ready in {server.startup_seconds or 0:.1f}s on {server.grpc_url}")
     return server
 
 
 async def _serve_gateway(
-    args: argparse.Namespace,
+    options: ServeOptions,
     wd: Workdir,
     triton: TritonServer,
     api_key: str,
@@ -415,7 +331,8 @@ async def _serve_gateway(
     ready_file: Path | None,
     started: float,
 ) -> int:
-    """Run the gateway until a signal, or until Triton dies; returns the exit status."""
+    """Run the gateway until a signal (returns 0); raises :class:`ServeError` when it
+    cannot start, does not become ready, or Triton dies."""
     from fashionserve.gateway.server import create_server
     from fashionserve.gateway.settings import load_settings
 
@@ -425,7 +342,7 @@ async def _serve_gateway(
         loop.add_signal_handler(sig, stop.set)
     config = write_gateway_config(
         wd,
-        f"{args.host}:{args.port}",
+        f"{options.host}:{options.port}",
         triton.grpc_url,
         max_batch_size=min(8, repository_settings().max_images_per_request),
     )
@@ -433,19 +350,17 @@ async def _serve_gateway(
     try:
         server, port = await create_server(settings)
     except OSError as exc:  # the port is taken
-        _say(f"error: the gateway {exc}")
-        return 1
+        raise ServeError(f"the gateway {exc}") from exc
     await server.start()
-    address = f"{args.host}:{port}"
+    address = f"{options.host}:{port}"
     try:
-        if not await _wait_serving(address, stop, triton, args.ready_timeout):
+        if not await _wait_serving(address, stop, triton, options.ready_timeout):
             if stop.is_set():
                 return 0
-            _say(
-                "error: the gateway did not report SERVING in time; Triton log tail:\n"
+            raise ServeError(
+                "the gateway did not report SERVING in time; Triton log tail:\n"
                 + "\n".join(triton.log_tail(20))
             )
-            return 1
         if ready_file is not None:
             _write_atomic(
                 ready_file,
@@ -457,11 +372,10 @@ async def _serve_gateway(
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=1.0)
             if triton.process is not None and triton.process.poll() is not None:
-                _say(
-                    f"error: Triton exited with code {triton.process.returncode}; log tail:\n"
+                raise ServeError(
+                    f"Triton exited with code {triton.process.returncode}; log tail:\n"
                     + "\n".join(triton.log_tail(20))
                 )
-                return 1
         _say("stopping the gateway")
         return 0
     finally:

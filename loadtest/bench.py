@@ -214,7 +214,7 @@ def start_default_stack(workdir: Path, logs: Path) -> Stack:
         triton_pid = _child_named(proc.pid, "tritonserver")
         if triton_pid is None:
             raise BenchError("could not find the tritonserver process started by serve")
-        from fashionserve.serve import Workdir, resolve_checkpoints
+        from fashionserve.stack import Workdir, resolve_checkpoints
 
         checkpoints, complete = resolve_checkpoints(None, Workdir(workdir.resolve()))
     except BaseException:

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from fashionserve.errors import Error, ErrorKind, InvalidInput
 from fashionserve.loadtest.memory import MemoryWatcher
 from fashionserve.loadtest.recorder import Recorder, merge_payloads
 from fashionserve.loadtest.targets import Target, TargetSpec, open_target
@@ -50,8 +51,11 @@ READY_TIMEOUT = 60.0
 """Seconds a worker may take to start and connect before the run is abandoned."""
 
 
-class LoadTestError(RuntimeError):
+class LoadTestError(Error):
     """The load test itself could not run (a worker failed, a target never became ready)."""
+
+    kind = ErrorKind.UNAVAILABLE
+    reason = "LOAD_TEST_FAILED"
 
 
 @dataclass(frozen=True)
@@ -78,21 +82,21 @@ class LoadSpec:
 
     def __post_init__(self) -> None:
         if self.duration is not None and self.requests is not None:
-            raise ValueError("set at most one of duration and requests")
+            raise InvalidInput("set at most one of duration and requests")
         if self.duration is None and self.requests is None:
             object.__setattr__(self, "duration", DEFAULT_DURATION)  # frozen dataclass
         if self.duration is not None and self.duration <= 0:
-            raise ValueError("duration must be > 0")
+            raise InvalidInput("duration must be > 0")
         if self.requests is not None and self.requests < 1:
-            raise ValueError("requests must be >= 1")
+            raise InvalidInput("requests must be >= 1")
         if self.mode == "closed" and self.concurrency < 1:
-            raise ValueError("a closed loop needs concurrency >= 1")
+            raise InvalidInput("a closed loop needs concurrency >= 1")
         if self.mode == "open" and not self.rate > 0:
-            raise ValueError("an open loop needs a rate > 0")
+            raise InvalidInput("an open loop needs a rate > 0")
         if self.warmup < 0 or self.timeout <= 0 or self.processes < 1:
-            raise ValueError("warmup >= 0, timeout > 0 and processes >= 1 are required")
+            raise InvalidInput("warmup >= 0, timeout > 0 and processes >= 1 are required")
         if self.max_in_flight < 1:
-            raise ValueError("max_in_flight must be >= 1")
+            raise InvalidInput("max_in_flight must be >= 1")
 
     @property
     def effective_processes(self) -> int:
@@ -367,7 +371,7 @@ def run_load(
     :class:`LoadTestError` when a worker fails or the target is not ready in time.
     """
     if not images:
-        raise ValueError("no images to send")
+        raise InvalidInput("no images to send")
     ctx = mp.get_context("spawn")  # fork and gRPC's threads do not mix
     processes = load.effective_processes
     shared = _Shared(

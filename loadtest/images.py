@@ -6,12 +6,14 @@ import itertools
 from collections.abc import Sequence
 from pathlib import Path
 
+from fashionserve.errors import InvalidInput
+
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp"})
 
 
 def load_images(paths: Sequence[Path], limit: int = 32) -> list[bytes]:
     """Encoded images from ``paths`` (files, or directories searched recursively, sorted),
-    at most ``limit`` of them. Raises ``FileNotFoundError`` when none is found."""
+    at most ``limit`` of them. Raises :class:`InvalidInput` when none is found."""
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
@@ -19,11 +21,11 @@ def load_images(paths: Sequence[Path], limit: int = 32) -> list[bytes]:
         elif path.is_file():
             files.append(path)
         else:
-            raise FileNotFoundError(f"no such image file or directory: {path}")
+            raise InvalidInput(f"no such image file or directory: {path}")
         if len(files) >= limit:
             break
     if not files:
-        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {paths}")
+        raise InvalidInput(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {paths}")
     return [p.read_bytes() for p in files[:limit]]
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fashionserve.errors import InvalidInput
+
 PROC = Path("/proc")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
@@ -87,10 +89,10 @@ class MemoryWatcher:
 
     def __init__(self, groups: Mapping[str, int], interval: float = 5.0) -> None:
         if interval <= 0:
-            raise ValueError("interval must be > 0")
+            raise InvalidInput("interval must be > 0")
         for name, pid in groups.items():
             if not (PROC / str(pid)).exists():
-                raise ValueError(f"cannot watch {name}: no process {pid}")
+                raise InvalidInput(f"cannot watch {name}: no process {pid}")
         self.interval = interval
         self.series = {name: Series(pid) for name, pid in groups.items()}
         self._next = 0.0

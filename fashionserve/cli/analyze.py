@@ -5,8 +5,8 @@ each image with its boxes and labels drawn on it. Images go in ``BatchAnalyze`` 
 most the server's ``max_images_per_batch`` images (and under its message size limit).
 
 Exit status: 0 when every image was analysed; 1 when the call failed (the status code name
-and the reason are printed) or when any image was refused (its error is shown in place);
-2 for bad arguments or unreadable files.
+and the reason are printed, by :func:`fashionserve.cli.main`) or when any image was refused
+(its error is shown in place); 2 for bad arguments or unreadable files.
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from fashionserve.cli.command import add_command
+from fashionserve.errors import InvalidInput
+
 if TYPE_CHECKING:  # grpc is imported only when the command runs
     from fashionserve.clients.types import GarmentResult, ImageResult, ItemError, ServingInfo
 
@@ -32,8 +35,21 @@ DEFAULT_GATEWAY = "127.0.0.1:50051"
 _MESSAGE_SLACK = 64 * 1024
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``analyze`` flags to ``parser``."""
+HINTS = {
+    "UNAVAILABLE": f"is the gateway running there? (--gateway or {GATEWAY_ENV}; "
+    "`fashionserve serve` starts one)",
+    "UNAUTHENTICATED": f"pass a valid key with --api-key or {API_KEY_ENV} (or a token with "
+    f"--token or {TOKEN_ENV}) "
+    "(`fashionserve serve` prints its development key)",
+}
+"""What to try when a call to the gateway fails with this status code."""
+
+
+def add_commands(subparsers: Any) -> None:
+    """Add ``analyze`` to the ``fashionserve`` command line."""
+    parser = add_command(
+        subparsers, "analyze", run, "analyse images through the gateway", error_status=2
+    )
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files")
     parser.add_argument(
         "--gateway",
@@ -58,10 +74,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--draw", type=Path, metavar="OUT_DIR", help="save each image with its boxes drawn"
     )
     parser.add_argument(
-        "--min-score", type=float, default=0.0, help="drop garments scored below this (0..1)"
+        "--min-score", type=_score, default=0.0, help="drop garments scored below this (0..1)"
     )
     parser.add_argument(
-        "--max-garments", type=int, default=0, help="at most this many per image (0: server cap)"
+        "--max-garments",
+        type=_count,
+        default=0,
+        help="at most this many per image (0: server cap)",
     )
     parser.add_argument(
         "--embeddings", action="store_true", help="include embeddings (JSON output only)"
@@ -69,6 +88,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timeout", type=float, default=60.0, help="seconds per call, retries included"
     )
+
+
+def _score(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
 
 
 @dataclass
@@ -82,47 +115,27 @@ class _Outcome:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``fashionserve analyze`` with parsed ``args``; returns the exit status."""
-    from fashionserve.clients.errors import FashionServeError
     from fashionserve.clients.sync_client import FashionClient
     from fashionserve.clients.types import AnalyzeOptions
 
-    try:
-        options = AnalyzeOptions(
-            min_score=args.min_score,
-            max_garments=args.max_garments,
-            include_embeddings=args.embeddings,
-        )
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    data: list[bytes] = []
-    for path in args.images:
-        try:
-            data.append(path.read_bytes())
-        except OSError as exc:
-            print(f"error: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
-            return 2
-
+    options = AnalyzeOptions(
+        min_score=args.min_score,
+        max_garments=args.max_garments,
+        include_embeddings=args.embeddings,
+    )
+    data = [_read(path) for path in args.images]
     if args.api_key and args.token:
-        print("error: pass --api-key or --token, not both", file=sys.stderr)
-        return 2
+        raise InvalidInput("pass --api-key or --token, not both")
     outcomes = [_Outcome(path) for path in args.images]
     client = FashionClient(
         args.gateway, args.api_key, bearer_token=args.token, timeout=args.timeout
     )
     with client:
-        try:
-            info = client.get_serving_info()
-            for chunk in _chunks(data, info):
-                entries = client.batch_analyze([data[i] for i in chunk], options)
-                for i, entry in zip(chunk, entries, strict=True):
-                    outcomes[i].result, outcomes[i].error = entry.result, entry.error
-        except FashionServeError as exc:
-            print(f"error: {args.gateway}: {exc}", file=sys.stderr)
-            hint = _HINTS.get(exc.code_name)
-            if hint:
-                print(f"hint: {hint}", file=sys.stderr)
-            return 1
+        info = client.get_serving_info()
+        for chunk in _chunks(data, info):
+            entries = client.batch_analyze([data[i] for i in chunk], options)
+            for i, entry in zip(chunk, entries, strict=True):
+                outcomes[i].result, outcomes[i].error = entry.result, entry.error
 
     if args.json:
         json.dump(_as_json(outcomes, info), sys.stdout, indent=2)
@@ -135,13 +148,11 @@ def run(args: argparse.Namespace) -> int:
     return 1 if any(o.error is not None for o in outcomes) else 0
 
 
-_HINTS = {
-    "UNAVAILABLE": f"is the gateway running there? (--gateway or {GATEWAY_ENV}; "
-    "`fashionserve serve` starts one)",
-    "UNAUTHENTICATED": f"pass a valid key with --api-key or {API_KEY_ENV} (or a token with "
-    f"--token or {TOKEN_ENV}) "
-    "(`fashionserve serve` prints its development key)",
-}
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise InvalidInput(f"cannot read {path}: {exc.strerror or exc}") from exc
 
 
 def _chunks(data: Sequence[bytes], info: ServingInfo) -> list[list[int]]:

@@ -1,18 +1,18 @@
 """The ``fashionserve gateway`` and ``fashionserve keys create`` commands.
 
 Only argparse is imported at module level: ``fashionserve --help`` must stay fast, so the
-gateway's heavy imports (grpc, tritonclient) happen when the command runs.
+gateway's heavy imports (grpc, tritonclient) happen when the command runs. Exit status of
+``gateway``: 2 when its settings cannot be used (as argparse's own errors).
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger(__name__)
+from fashionserve.cli.command import add_command, add_group
 
 KEY_SCOPES = (
     "analyze",
@@ -21,16 +21,18 @@ KEY_SCOPES = (
 )  # fashionserve.gateway.auth.SCOPES, without importing grpc
 
 
-def add_gateway_commands(subparsers: Any) -> None:
+def add_commands(subparsers: Any) -> None:
     """Add ``gateway`` and ``keys create`` to the ``fashionserve`` command line."""
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "gateway",
-        help="run the gRPC gateway in front of Triton",
+        _gateway,
+        "run the gRPC gateway in front of Triton",
         description="Run the gRPC gateway (fashion.v1.FashionAnalysisService) in front of "
         "Triton. Settings come from FASHIONSERVE_GATEWAY_* environment variables, then the "
         "--config YAML file, then these flags (flags win).",
+        error_status=2,  # every error before serving is a setting that cannot be used
     )
-    p.set_defaults(handler=_gateway)
     p.add_argument(
         "--config",
         type=Path,
@@ -72,16 +74,15 @@ def add_gateway_commands(subparsers: Any) -> None:
         "once listening",
     )
 
-    keys = subparsers.add_parser("keys", help="API keys").add_subparsers(
-        dest="keys_command", required=True, metavar="COMMAND"
-    )
-    k = keys.add_parser(
+    keys = add_group(subparsers, "keys", "API keys")
+    k = add_command(
+        keys,
         "create",
-        help="create an API key and append its hash to a key file",
+        _keys_create,
+        "create an API key and append its hash to a key file",
         description="Create an API key, print it once, and append its salted hash to the "
         "key file (created with mode 0600 if missing). The key cannot be shown again.",
     )
-    k.set_defaults(handler=_keys_create)
     k.add_argument("--id", required=True, help="key id (A-Z a-z 0-9 _ -), shown in logs")
     k.add_argument("--tenant", default="default", help="tenant the key belongs to")
     k.add_argument(
@@ -114,12 +115,8 @@ def _gateway(args: argparse.Namespace) -> int:
         flags["auth_enabled"] = False
     try:
         settings = load_settings(args.config, **flags)
-    except SettingsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except ValidationError as exc:
-        print(f"error: invalid gateway settings:\n{_describe(exc)}", file=sys.stderr)
-        return 2
+    except ValidationError as exc:  # pydantic's, not ours: say it as a settings error
+        raise SettingsError(f"invalid gateway settings:\n{_describe(exc)}") from exc
     configure_logging(settings.log_format, verbose=bool(getattr(args, "verbose", False)))
     return serve(settings, ready_file=args.ready_file)
 
@@ -133,13 +130,9 @@ def _describe(exc: Any) -> str:
 
 
 def _keys_create(args: argparse.Namespace) -> int:
-    from fashionserve.gateway.auth import KeyFileError, create_key
+    from fashionserve.gateway.auth.keys import create_key
 
-    try:
-        key = create_key(args.file, args.id, tenant=args.tenant, scopes=args.scopes)
-    except KeyFileError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    key = create_key(args.file, args.id, tenant=args.tenant, scopes=args.scopes)
     print(key)  # stdout holds the key alone, for scripts
     print(
         f"API key {args.id!r} created; its hash was added to {args.file}. "

@@ -1,8 +1,7 @@
 """``fashionserve loadtest ...``: run, capacity, soak, naive-server and bench.
 
-:func:`add_loadtest_commands` adds the ``loadtest`` command group to the main CLI's
-subparsers; each subcommand's handler returns the process exit status (non-zero when an
-SLO is missed, so CI can gate on it).
+Exit status: 1 when an SLO is missed (so CI can gate on it), 2 when the load test could
+not run (a bad flag or file, a target that never became ready).
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fashionserve.cli.command import add_command, add_group
 from fashionserve.loadtest.defaults import DEFAULT_ADDRESSES, TARGET_KINDS
 
 if TYPE_CHECKING:
@@ -170,7 +170,7 @@ def _load_spec(args: argparse.Namespace, default_duration: float) -> Any:
 
 
 def _run(args: argparse.Namespace, default_duration: float = 10.0) -> int:
-    from fashionserve.loadtest.generator import LoadTestError, run_load
+    from fashionserve.loadtest.generator import run_load
     from fashionserve.loadtest.report import (
         Slo,
         check_slo,
@@ -179,19 +179,15 @@ def _run(args: argparse.Namespace, default_duration: float = 10.0) -> int:
         write_report,
     )
 
-    try:
-        result = run_load(
-            _target_spec(args),
-            _load_spec(args, default_duration),
-            _images(args),
-            label=args.label or "",
-            progress=not args.no_progress,
-            watch=dict(args.watch) or None,
-            watch_interval=args.watch_interval,
-        )
-    except (LoadTestError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    result = run_load(
+        _target_spec(args),
+        _load_spec(args, default_duration),
+        _images(args),
+        label=args.label or "",
+        progress=not args.no_progress,
+        watch=dict(args.watch) or None,
+        watch_interval=args.watch_interval,
+    )
     data = result_to_dict(result)
     slo = Slo(args.slo_p99_ms, args.slo_error_rate, args.slo_memory_growth if args.watch else None)
     misses = check_slo(data, slo)
@@ -211,15 +207,15 @@ def _run(args: argparse.Namespace, default_duration: float = 10.0) -> int:
 
 
 def _soak(args: argparse.Namespace) -> int:
+    from fashionserve.loadtest.generator import LoadTestError
+
     if not args.watch:
-        print("error: a soak needs at least one --watch NAME=PID", file=sys.stderr)
-        return 2
+        raise LoadTestError("a soak needs at least one --watch NAME=PID")
     return _run(args, default_duration=600.0)
 
 
 def _capacity(args: argparse.Namespace) -> int:
     from fashionserve.loadtest.capacity import find_capacity
-    from fashionserve.loadtest.generator import LoadTestError
     from fashionserve.loadtest.report import markdown_table, plot_latency_vs_load
 
     def on_step(step: dict[str, Any]) -> None:
@@ -231,25 +227,21 @@ def _capacity(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    try:
-        found = find_capacity(
-            _target_spec(args),
-            _images(args),
-            args.p99_ms,
-            max_error_rate=args.max_error_rate,
-            start_rate=args.start_rate,
-            step_duration=args.step_duration,
-            warmup=args.warmup,
-            processes=args.processes,
-            max_steps=args.max_steps,
-            tolerance=args.tolerance,
-            arrival=args.arrival,
-            progress=not args.no_progress,
-            on_step=on_step,
-        )
-    except (LoadTestError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    found = find_capacity(
+        _target_spec(args),
+        _images(args),
+        args.p99_ms,
+        max_error_rate=args.max_error_rate,
+        start_rate=args.start_rate,
+        step_duration=args.step_duration,
+        warmup=args.warmup,
+        processes=args.processes,
+        max_steps=args.max_steps,
+        tolerance=args.tolerance,
+        arrival=args.arrival,
+        progress=not args.no_progress,
+        on_step=on_step,
+    )
     data = found.to_dict()
     rows = [
         [
@@ -323,19 +315,17 @@ def _bench(args: argparse.Namespace) -> int:
     return run_bench(settings)
 
 
-def add_loadtest_commands(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``loadtest`` and its subcommands to the main CLI's ``subparsers``."""
-    group: argparse.ArgumentParser = subparsers.add_parser(
+def add_commands(subparsers: Any) -> None:
+    """Add ``loadtest`` and its subcommands to the ``fashionserve`` command line."""
+    sub = add_group(
+        subparsers,
         "loadtest",
-        help="load tests, capacity search, soak, the naive reference server, benchmarks",
+        "load tests, capacity search, soak, the naive reference server, benchmarks",
         description="Load tests of the gateway, Triton's ensemble or the naive server.",
     )
-    sub = group.add_subparsers(dest="loadtest_command", required=True, metavar="COMMAND")
 
     def command(name: str, handler: Any, help: str) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = sub.add_parser(name, help=help, description=help)
-        p.set_defaults(handler=handler)
-        return p
+        return add_command(sub, name, handler, help, error_status=2)
 
     p = command("run", _run, "one load test (closed loop by default, open loop with --rate)")
     _add_target_flags(p)
@@ -432,4 +422,3 @@ def add_loadtest_commands(subparsers: Any) -> argparse.ArgumentParser:
         help="server processes to profile and soak (e.g. gateway=PID triton=PID)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return group

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from fashionserve.errors import InvalidInput
 from fashionserve.loadtest.generator import LoadSpec, RunResult
 from fashionserve.loadtest.memory import MemoryWatcher, growth, process_tree
 from fashionserve.loadtest.recorder import Recorder
@@ -154,5 +155,5 @@ def test_memory_watcher_counts_children_unless_watched_separately():
     finally:
         child.kill()
         child.wait()
-    with pytest.raises(ValueError, match="no process"):
+    with pytest.raises(InvalidInput, match="no process"):
         MemoryWatcher({"gone": child.pid})

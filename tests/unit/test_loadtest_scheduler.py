@@ -10,6 +10,7 @@ import statistics
 
 import pytest
 
+from fashionserve.errors import InvalidInput
 from fashionserve.loadtest.generator import (
     LoadSpec,
     clock,
@@ -86,11 +87,11 @@ def test_split_shares_add_up(total, parts):
 
 
 def test_load_spec_rejects_contradictions():
-    with pytest.raises(ValueError, match="at most one"):
+    with pytest.raises(InvalidInput, match="at most one"):
         LoadSpec(duration=5.0, requests=10)
-    with pytest.raises(ValueError, match="rate"):
+    with pytest.raises(InvalidInput, match="rate"):
         LoadSpec(mode="open", rate=0.0)
-    with pytest.raises(ValueError, match="concurrency"):
+    with pytest.raises(InvalidInput, match="concurrency"):
         LoadSpec(mode="closed", concurrency=0)
     # A closed loop never starts more processes than it has callers.
     assert LoadSpec(mode="closed", concurrency=3, processes=8).effective_processes == 3

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from fashionserve.gateway.auth import read_keys_file, verify_secret
-from fashionserve.serve import ServeError, Workdir, add_arguments, check_port_free, ensure_api_key
+from fashionserve.cli.serve import add_commands
+from fashionserve.gateway.auth.keys import read_keys_file, verify_secret
+from fashionserve.serve import ServeError, check_port_free, ensure_api_key
+from fashionserve.stack import Workdir
 
 
 def test_development_key_is_private_reused_and_verifiable(tmp_path: Path) -> None:
@@ -52,7 +54,7 @@ def test_a_taken_port_is_reported_before_anything_is_built() -> None:
 
 def test_defaults_match_make_serve() -> None:
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    args = parser.parse_args([])
+    add_commands(parser.add_subparsers())
+    args = parser.parse_args(["serve"])
     assert (args.host, args.port, args.workdir) == ("127.0.0.1", 50051, Path("var"))
     assert args.ready_file is None

@@ -1,0 +1,309 @@
+"""The model commands: ``data synth``, ``train``, ``export``, ``repo``, ``triton``, ``evaluate``.
+
+From a synthetic data set to checkpoints, to published versions in a Triton model
+repository, to Triton serving them, to quality measured through what is served. Each
+handler calls one function of the component that does the work; heavy imports (PyTorch,
+ONNX) happen only in the commands that need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from fashionserve.cli.command import add_command, add_group
+from fashionserve.ensemble import MODEL_KINDS
+
+
+def add_commands(subparsers: Any) -> None:
+    """Add the model commands to the ``fashionserve`` command line."""
+    data = add_group(subparsers, "data", "synthetic data")
+    p = add_command(data, "synth", _synth, "render the seeded synthetic garment data set")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--images", type=int, default=3000, help="images in the train split")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--taxonomy", type=Path, help="taxonomy YAML (default: the packaged one)")
+
+    p = add_command(subparsers, "train", _train, "train the detector, tagger and embedder")
+    p.add_argument("--data", type=Path, required=True, help="output of `data synth`")
+    p.add_argument("--out", type=Path, required=True, help="checkpoint directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--models", nargs="+", choices=MODEL_KINDS, default=list(MODEL_KINDS))
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=1.0,
+        help="fraction of the standard training schedule (0.05 for a smoke run)",
+    )
+
+    p = add_command(
+        subparsers, "export", _export, "export a checkpoint as a new model version (ONNX, engine)"
+    )
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--repository", type=Path, required=True)
+    p.add_argument("--model-name", help="model name in the repository (default: its kind)")
+    p.add_argument(
+        "--target",
+        choices=["onnx", "tensorrt"],
+        default="onnx",
+        help="tensorrt also builds an engine for this GPU (TensorRT Python API) and proves "
+        "its parity against ONNX Runtime",
+    )
+    p.add_argument("--precision", choices=["fp16", "fp32"], default="fp16", help="engine precision")
+    p.add_argument(
+        "--trtexec-command",
+        action="store_true",
+        help="with --target tensorrt: publish the ONNX version and print the equivalent "
+        "trtexec command instead of building here (for a build job in the TensorRT image)",
+    )
+    p.add_argument(
+        "--compute-capability",
+        metavar="MAJOR.MINOR",
+        help="with --trtexec-command: name the engine for this GPU type (model.smXY.plan); "
+        "default model.plan",
+    )
+    p.add_argument("--timing-cache", type=Path, help="TensorRT timing cache file (read, extended)")
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        help="top of the engine's batch profile (default: max_batch_size of the model's config)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="publish even if the taxonomy removes or renames labels of the served version",
+    )
+
+    repo = add_group(subparsers, "repo", "the Triton model repository")
+    p = add_command(repo, "build", _repo_build, "add the ensemble and python steps to a repository")
+    p.add_argument("--repository", type=Path, required=True)
+    p.add_argument("--flavour", choices=["python-ort", "onnx", "tensorrt"], default="python-ort")
+    p.add_argument("--max-images-per-request", type=int, default=16)
+    p.add_argument("--max-crops-per-image", type=int, default=16)
+    p.add_argument("--min-score", type=float, default=0.3, help="detector score floor")
+    p.add_argument("--preprocess-instances", type=int, default=2)
+    p.add_argument("--crop-instances", type=int, default=1)
+    p.add_argument("--model-instances", type=int, default=1)
+    p.add_argument("--max-queue-delay-microseconds", type=int, default=2000)
+    p.add_argument(
+        "--engine",
+        type=_engine_file,
+        action="append",
+        metavar="CC=FILE",
+        help="tensorrt: engine file for a compute capability (cc_model_filenames), repeatable",
+    )
+
+    versions = add_group(
+        repo, "versions", "published versions: list, roll out, pin, roll back, prune"
+    )
+    p = add_command(versions, "list", _versions, "each version with its manifest summary")
+    p.add_argument("--repository", type=Path, required=True)
+    p.add_argument("--model", action="append", help="detector, tagger or embedder (repeatable)")
+    p.add_argument("--json", action="store_true")
+    for name, text in (
+        ("rollout", "serve the newest version (removes a pin)"),
+        ("pin", "serve one version and keep it until unpinned by a rollout"),
+        ("rollback", "pin the version before the served one"),
+    ):
+        p = add_command(versions, name, _versions, text)
+        p.add_argument("--repository", type=Path, required=True)
+        p.add_argument("--model", required=True, choices=MODEL_KINDS)
+        if name == "pin":
+            p.add_argument("--version", type=int, required=True)
+        elif name == "rollout":
+            p.set_defaults(version=None)
+        p.add_argument(
+            "--force",
+            action="store_true",
+            help="switch even if labels of the served taxonomy are removed or renamed",
+        )
+        p.add_argument(
+            "--triton",
+            metavar="HOST:PORT",
+            help="also switch this running Triton (--model-control-mode=explicit) without "
+            "failing a call",
+        )
+        p.add_argument(
+            "--drain-seconds",
+            type=float,
+            default=5.0,
+            help="with --triton: time requests on the old version get before it is unloaded",
+        )
+    p = add_command(
+        versions, "prune", _versions, "remove old versions (never the served or pinned)"
+    )
+    p.add_argument("--repository", type=Path, required=True)
+    p.add_argument("--model", required=True, choices=MODEL_KINDS)
+    p.add_argument("--keep", type=int, required=True, help="newest versions to keep")
+
+    p = add_command(
+        subparsers, "triton", _triton, "serve a model repository with Triton (foreground)"
+    )
+    p.add_argument("--repository", type=Path, required=True)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--ready-timeout", type=float, default=120.0, help="seconds")
+    p.add_argument(
+        "--model-control-mode",
+        choices=["none", "explicit"],
+        default="none",
+        help="explicit: models can be reloaded over Triton's API, for `repo versions ... "
+        "--triton` (keep Triton's ports private: the API loads model code)",
+    )
+
+    p = add_command(
+        subparsers, "evaluate", _evaluate, "measure quality through the served ensemble"
+    )
+    p.add_argument("--data", type=Path, required=True, help="a `data synth` directory")
+    through = p.add_mutually_exclusive_group(required=True)
+    through.add_argument("--triton", metavar="HOST:PORT", help="Triton gRPC address")
+    through.add_argument("--gateway", metavar="HOST:PORT", help="gateway address (public API)")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("FASHIONSERVE_API_KEY"),
+        help="with --gateway (env FASHIONSERVE_API_KEY)",
+    )
+    p.add_argument("--json-out", type=Path, help="write the figures as JSON")
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from fashionserve.data.writer import synthesize
+    from fashionserve.taxonomy import load_taxonomy
+
+    synthesize(args.out, images=args.images, seed=args.seed, taxonomy=load_taxonomy(args.taxonomy))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from fashionserve.train import train_all
+
+    train_all(args.data, args.out, seed=args.seed, models=args.models, budget=args.budget)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from fashionserve.export.exporter import export_checkpoint, trtexec_for_version
+    from fashionserve.export.tensorrt import format_command
+
+    if args.trtexec_command and args.target != "tensorrt":
+        print("error: --trtexec-command goes with --target tensorrt", file=sys.stderr)
+        return 2  # a flag combination argparse cannot check: its exit status
+    # --trtexec-command: publish the ONNX version here, build the engine in the TensorRT
+    # image with the printed command (no TensorRT needed on this machine).
+    build_here = args.target == "tensorrt" and not args.trtexec_command
+    # With --trtexec-command the command goes to stdout alone, for scripts; everything
+    # else export prints (parity tables, data set summaries) to stderr.
+    progress = sys.stderr if args.trtexec_command else sys.stdout
+    with contextlib.redirect_stdout(progress):
+        version_dir = export_checkpoint(
+            args.checkpoint,
+            args.repository,
+            model_name=args.model_name,
+            target="tensorrt" if build_here else "onnx",
+            precision=args.precision,
+            timing_cache=args.timing_cache,
+            max_batch=args.max_batch,
+            force=args.force,
+        )
+    if args.trtexec_command:
+        command = trtexec_for_version(
+            version_dir,
+            args.precision,
+            compute_capability=args.compute_capability,
+            max_batch=args.max_batch,
+            timing_cache=args.timing_cache,
+        )
+        print(format_command(command))
+    return 0
+
+
+def _repo_build(args: argparse.Namespace) -> int:
+    from fashionserve.model_repository.build import build_repository
+    from fashionserve.model_repository.settings import RepositorySettings
+
+    settings = RepositorySettings(
+        flavour=args.flavour,
+        max_images_per_request=args.max_images_per_request,
+        max_crops_per_image=args.max_crops_per_image,
+        min_score=args.min_score,
+        preprocess_instances=args.preprocess_instances,
+        crop_instances=args.crop_instances,
+        model_instances=args.model_instances,
+        max_queue_delay_microseconds=args.max_queue_delay_microseconds,
+        engine_files=dict(args.engine or []),
+    )
+    build_repository(args.repository, settings)
+    return 0
+
+
+def _versions(args: argparse.Namespace) -> int:
+    from fashionserve.model_repository import versions as v
+
+    if args.versions_command == "list":
+        infos = [
+            i for m in (args.model or MODEL_KINDS) for i in v.list_versions(args.repository, m)
+        ]
+        if args.json:
+            print(json.dumps([i.to_dict() for i in infos], indent=2))
+        else:
+            print(v.format_versions(infos))
+        return 0
+    if args.versions_command == "prune":
+        removed = v.prune(args.repository, args.model, args.keep)
+        print(f"{args.model}: removed {', '.join(map(str, removed)) or 'nothing'}")
+        return 0
+    live = {"triton_url": args.triton, "drain_seconds": args.drain_seconds}
+    if args.versions_command == "rollback":
+        switch = v.rollback(args.repository, args.model, force=args.force, echo=print, **live)
+    else:
+        switch = v.rollout(
+            args.repository,
+            args.model,
+            args.version,
+            pin=args.versions_command == "pin",
+            force=args.force,
+            echo=print,
+            **live,
+        )
+    where = f"; Triton {args.triton} switched" if switch.applied_to_triton else ""
+    print(f"{switch.model}: serving version {switch.new} (was {switch.old}){where}")
+    return 0
+
+
+def _engine_file(text: str) -> tuple[str, str]:
+    cc, sep, name = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected CC=FILE, e.g. 8.6=model.sm86.plan")
+    return cc, name
+
+
+def _triton(args: argparse.Namespace) -> int:
+    from fashionserve.triton import run_triton
+
+    return run_triton(
+        args.repository,
+        grpc_port=args.grpc_port,
+        http_port=args.http_port,
+        metrics_port=args.metrics_port,
+        ready_timeout=args.ready_timeout,
+        model_control_mode=args.model_control_mode,
+    )
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from fashionserve.evaluate import evaluate
+
+    evaluate(
+        args.data,
+        triton=args.triton,
+        json_out=args.json_out,
+        gateway=args.gateway,
+        api_key=args.api_key,
+    )
+    return 0
