@@ -43,7 +43,7 @@ from grpc_status import rpc_status
 from PIL import Image
 
 from fashionserve.checkpoint import file_sha256
-from fashionserve.gateway.auth import create_key
+from fashionserve.gateway.auth.keys import create_key
 from fashionserve.model_repository.build import (
     BuiltRepository,
     RepositorySettings,
