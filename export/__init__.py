@@ -1,10 +1,13 @@
-"""Checkpoint to artifacts: ONNX export, parity proof, atomic publication.
+"""Checkpoint to artifacts: ONNX export, parity proof, TensorRT engines.
 
-* :mod:`fashionserve.export.exporter` — ``export_checkpoint`` (the ``fashionserve export`` command):
-  checkpoint -> ONNX (dynamic batch) -> checks -> parity -> new model version.
-* :mod:`fashionserve.export.parity` — runners (PyTorch, ONNX Runtime) and the reusable comparison of two
-  runners on the same real inputs, with per-output tolerances.
-* :mod:`fashionserve.export.publish` — numbered versions published atomically (staged, then renamed in).
+* :mod:`fashionserve.export.exporter` — ``export_checkpoint`` (the ``fashionserve export``
+  command): checkpoint -> ONNX (dynamic batch) -> checks -> parity -> a new model version,
+  published with :func:`fashionserve.repository.publish_version`.
+* :mod:`fashionserve.export.parity` — runners (PyTorch, ONNX Runtime, TensorRT) and the
+  reusable comparison of two runners on the same real inputs, with per-output tolerances.
+* :mod:`fashionserve.export.tensorrt` — the TensorRT engine builder and the equivalent
+  ``trtexec`` command.
 
-Nothing is imported here, so ``import export`` stays cheap (PyTorch loads on first use).
+Nothing is imported here, so ``import fashionserve.export`` stays cheap (PyTorch loads on
+first use).
 """

@@ -4,7 +4,7 @@ The steps of :func:`export_checkpoint`, in order; any failure stops before the r
 is touched:
 
 1. load the checkpoint, check its taxonomy against the served version's
-   (:mod:`fashionserve.export.compat`: removing or renaming a label callers may depend on is refused
+   (:mod:`fashionserve.taxonomy_compat`: removing or renaming a label callers may depend on is refused
    unless ``force``), build the PyTorch model (weights loaded, eval mode);
 2. export ONNX (TorchScript exporter, opset 17, dynamic batch dimension, the contract's
    I/O names), then ``onnx.checker`` (full check) and strict shape inference, and check
@@ -19,7 +19,8 @@ is touched:
    :class:`ParityError`. :func:`trtexec_for_version` gives the equivalent ``trtexec``
    command instead, for a build job in the TensorRT image;
 5. publish ``model.onnx``, ``model.py`` (the python-ort ONNX Runtime runner), the engine
-   if built and ``manifest.json`` as the next numbered version (:mod:`fashionserve.export.publish`).
+   if built and ``manifest.json`` as the next numbered version
+   (:func:`fashionserve.repository.publish_version`).
    Publishing does not change what Triton serves: ``fashionserve repo versions rollout``
    does (:mod:`fashionserve.model_repository.versions`).
 """
@@ -27,14 +28,13 @@ is touched:
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import logging
 import platform
 import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,10 +43,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from fashionserve.checkpoint import Checkpoint, file_sha256, load_checkpoint
-from fashionserve.export.compat import check_compatible
+from fashionserve.ensemble import DETECTOR, MODEL_IO, TAGGER, ModelKind
+from fashionserve.errors import InvalidInput
 from fashionserve.export.parity import (
     DEFAULT_BATCH_SIZES,
-    IO_NAMES,
     OnnxRuntimeRunner,
     ParityError,
     ParityReport,
@@ -57,7 +57,6 @@ from fashionserve.export.parity import (
     engine_checks,
     parity_inputs,
 )
-from fashionserve.export.publish import MANIFEST, publish_version
 from fashionserve.export.tensorrt import (
     EngineInfo,
     Precision,
@@ -68,6 +67,23 @@ from fashionserve.export.tensorrt import (
     import_tensorrt,
     trtexec_command,
 )
+from fashionserve.model_repository.python_models import ORT_RUNNER
+from fashionserve.model_repository.settings import RepositorySettings
+from fashionserve.repository import (
+    Artifact,
+    Engine,
+    InputSpec,
+    Manifest,
+    ManifestError,
+    ModelRef,
+    SourceCheckpoint,
+    TaxonomyRef,
+    publish_version,
+    read_config,
+    read_manifest,
+    served_version,
+)
+from fashionserve.taxonomy_compat import check_compatible
 
 if TYPE_CHECKING:
     import onnx
@@ -85,11 +101,13 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 OPSET = 17
-MANIFEST_FORMAT = "fashionserve-model-manifest"
-MANIFEST_FORMAT_VERSION = 1
 BATCH_AXIS = "batch"
 # Per-kind preprocessing the inputs were made with; serving must do the same.
-PREPROCESS = {"detector": "letterbox", "tagger": "square_crop", "embedder": "square_crop"}
+PREPROCESS: dict[ModelKind, str] = {
+    "detector": "letterbox",
+    "tagger": "square_crop",
+    "embedder": "square_crop",
+}
 _ONNX_DTYPES = {1: "float32", 6: "int32", 7: "int64", 10: "float16", 11: "float64", 9: "bool"}
 _EXPECTED_DTYPES = {"classes": "int32"}  # every other input and output is float32
 Target = Literal["onnx", "tensorrt"]
@@ -98,8 +116,10 @@ Target = Literal["onnx", "tensorrt"]
 DEFAULT_ENGINE_FILE = "model.plan"
 
 
-class ExportError(RuntimeError):
+class ExportError(InvalidInput):
     """The checkpoint could not be turned into a valid ONNX model (before parity)."""
+
+    reason = "EXPORT_FAILED"
 
 
 @dataclass(frozen=True)
@@ -150,7 +170,7 @@ def export_checkpoint(
 
     Raises :class:`ParityError` (nothing published) when a runtime diverges,
     :class:`ExportError` when the ONNX graph is invalid,
-    :class:`fashionserve.export.compat.IncompatibleTaxonomy` when the taxonomy breaks callers,
+    :class:`fashionserve.taxonomy_compat.IncompatibleTaxonomy` when the taxonomy breaks callers,
     :class:`fashionserve.export.tensorrt.TensorRTError` when the engine cannot be built.
     """
     started = time.perf_counter()
@@ -163,12 +183,15 @@ def export_checkpoint(
     height, width = ckpt.input_size
     if height != width:
         raise ExportError(f"{checkpoint}: input size {height}x{width} is not square")
-    input_names, output_names = IO_NAMES[ckpt.kind]
+    input_names, output_names = MODEL_IO[ckpt.kind]
     model_dir = Path(repository) / name
     # Before any heavy work: refused here, nothing was spent.
+    served = served_version(model_dir)
     changes = check_compatible(
-        served_manifest(model_dir),
-        {"model": {"name": name}, "taxonomy": taxonomy_section(ckpt)},
+        name,
+        served,
+        served_taxonomy(model_dir, served),
+        taxonomy_section(ckpt),
         force=force,
     )
     if changes is not None and echo is not None and (changes.breaking or changes.added):
@@ -209,7 +232,7 @@ def export_checkpoint(
         report.raise_for_failure()
 
         files: dict[str, Path] = {"model.onnx": onnx_path, "model.py": runner_py}
-        engine: dict[str, Any] | None = None
+        engines: tuple[Engine, ...] = ()
         if target == "tensorrt":
             t = time.perf_counter()
             info_trt, trt_report = _engine(
@@ -227,16 +250,17 @@ def export_checkpoint(
                 echo(trt_report.table())
             trt_report.raise_for_failure()
             files[info_trt.file] = onnx_path.parent / info_trt.file
-            engine = {**info_trt.to_dict(), "parity": trt_report.to_dict()}
+            record = {**info_trt.to_dict(), "parity": trt_report.to_dict()}
+            engines = (Engine(info_trt.compute_capability, info_trt.file, record),)
 
         t = time.perf_counter()
         if file_sha256(checkpoint) != ckpt_sha:
             # The manifest must name the bytes that were exported, nothing else.
             raise ExportError(f"{checkpoint} changed while it was being exported")
 
-        def manifest(version: int, artifacts: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        def manifest(version: int, artifacts: Mapping[str, Artifact]) -> Manifest:
             timings["total_s"] = time.perf_counter() - started
-            doc = build_manifest(
+            return build_manifest(
                 ckpt,
                 name=name,
                 version=version,
@@ -248,10 +272,8 @@ def export_checkpoint(
                 batch_sizes=batch_sizes,
                 inputs_source=inputs.source,
                 timings={k: round(v, 3) for k, v in timings.items()},
+                engines=engines,
             )
-            if engine is not None:
-                doc["tensorrt"] = {"engines": [engine]}
-            return doc
 
         version_dir = publish_version(model_dir, files, manifest)
     log.info(
@@ -280,14 +302,17 @@ def trtexec_for_version(
     engine as ``export --target tensorrt`` (profile from the model's config, precision,
     timing cache). The engine is named for ``compute_capability`` when given (one version
     can hold engines for several GPU types), else ``model.plan``. Needs no TensorRT."""
-    manifest = json.loads((version_dir / MANIFEST).read_text())
-    kind = manifest["model"]["kind"]
-    name = manifest["model"]["name"]
-    inp = manifest["input"]
+    manifest = read_manifest(version_dir)
+    if manifest is None or manifest.model is None or manifest.input is None:
+        raise ManifestError(
+            f"{version_dir}: no manifest.json naming the model and its input: "
+            "was this version published by `fashionserve export`?"
+        )
+    model, size = manifest.model, manifest.input
     profile = default_profile(
-        IO_NAMES[kind][0][0],
-        (3, int(inp["height"]), int(inp["width"])),
-        max_batch or config_max_batch(version_dir.parent.parent, name, kind),
+        MODEL_IO[model.kind][0][0],
+        (3, size.height, size.width),
+        max_batch or config_max_batch(version_dir.parent.parent, model.name, model.kind),
     )
     engine = engine_filename(compute_capability) if compute_capability else DEFAULT_ENGINE_FILE
     return trtexec_command(
@@ -316,38 +341,30 @@ def _engine(
     return info, report
 
 
-def served_manifest(model_dir: Path) -> dict[str, Any] | None:
-    """The manifest of the version Triton serves (the ``version_policy`` of the model's
-    config when it names versions, else the newest), or ``None`` before the first."""
-    from fashionserve.model_repository.versions import served_version
-
-    version = served_version(model_dir)
+def served_taxonomy(model_dir: Path, version: int | None) -> TaxonomyRef | None:
+    """The taxonomy the served ``version`` records (``None`` before the first version, or
+    for a version published without one)."""
     if version is None:
         return None
-    path = model_dir / str(version) / MANIFEST
-    try:
-        return dict(json.loads(path.read_text()))
-    except (OSError, ValueError):
-        return None
+    manifest = read_manifest(model_dir / str(version))
+    return manifest.taxonomy if manifest is not None else None
 
 
 def config_max_batch(repository: Path, name: str, kind: str) -> int:
     """The ``max_batch_size`` the engine's profile must cover: the model's Triton config
     if it has one (Triton refuses a plan whose profile does not cover it), else what
     ``repo build`` would write by default."""
-    from fashionserve.model_repository.build import RepositorySettings, read_config
-
     config = read_config(repository / name)
     if config is not None and config.max_batch_size > 0:
         return int(config.max_batch_size)
     defaults = RepositorySettings()
-    if kind == "detector":
+    if kind == DETECTOR:
         return defaults.max_images_per_request
     return defaults.max_crops_per_request
 
 
 # ----------------------------------------------------------------------------- ONNX
-def export_onnx(model: torch.nn.Module, kind: str, sample: np.ndarray, path: Path) -> Path:
+def export_onnx(model: torch.nn.Module, kind: ModelKind, sample: np.ndarray, path: Path) -> Path:
     """Trace ``model`` to ONNX at ``path`` with the contract's names and a dynamic batch.
 
     ``sample`` is a real input batch used for tracing; batch 2 rather than 1, so no
@@ -355,7 +372,7 @@ def export_onnx(model: torch.nn.Module, kind: str, sample: np.ndarray, path: Pat
     """
     import torch
 
-    input_names, output_names = IO_NAMES[kind]
+    input_names, output_names = MODEL_IO[kind]
     example = torch.from_numpy(np.ascontiguousarray(sample[:2]))
     if example.shape[0] < 2:
         example = torch.cat([example, example])
@@ -401,7 +418,7 @@ def inspect_onnx(path: Path, ckpt: Checkpoint) -> OnnxInfo:
     initialisers = {i.name for i in graph.initializer}
     inputs = [_spec(v) for v in graph.input if v.name not in initialisers]
     outputs = [_spec(v) for v in graph.output]
-    expected_in, expected_out = IO_NAMES[ckpt.kind]
+    expected_in, expected_out = MODEL_IO[ckpt.kind]
     problems: list[str] = []
     if [s.name for s in inputs] != list(expected_in):
         problems.append(f"inputs {[s.name for s in inputs]}, expected {list(expected_in)}")
@@ -479,8 +496,6 @@ def _all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
 # ------------------------------------------------------------------------- artifacts
 def runner_source() -> Path:
     """The python-ort ONNX Runtime runner that becomes ``<version>/model.py``."""
-    from fashionserve.model_repository.python_models import ORT_RUNNER
-
     if not ORT_RUNNER.is_file():
         raise ExportError(f"the ONNX Runtime runner {ORT_RUNNER} is missing (needed as model.py)")
     return ORT_RUNNER
@@ -498,16 +513,23 @@ def tool_versions() -> dict[str, str]:
     return versions
 
 
-def taxonomy_section(ckpt: Checkpoint) -> dict[str, Any]:
+def taxonomy_section(ckpt: Checkpoint) -> TaxonomyRef:
     """The manifest's ``taxonomy``: what callers see of this model's labels."""
-    taxonomy: dict[str, Any] = {"version": ckpt.taxonomy.version, "hash": ckpt.taxonomy.hash}
-    if ckpt.kind == "tagger":
+    if ckpt.kind == TAGGER:
         # The gateway decodes logits with this exact taxonomy and checks it by hash.
-        taxonomy["num_logits"] = ckpt.taxonomy.num_logits
-        taxonomy["document"] = ckpt.taxonomy.to_dict()
-    elif ckpt.kind == "detector":
-        taxonomy["classes"] = list(ckpt.taxonomy.roots)  # `classes` indexes this list
-    return taxonomy
+        return TaxonomyRef(
+            version=ckpt.taxonomy.version,
+            hash=ckpt.taxonomy.hash,
+            num_logits=ckpt.taxonomy.num_logits,
+            document=ckpt.taxonomy,
+        )
+    if ckpt.kind == DETECTOR:
+        return TaxonomyRef(
+            version=ckpt.taxonomy.version,
+            hash=ckpt.taxonomy.hash,
+            classes=tuple(ckpt.taxonomy.roots),  # `classes` indexes this list
+        )
+    return TaxonomyRef(version=ckpt.taxonomy.version, hash=ckpt.taxonomy.hash)
 
 
 def build_manifest(
@@ -517,33 +539,37 @@ def build_manifest(
     version: int,
     checkpoint: Path,
     checkpoint_sha256: str,
-    artifacts: dict[str, dict[str, Any]],
+    artifacts: Mapping[str, Artifact],
     info: OnnxInfo,
     report: ParityReport,
     batch_sizes: Sequence[int],
     inputs_source: dict[str, Any],
     timings: dict[str, float],
-) -> dict[str, Any]:
-    """The ``manifest.json`` of a version: what it is, where it came from, how it was proven."""
-    taxonomy = taxonomy_section(ckpt)
+    engines: tuple[Engine, ...] = (),
+) -> Manifest:
+    """The manifest of a version: what it is, where it came from, how it was proven."""
     parity = report.to_dict()
     parity["batch_sizes"] = list(batch_sizes)
     parity["inputs"] = inputs_source
-    return {
-        "format": MANIFEST_FORMAT,
-        "format_version": MANIFEST_FORMAT_VERSION,
-        "model": {
-            "name": name,
-            "kind": ckpt.kind,
-            "version": version,
-            "arch": ckpt.arch,
-            "arch_params": ckpt.arch_params,
-        },
-        "created": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
-        "exporter": {**tool_versions(), "timings": timings},
-        "source_checkpoint": {"path": str(checkpoint.resolve()), "sha256": checkpoint_sha256},
-        "artifacts": artifacts,
-        "onnx": {
+    return Manifest(
+        model=ModelRef(name, ckpt.kind, version, ckpt.arch, ckpt.arch_params),
+        created=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        source_checkpoint=SourceCheckpoint(
+            sha256=checkpoint_sha256, path=str(checkpoint.resolve())
+        ),
+        artifacts=artifacts,
+        input=InputSpec(
+            height=ckpt.input_size[0],
+            width=ckpt.input_size[1],
+            mean=ckpt.mean,
+            std=ckpt.std,
+            preprocess=PREPROCESS[ckpt.kind],
+        ),
+        taxonomy=taxonomy_section(ckpt),
+        engines=engines,
+        parity=parity,
+        exporter={**tool_versions(), "timings": timings},
+        onnx={
             "file": "model.onnx",
             "opset": info.opset,
             "ir_version": info.ir_version,
@@ -551,19 +577,5 @@ def build_manifest(
             "inputs": [s.to_dict() for s in info.inputs],
             "outputs": [s.to_dict() for s in info.outputs],
         },
-        "input": {
-            "height": ckpt.input_size[0],
-            "width": ckpt.input_size[1],
-            "channels": "RGB",
-            "layout": "NCHW",
-            "dtype": "float32",
-            "value_range": [0, 255],
-            "mean": list(ckpt.mean),
-            "std": list(ckpt.std),
-            "normalised_in_graph": True,
-            "preprocess": PREPROCESS[ckpt.kind],
-        },
-        "taxonomy": taxonomy,
-        "parity": parity,
-        "training": ckpt.training,
-    }
+        training=ckpt.training,
+    )

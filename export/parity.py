@@ -25,19 +25,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from fashionserve.data.reader import Sample, read_split
+from fashionserve.errors import FailedPrecondition
 from fashionserve.imaging import decode_image, letterbox, square_crop
 
 if TYPE_CHECKING:
     import torch
 
 Arrays = dict[str, np.ndarray]
-
-# The ONNX I/O names every runtime and the Triton configs rely on (interface contract).
-IO_NAMES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "detector": (("images",), ("boxes", "scores", "classes")),
-    "tagger": (("crops",), ("logits",)),
-    "embedder": (("crops",), ("embedding",)),
-}
 
 DEFAULT_BATCH_SIZES: tuple[int, ...] = (1, 8)
 # Fixed seed of the rendered parity set: every export of every model sees the same images.
@@ -48,11 +42,14 @@ SYNTH_MIN_IMAGES = 8
 PARITY_SPLITS = ("val", "train", "query", "gallery")
 
 
-class ParityError(RuntimeError):
-    """An output of the candidate runtime diverged from the reference beyond its tolerance.
+class ParityError(FailedPrecondition):
+    """An output of the candidate runtime diverged from the reference beyond its tolerance
+    (the export is refused: nothing is published until the runtimes agree).
 
     ``rows`` holds every measurement, failed ones included.
     """
+
+    reason = "PARITY_FAILED"
 
     def __init__(self, message: str, rows: Sequence[ParityRow] = ()) -> None:
         super().__init__(message)

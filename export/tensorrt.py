@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from fashionserve.errors import FailedPrecondition
+
 Precision = Literal["fp16", "fp32"]
 PRECISIONS: tuple[Precision, ...] = ("fp16", "fp32")
 # Builder workspace (scratch memory for tactics): enough for these models, and what
@@ -40,8 +42,10 @@ DEFAULT_WORKSPACE_MIB = 1024
 _CC = re.compile(r"^(\d+)\.(\d+)$")
 
 
-class TensorRTError(RuntimeError):
+class TensorRTError(FailedPrecondition):
     """TensorRT is missing, or could not parse or build the model."""
+
+    reason = "TENSORRT_FAILED"
 
 
 @dataclass(frozen=True)
@@ -87,7 +91,7 @@ def engine_filename(compute_capability: str) -> str:
 
 def default_profile(input_name: str, dims: Sequence[int], max_batch: int) -> BatchProfile:
     """Batch 1..``max_batch``, optimised for half of it (the dynamic batcher's middle
-    preferred size: see ``fashionserve.model_repository.build.preferred_batch_sizes``)."""
+    preferred size: see ``fashionserve.model_repository.configs.preferred_batch_sizes``)."""
     return BatchProfile(input_name, tuple(dims), max_batch, max(1, max_batch // 2))
 
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
+from fashionserve.ensemble import MODEL_KINDS as KINDS
+from fashionserve.ensemble import ModelKind as Kind
 from fashionserve.taxonomy import Taxonomy
 
 if TYPE_CHECKING:
@@ -20,8 +22,6 @@ if TYPE_CHECKING:
 
 FORMAT = "fashionserve-checkpoint"
 FORMAT_VERSION = 1
-Kind = Literal["detector", "tagger", "embedder"]
-KINDS: tuple[Kind, ...] = ("detector", "tagger", "embedder")
 
 
 class CheckpointError(ValueError):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import numpy as np
 
@@ -30,6 +30,34 @@ if TYPE_CHECKING:
     import tritonclient.grpc as grpcclient
 
 MODEL_NAME = "fashion_pipeline"
+"""The ensemble's name in Triton."""
+
+PREPROCESS = "preprocess"
+DETECTOR: Final = "detector"
+CROP = "crop"
+TAGGER: Final = "tagger"
+EMBEDDER: Final = "embedder"
+STEPS: tuple[str, ...] = (PREPROCESS, DETECTOR, CROP, TAGGER, EMBEDDER)
+"""The models the ensemble chains, in order (each is a model of the repository)."""
+
+ModelKind = Literal["detector", "tagger", "embedder"]
+MODEL_KINDS: tuple[ModelKind, ...] = (DETECTOR, TAGGER, EMBEDDER)
+"""The steps that are trained networks: each has a checkpoint of that kind, exported to
+versioned ``<repository>/<kind>/<version>/model.onnx``."""
+
+# The ONNX I/O names of the exported networks (the model contract of fashionserve.models):
+# the ensemble's steps map them by these names.
+DETECTOR_INPUT = "images"
+DETECTOR_OUTPUTS: tuple[str, str, str] = ("boxes", "scores", "classes")
+CROP_INPUT = "crops"
+TAGGER_OUTPUT = "logits"
+EMBEDDER_OUTPUT = "embedding"
+MODEL_IO: dict[ModelKind, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    DETECTOR: ((DETECTOR_INPUT,), DETECTOR_OUTPUTS),
+    TAGGER: ((CROP_INPUT,), (TAGGER_OUTPUT,)),
+    EMBEDDER: ((CROP_INPUT,), (EMBEDDER_OUTPUT,)),
+}
+"""Input and output names of each kind's ONNX graph, in graph order."""
 
 IMAGE_BYTES = "IMAGE_BYTES"
 IMAGE_SIZES = "IMAGE_SIZES"
@@ -57,10 +85,6 @@ DUMMY_INDEX = -1
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 """gRPC message limit for calls to Triton: gRPC's default of 4 MiB is too small for a
 request of full-size photos or a response of crops' logits and embeddings."""
-
-GRPC_MAX_MESSAGE_BYTES = 2**31 - 1
-"""The largest message limit gRPC accepts (its lengths are C ints): the ceiling of every
-limit a server of this package sets."""
 
 GRPC_CHANNEL_ARGS: list[tuple[str, Any]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import grpc
 
+from fashionserve.ensemble import MODEL_NAME
 from fashionserve.loadtest.defaults import TARGET_KINDS, TargetKind
 from fashionserve.protos.fashion.v1 import analysis_service_pb2 as pb
 from fashionserve.protos.fashion.v1 import analysis_service_pb2_grpc as pb_grpc
@@ -42,7 +43,7 @@ class TargetSpec:
     address: str
     api_key: str | None = None
     include_embeddings: bool = True
-    model_name: str = "fashion_pipeline"
+    model_name: str = MODEL_NAME
 
     def describe(self) -> dict[str, Any]:
         """JSON-able description for reports (the API key is never included)."""

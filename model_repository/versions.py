@@ -2,8 +2,9 @@
 
 ``fashionserve export`` publishes a new numbered version; nothing changes in what Triton
 serves until the version is rolled out here. The served version of each model is the one
-the ensemble calls (its steps name exact versions, see :mod:`fashionserve.model_repository.build`):
-the pinned version (``pinned.json``) if any, else the newest.
+the ensemble calls (its steps name exact versions, see :mod:`fashionserve.model_repository.build`);
+a build serves the pinned version (``pinned.json``) if any, else the newest (the rules live in
+:mod:`fashionserve.repository`).
 
 A change of served version rebuilds the repository with the settings it was built with
 (recorded in the ensemble's config) and, given a Triton address (Triton started with
@@ -16,36 +17,36 @@ A change of served version rebuilds the repository with the settings it was buil
 3. after ``drain_seconds`` (longer than a request takes), the model's config loads only
    the new version, and Triton unloads the old.
 
-Before any switch the taxonomy compatibility check (:mod:`fashionserve.export.compat`) compares the
-served version with the new one and refuses removals and renames unless forced.
+Before any switch the taxonomy compatibility check (:mod:`fashionserve.taxonomy_compat`) compares
+the served version with the new one and refuses removals and renames unless forced.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from fashionserve.export.compat import TaxonomyChanges, check_compatible
-from fashionserve.export.publish import MANIFEST, existing_versions
-from fashionserve.model_repository import ENSEMBLE, ONNX_MODELS, TAGGER
-from fashionserve.model_repository.build import (
-    PIN_FILE,
-    TAGGER_OUTPUT,
+from fashionserve.ensemble import MODEL_KINDS, MODEL_NAME, TAGGER, TAGGER_OUTPUT
+from fashionserve.errors import ErrorKind
+from fashionserve.model_repository.build import build_repository
+from fashionserve.model_repository.exported import model_version
+from fashionserve.model_repository.settings import RepositorySettings, stored_settings
+from fashionserve.repository import (
     RepositoryError,
-    build_repository,
+    TaxonomyRef,
     ensemble_versions,
-    model_version,
+    published_versions,
     read_config,
+    read_manifest,
     read_pin,
-    stored_settings,
+    served_version,
+    write_pin,
 )
+from fashionserve.taxonomy_compat import TaxonomyChanges, check_compatible
 
 LOG = logging.getLogger(__name__)
 # Requests inside the old ensemble when it is switched get this long to finish before the
@@ -69,9 +70,8 @@ class VersionInfo:
     artifacts: tuple[str, ...] = ()
     parity_passed: bool | None = None
     engines: tuple[str, ...] = ()  # compute capabilities with an engine
-    manifest: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         return {
             "model": self.model,
             "version": self.version,
@@ -98,43 +98,31 @@ class Switch:
     applied_to_triton: bool
 
 
-def served_version(model_dir: Path) -> int | None:
-    """The version of ``model_dir`` that is served: the ensemble's step, else the pin, else
-    the newest published version (``None`` when nothing is published yet)."""
-    called = ensemble_versions(model_dir.parent).get(model_dir.name)
-    if called is not None:
-        return called
-    pinned = read_pin(model_dir)
-    if pinned is not None:
-        return pinned
-    return max(existing_versions(model_dir), default=None)
-
-
 def list_versions(repo: Path, model: str) -> list[VersionInfo]:
     """Every published version of ``model``, oldest first, with its manifest summary."""
     model_dir = _model_dir(repo, model)
     served = served_version(model_dir)
     pinned = read_pin(model_dir)
     infos = []
-    for version in existing_versions(model_dir):
-        manifest = read_manifest(model_dir, version)
-        taxonomy = manifest.get("taxonomy") or {}
-        parity = manifest.get("parity") or {}
-        engines = (manifest.get("tensorrt") or {}).get("engines") or []
+    for version in published_versions(model_dir):
+        manifest = read_manifest(model_dir / str(version))
+        if manifest is None:
+            infos.append(VersionInfo(model, version, version == served, version == pinned))
+            continue
+        taxonomy, source = manifest.taxonomy, manifest.source_checkpoint
         infos.append(
             VersionInfo(
                 model=model,
                 version=version,
                 served=version == served,
                 pinned=version == pinned,
-                created=str(manifest.get("created", "")),
-                checkpoint_sha256=str((manifest.get("source_checkpoint") or {}).get("sha256", "")),
-                taxonomy_version=str(taxonomy.get("version", "")),
-                taxonomy_hash=str(taxonomy.get("hash", "")),
-                artifacts=tuple(sorted(manifest.get("artifacts") or {})),
-                parity_passed=parity.get("passed") if isinstance(parity, dict) else None,
-                engines=tuple(str(e.get("compute_capability", "?")) for e in engines),
-                manifest=manifest,
+                created=manifest.created,
+                checkpoint_sha256=source.sha256 if source is not None else "",
+                taxonomy_version=taxonomy.version if taxonomy is not None else "",
+                taxonomy_hash=taxonomy.hash if taxonomy is not None else "",
+                artifacts=tuple(sorted(manifest.artifacts)),
+                parity_passed=manifest.parity_passed,
+                engines=tuple(e.compute_capability for e in manifest.engines),
             )
         )
     return infos
@@ -163,16 +151,6 @@ def format_versions(infos: list[VersionInfo]) -> str:
     )
 
 
-def read_manifest(model_dir: Path, version: int) -> dict[str, Any]:
-    path = model_dir / str(version) / MANIFEST
-    try:
-        return dict(json.loads(path.read_text()))
-    except FileNotFoundError:
-        return {}
-    except ValueError as exc:
-        raise RepositoryError(f"{path} is not valid JSON: {exc}") from exc
-
-
 # ------------------------------------------------------------------------- switching
 def rollout(
     repo: Path,
@@ -192,7 +170,7 @@ def rollout(
     the module docstring)."""
     repo = Path(repo)
     model_dir = _model_dir(repo, model)
-    published = existing_versions(model_dir)
+    published = published_versions(model_dir)
     newest = max(published, default=None)
     target = newest if version is None else version
     if target is None or target not in published:
@@ -207,7 +185,7 @@ def rollout(
     changes = None
     if old is not None and old != target:
         changes = check_compatible(
-            read_manifest(model_dir, old), read_manifest(model_dir, target), force=force
+            model, old, _taxonomy(model_dir, old), _taxonomy(model_dir, target), force=force
         )
         if changes is not None and echo is not None:
             echo(f"{model} {old} -> {target}, taxonomy:\n{changes.summary()}")
@@ -225,12 +203,12 @@ def rollout(
     if live:
         assert triton_url is not None and old is not None
         _switch_live(repo, model, old, target, settings, triton_url, drain_seconds)
-    _write_pin(model_dir, target if pin else None)
+    write_pin(model_dir, target if pin else None)
     build_repository(repo, settings)
     if triton_url is not None:
         # After a live switch: unloads the old version (the ensemble is unchanged since
         # step 2). Otherwise: loads what the configs now say.
-        _load(triton_url, [model] if live else [model, ENSEMBLE])
+        _load(triton_url, [model] if live else [model, MODEL_NAME])
     LOG.info("%s: serving version %s (was %s)%s", model, target, old, " pinned" if pin else "")
     return Switch(model, old, target, changes, triton_url is not None)
 
@@ -264,7 +242,7 @@ def rollback(
     """Pin the published version just before the served one."""
     model_dir = _model_dir(repo, model)
     served = served_version(model_dir)
-    older = [v for v in existing_versions(model_dir) if served is not None and v < served]
+    older = [v for v in published_versions(model_dir) if served is not None and v < served]
     if not older:
         raise RepositoryError(f"{model} has no version older than the served one ({served})")
     return rollout(
@@ -283,9 +261,11 @@ def prune(repo: Path, model: str, keep: int) -> list[int]:
     """Remove all but the newest ``keep`` versions, never the served or the pinned one;
     returns the removed versions."""
     if keep < 1:
-        raise RepositoryError(f"--keep must be at least 1 (got {keep})")
+        raise RepositoryError(
+            f"--keep must be at least 1 (got {keep})", kind=ErrorKind.INVALID_ARGUMENT
+        )
     model_dir = _model_dir(repo, model)
-    versions = existing_versions(model_dir)
+    versions = published_versions(model_dir)
     protected = {served_version(model_dir), read_pin(model_dir)}
     keep_set = set(versions[-keep:]) | {v for v in protected if v is not None}
     removed = []
@@ -306,7 +286,7 @@ def _switch_live(
     model: str,
     old: int,
     new: int,
-    settings: Any,
+    settings: RepositorySettings,
     triton_url: str,
     drain_seconds: float,
 ) -> None:
@@ -322,7 +302,7 @@ def _switch_live(
         raise
     # 2. the ensemble calls the new one: the atomic switch
     build_repository(repo, settings, versions={**current, model: new}, also_load={model: [old]})
-    _load(triton_url, [ENSEMBLE])
+    _load(triton_url, [MODEL_NAME])
     # 3. requests that entered the old ensemble finish; then the old version goes
     time.sleep(drain_seconds)
 
@@ -345,25 +325,20 @@ def _load(triton_url: str, models: list[str]) -> None:
         client.close()
 
 
-def _write_pin(model_dir: Path, version: int | None) -> None:
-    path = model_dir / PIN_FILE
-    if version is None:
-        path.unlink(missing_ok=True)
-        return
-    doc = {"version": version, "pinned_at": datetime.now(UTC).isoformat(timespec="seconds")}
-    tmp = path.with_name(PIN_FILE + ".tmp")
-    tmp.write_text(json.dumps(doc) + "\n")
-    tmp.replace(path)
+def _taxonomy(model_dir: Path, version: int) -> TaxonomyRef | None:
+    manifest = read_manifest(model_dir / str(version))
+    return manifest.taxonomy if manifest is not None else None
 
 
 def _model_dir(repo: Path, model: str) -> Path:
-    if model not in ONNX_MODELS:
+    if model not in MODEL_KINDS:
         raise RepositoryError(
-            f"unknown model {model!r}: versions exist for {', '.join(ONNX_MODELS)}"
+            f"unknown model {model!r}: versions exist for {', '.join(MODEL_KINDS)}",
+            kind=ErrorKind.INVALID_ARGUMENT,
         )
     model_dir = Path(repo) / model
     if not model_dir.is_dir() or (
-        read_config(model_dir) is None and not existing_versions(model_dir)
+        read_config(model_dir) is None and not published_versions(model_dir)
     ):
         raise RepositoryError(f"{model_dir} holds no published version")
     return model_dir

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from fashionserve import ensemble
+from fashionserve.errors import InvalidInput
 from fashionserve.imaging import (
     DEFAULT_MAX_PIXELS,
     ImageDecodeError,
@@ -37,14 +38,13 @@ DEFAULT_SOURCE_SIZE = 512
 DEFAULT_CROP_MARGIN = 0.1  # the imaging.square_crop default, which training uses
 
 
-class StepError(ValueError):
+class StepError(InvalidInput):
     """A request a step refuses. ``reason`` is an UPPER_SNAKE code, ``index`` the image."""
 
     def __init__(self, reason: str, message: str, index: int | None = None) -> None:
-        self.reason = reason
+        super().__init__(ensemble.format_rejection(reason, message, index), reason=reason)
         self.index = index
         self.detail = message
-        super().__init__(ensemble.format_rejection(reason, message, index))
 
 
 @dataclass(frozen=True)

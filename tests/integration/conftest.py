@@ -43,20 +43,17 @@ from grpc_status import rpc_status
 from PIL import Image
 
 from fashionserve.checkpoint import file_sha256
-from fashionserve.gateway.auth.keys import create_key
-from fashionserve.model_repository.build import (
-    BuiltRepository,
-    RepositorySettings,
-    build_repository,
-)
+from fashionserve.ensemble import MODEL_KINDS
+from fashionserve.gateway.auth import create_key
+from fashionserve.model_repository.build import BuiltRepository, build_repository
 from fashionserve.model_repository.python_models import ORT_RUNNER
+from fashionserve.model_repository.settings import RepositorySettings
 from fashionserve.protos.fashion.v1 import analysis_service_pb2 as pb
 from fashionserve.protos.fashion.v1 import analysis_service_pb2_grpc as pb_grpc
 from fashionserve.taxonomy import Taxonomy, load_taxonomy
 from fashionserve.triton import TritonServer, prepare_runtime
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-CHECKPOINT_KINDS = ("detector", "tagger", "embedder")
 
 # The oracle detector's garments: one pure colour each (RGB), its class = index % 3.
 ORACLE_COLOURS: tuple[tuple[int, int, int], ...] = (
@@ -277,7 +274,7 @@ def checkpoint_dir() -> Path:
 def checkpoints() -> Path:
     """The directory holding detector.pt, tagger.pt and embedder.pt (else the test skips)."""
     source = checkpoint_dir()
-    missing = [k for k in CHECKPOINT_KINDS if not (source / f"{k}.pt").is_file()]
+    missing = [k for k in MODEL_KINDS if not (source / f"{k}.pt").is_file()]
     if missing:
         pytest.skip(
             f"no trained checkpoints: {source} lacks {', '.join(k + '.pt' for k in missing)} "
@@ -296,7 +293,7 @@ def trained_repository(
     source = checkpoints
 
     repo = tmp_path_factory.mktemp("trained") / "repository"
-    for kind in CHECKPOINT_KINDS:
+    for kind in MODEL_KINDS:
         export_checkpoint(source / f"{kind}.pt", repo, echo=None)
     return build_repository(repo, RepositorySettings(max_images_per_request=ORACLE_MAX_IMAGES))
 

@@ -39,7 +39,6 @@ import pytest
 # The conftest of this directory as pytest imported it (module "conftest": under pytest's
 # default import mode this directory is on sys.path), so the oracle models are defined once.
 from conftest import (
-    CHECKPOINT_KINDS,
     LIMITS,
     SERVICE,
     Gateway,
@@ -55,6 +54,7 @@ from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
 from PIL import Image
 
+from fashionserve.ensemble import MODEL_KINDS
 from fashionserve.protos.fashion.v1 import analysis_service_pb2 as pb
 from fashionserve.taxonomy import load_taxonomy
 from fashionserve.triton import TritonServer
@@ -67,7 +67,7 @@ def trained_gw(
     tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> Iterator[Gateway]:
     """A gateway in front of the trained demo models (skipped without checkpoints)."""
-    missing = [k for k in CHECKPOINT_KINDS if not (checkpoint_dir() / f"{k}.pt").is_file()]
+    missing = [k for k in MODEL_KINDS if not (checkpoint_dir() / f"{k}.pt").is_file()]
     if missing:
         pytest.skip(f"no trained checkpoints in {checkpoint_dir()}: {', '.join(missing)}")
     triton: TritonServer = request.getfixturevalue("triton")

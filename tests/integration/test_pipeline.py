@@ -25,8 +25,6 @@ from fashionserve import ensemble
 from fashionserve.metrics import box_iou
 from fashionserve.triton import TritonError, TritonServer, shm_regions
 
-KINDS = ("detector", "tagger", "embedder")
-
 # Oracle garment colours (indexes into conftest.ORACLE_COLOURS), best detector score first.
 RED, GREEN, BLUE, BLACK = range(4)
 Rect = tuple[tuple[int, int, int, int], int]
@@ -511,7 +509,7 @@ def test_trained_boxes_land_on_the_garments_at_any_size_and_aspect_ratio(
     from fashionserve.evaluate import load_labels
     from fashionserve.imaging import decode_image
     from fashionserve.metrics import match_detections
-    from fashionserve.model_repository.build import RepositorySettings
+    from fashionserve.model_repository.settings import RepositorySettings
 
     settings = RepositorySettings()  # what the `triton` fixture serves
     detector_ckpt = load_checkpoint(checkpoints / "detector.pt")
@@ -565,7 +563,9 @@ def test_served_quality_matches_pytorch_on_the_same_images(
 
     served = evaluate(rendered, triton.grpc_url, echo=lambda _: None)
     assert served["val_garments"] > 0 and served["query_garments"] > 0
-    models = {k: load_checkpoint(checkpoints / f"{k}.pt").build_model() for k in KINDS}
+    models = {
+        k: load_checkpoint(checkpoints / f"{k}.pt").build_model() for k in ensemble.MODEL_KINDS
+    }
     val, query, gallery = (train.load_split(rendered, s) for s in ("val", "query", "gallery"))
     reference = train.validate_pipeline(
         models["detector"],

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +15,9 @@ import fashionserve.models
 from fashionserve.checkpoint import Checkpoint, file_sha256, save_checkpoint
 from fashionserve.export.exporter import ParityError, export_checkpoint
 from fashionserve.export.parity import detections
-from fashionserve.export.publish import publish_version
 from fashionserve.model_repository.python_models import ORT_RUNNER
 from fashionserve.models import DEFAULT_ARCH, build_model
+from fashionserve.repository import FORMAT_VERSION, MANIFEST_FORMAT, read_manifest
 from fashionserve.taxonomy import Taxonomy, load_taxonomy
 
 # Small versions of the real architectures (random init): parity does not need training,
@@ -86,6 +85,7 @@ def test_publishes_numbered_versions_with_a_manifest_that_matches(
 
     manifest = json.loads((second / "manifest.json").read_text())
     assert sorted(p.name for p in second.iterdir()) == ["manifest.json", "model.onnx", "model.py"]
+    assert (manifest["format"], manifest["format_version"]) == (MANIFEST_FORMAT, FORMAT_VERSION)
     assert manifest["model"] == {
         "name": "tagger",
         "kind": "tagger",
@@ -113,6 +113,13 @@ def test_publishes_numbered_versions_with_a_manifest_that_matches(
     assert manifest["input"]["mean"] == [0.485, 0.456, 0.406]
     assert manifest["training"]["note"] == "unit test"
     assert manifest["created"].endswith("Z")
+    # The typed reader reads back what the exporter wrote.
+    typed = read_manifest(second)
+    assert typed is not None and typed.model is not None and typed.taxonomy is not None
+    assert (typed.model.name, typed.model.version, typed.parity_passed) == ("tagger", 2, True)
+    assert typed.taxonomy.document is not None
+    assert typed.taxonomy.document.hash == taxonomy.hash
+    assert typed.to_dict() == manifest
 
 
 @pytest.mark.parametrize("kind", ["detector", "tagger", "embedder"])
@@ -218,62 +225,6 @@ def test_a_new_model_that_fails_parity_leaves_the_repository_untouched(
     with pytest.raises(ParityError, match="embedding: min_cosine"):
         export_checkpoint(ckpt, tmp_path / "repo", data=data, echo=None)
     assert not (tmp_path / "repo" / "embedder").exists()
-
-
-def test_concurrent_publications_get_distinct_versions(tmp_path: Path) -> None:
-    artifact = tmp_path / "model.onnx"
-    artifact.write_bytes(b"onnx bytes")
-    model_dir = tmp_path / "repo" / "m"
-    publishers = 8
-    barrier = threading.Barrier(publishers)
-    results: list[Path] = []
-    errors: list[BaseException] = []
-
-    def manifest(version: int, artifacts: dict[str, Any]) -> dict[str, Any]:
-        return {"version": version, "artifacts": artifacts}
-
-    def publish() -> None:
-        try:
-            barrier.wait()
-            results.append(publish_version(model_dir, {"model.onnx": artifact}, manifest))
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=publish) for _ in range(publishers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=30)
-
-    assert not errors
-    assert sorted(int(p.name) for p in results) == list(range(1, publishers + 1))
-    assert entries(model_dir) == sorted(str(v) for v in range(1, publishers + 1))
-    for version in results:
-        doc = json.loads((version / "manifest.json").read_text())
-        assert doc["version"] == int(version.name)  # the manifest names its own number
-        assert (version / "model.onnx").read_bytes() == b"onnx bytes"
-        # Readable by a Triton running as another user (staging dirs start owner-only).
-        assert version.stat().st_mode & 0o777 == 0o755
-
-
-def test_a_version_claimed_during_publication_is_not_clobbered(tmp_path: Path) -> None:
-    artifact = tmp_path / "model.onnx"
-    artifact.write_bytes(b"ours")
-    model_dir = tmp_path / "repo" / "m"
-
-    def manifest(version: int, artifacts: dict[str, Any]) -> dict[str, Any]:
-        if version == 1:
-            # Another exporter lands version 1 between our numbering and our rename.
-            (model_dir / "1").mkdir()
-            (model_dir / "1" / "model.onnx").write_bytes(b"theirs")
-        return {"version": version}
-
-    published = publish_version(model_dir, {"model.onnx": artifact}, manifest)
-
-    assert published == model_dir / "2"
-    assert (model_dir / "1" / "model.onnx").read_bytes() == b"theirs"
-    assert json.loads((published / "manifest.json").read_text()) == {"version": 2}
-    assert entries(model_dir) == ["1", "2"]
 
 
 def _detections(rows: list[tuple[float, int, float]]) -> dict[str, np.ndarray]:

@@ -17,8 +17,14 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from fashionserve.gateway.errors import DOMAIN, ErrorInterceptor, to_rpc_status
-from fashionserve.gateway.failures import InvalidArgument, Unavailable, request_id_var
+from fashionserve.gateway.errors import (
+    DOMAIN,
+    ErrorInterceptor,
+    InvalidArgument,
+    Unavailable,
+    request_id_var,
+    to_rpc_status,
+)
 
 
 def aio(test: Callable[..., Awaitable[None]]) -> Callable[..., None]:

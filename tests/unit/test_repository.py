@@ -14,18 +14,14 @@ from onnx import TensorProto, helper, numpy_helper
 from pydantic import ValidationError
 from tritonclient.grpc import model_config_pb2
 
-from fashionserve.model_repository import ENSEMBLE
-from fashionserve.model_repository.build import (
-    FLAVOURS,
-    Flavour,
-    RepositoryError,
-    RepositorySettings,
-    build_repository,
-)
+from fashionserve.ensemble import MODEL_NAME
+from fashionserve.model_repository.build import build_repository
 from fashionserve.model_repository.python_models import CROP_MODEL, ORT_RUNNER, PREPROCESS_MODEL
+from fashionserve.model_repository.settings import FLAVOURS, Flavour, RepositorySettings
+from fashionserve.repository import RepositoryError
 
 DET_SIZE, DETECTIONS, CROP_SIZE, LOGITS, EMBEDDING = 64, 8, 32, 30, 16
-ALL_MODELS = ("preprocess", "detector", "crop", "tagger", "embedder", ENSEMBLE)
+ALL_MODELS = ("preprocess", "detector", "crop", "tagger", "embedder", MODEL_NAME)
 
 
 def _pooled(graph_input: str, nodes: list, inits: list, width: int, prefix: str) -> str:
@@ -163,7 +159,7 @@ def test_python_ort_configs_follow_the_onnx_models_and_settings(exported: Path) 
     assert list(crop.input[0].dims) == [-1, DETECTIONS, 4]
     assert list(crop.output[0].dims) == [-1, 3, CROP_SIZE, CROP_SIZE]
 
-    ens = parse(exported, ENSEMBLE)
+    ens = parse(exported, MODEL_NAME)
     assert ens.platform == "ensemble"
     assert ens.max_batch_size == 0
     outputs = {o.name: list(o.dims) for o in ens.output}
@@ -204,7 +200,7 @@ def test_configs_follow_the_newest_version(exported: Path) -> None:
     assert built.versions["tagger"] == 2
     assert built.num_logits == LOGITS + 5
     assert list(parse(exported, "tagger").version_policy.specific.versions) == [2]
-    tagger_step = parse(exported, ENSEMBLE).ensemble_scheduling.step[3]
+    tagger_step = parse(exported, MODEL_NAME).ensemble_scheduling.step[3]
     assert (tagger_step.model_name, tagger_step.model_version) == ("tagger", 2)
     # The python-ort runner is installed where export did not leave one.
     assert (exported / "tagger" / "2" / "model.py").read_bytes() == ORT_RUNNER.read_bytes()
@@ -214,7 +210,7 @@ def test_a_missing_model_is_refused_with_the_export_command(exported: Path) -> N
     shutil.rmtree(exported / "embedder")
     with pytest.raises(RepositoryError, match=r"embedder.*fashionserve export"):
         build_repository(exported, RepositorySettings())
-    assert not (exported / ENSEMBLE).exists()
+    assert not (exported / MODEL_NAME).exists()
 
 
 def test_a_missing_repository_is_refused(tmp_path: Path) -> None:
@@ -271,7 +267,7 @@ def test_every_model_warms_up_on_a_real_sample(exported: Path, flavour: Flavour)
     itemsize = {"TYPE_FP32": 4, "TYPE_INT32": 4, "TYPE_UINT8": 1}
     for model in ALL_MODELS:
         config = parse(exported, model)
-        if model == ENSEMBLE:
+        if model == MODEL_NAME:
             assert not config.model_warmup  # Triton does not warm ensembles up
             continue
         (warmup,) = config.model_warmup

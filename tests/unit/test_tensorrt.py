@@ -22,7 +22,8 @@ from fashionserve.export.tensorrt import (
     engine_filename,
     trtexec_command,
 )
-from fashionserve.model_repository.build import RepositorySettings, build_repository
+from fashionserve.model_repository.build import build_repository
+from fashionserve.model_repository.settings import RepositorySettings
 from fashionserve.taxonomy import Taxonomy, load_taxonomy
 
 
@@ -165,11 +166,8 @@ def test_engine_build_records_itself_and_matches_onnx_runtime(
     assert manifest["artifacts"][plan.name]["bytes"] == plan.stat().st_size
 
     # The tensorrt flavour loads it for this GPU type through cc_model_filenames.
-    from fashionserve.model_repository.build import (
-        engine_files,
-        model_version,
-        render_cc_model_filenames,
-    )
+    from fashionserve.model_repository.configs import engine_files, render_cc_model_filenames
+    from fashionserve.model_repository.exported import model_version
 
     mv = model_version(tmp_path / "repo", kind, int(version.name), "tensorrt")
     files = engine_files(mv, RepositorySettings(flavour="tensorrt"))

@@ -10,10 +10,9 @@ import torch
 
 from fashionserve.checkpoint import load_checkpoint
 from fashionserve.data.writer import synthesize
+from fashionserve.ensemble import MODEL_KINDS
 from fashionserve.taxonomy import load_taxonomy
 from fashionserve.train import DetectorData, Garment, Split, pk_batches, train_all
-
-KINDS = ("detector", "tagger", "embedder")
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +23,9 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_smoke_training_writes_three_loadable_checkpoints(tiny_data: Path, tmp_path: Path) -> None:
-    summary = train_all(tiny_data, tmp_path / "ckpt", seed=0, models=list(KINDS), budget=0.02)
+    summary = train_all(tiny_data, tmp_path / "ckpt", seed=0, models=list(MODEL_KINDS), budget=0.02)
     taxonomy = load_taxonomy()
-    for kind in KINDS:
+    for kind in MODEL_KINDS:
         ckpt = load_checkpoint(tmp_path / "ckpt" / f"{kind}.pt")
         assert ckpt.kind == kind and ckpt.taxonomy.hash == taxonomy.hash
         assert ckpt.training["seed"] == 0 and ckpt.training["steps"] >= 1
@@ -41,7 +40,7 @@ def test_smoke_training_writes_three_loadable_checkpoints(tiny_data: Path, tmp_p
             assert out.shape == (2, taxonomy.num_logits)
         else:
             assert out.shape == (2, 128)
-    assert set(summary["models"]) == set(KINDS)
+    assert set(summary["models"]) == set(MODEL_KINDS)
     assert summary["pipeline"] is not None and "map50" in summary["pipeline"]
 
 

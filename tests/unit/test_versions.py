@@ -11,21 +11,17 @@ import pytest
 from test_repository import EMBEDDING, parse, write_crop_model, write_detector
 
 from fashionserve.cli import main
-from fashionserve.export.compat import IncompatibleTaxonomy, check_compatible, compare_taxonomies
-from fashionserve.model_repository import ENSEMBLE
-from fashionserve.model_repository.build import (
-    RepositoryError,
-    RepositorySettings,
-    build_repository,
-)
-from fashionserve.model_repository.versions import (
-    list_versions,
-    prune,
-    rollback,
-    rollout,
-    served_version,
-)
+from fashionserve.ensemble import MODEL_NAME
+from fashionserve.model_repository.build import build_repository
+from fashionserve.model_repository.settings import RepositorySettings
+from fashionserve.model_repository.versions import list_versions, prune, rollback, rollout
+from fashionserve.repository import RepositoryError, TaxonomyRef, served_version
 from fashionserve.taxonomy import Taxonomy, load_taxonomy
+from fashionserve.taxonomy_compat import (
+    IncompatibleTaxonomy,
+    check_compatible,
+    compare_taxonomies,
+)
 
 BASE = load_taxonomy().to_dict()
 
@@ -74,9 +70,9 @@ def repo(tmp_path: Path) -> Path:
 def served(repo: Path) -> tuple[list[int], int, str]:
     """(tagger's version_policy, the ensemble's tagger step, the ensemble's taxonomy hash)."""
     step = next(
-        s for s in parse(repo, ENSEMBLE).ensemble_scheduling.step if s.model_name == "tagger"
+        s for s in parse(repo, MODEL_NAME).ensemble_scheduling.step if s.model_name == "tagger"
     )
-    params = parse(repo, ENSEMBLE).parameters
+    params = parse(repo, MODEL_NAME).parameters
     return (
         list(parse(repo, "tagger").version_policy.specific.versions),
         step.model_version,
@@ -113,25 +109,29 @@ def test_removing_renaming_and_moving_labels_break_callers() -> None:
 
 
 def test_the_check_refuses_unless_forced_and_says_what_breaks() -> None:
-    def manifest(doc: dict[str, Any], version: int) -> dict[str, Any]:
-        return {"model": {"name": "tagger", "version": version}, "taxonomy": {"document": doc}}
+    def recorded(doc: dict[str, Any]) -> TaxonomyRef:
+        tax = Taxonomy.from_dict(doc)
+        return TaxonomyRef(tax.version, tax.hash, tax.num_logits, document=tax)
 
+    old, new = recorded(taxonomy()), recorded(taxonomy(rename_shorts))
     with pytest.raises(IncompatibleTaxonomy, match="bottom/shorts' removed") as info:
-        check_compatible(manifest(taxonomy(), 1), manifest(taxonomy(rename_shorts), 2))
+        check_compatible("tagger", 1, old, new)
     assert "--force" in str(info.value) and "served version 1" in str(info.value)
-    forced = check_compatible(
-        manifest(taxonomy(), 1), manifest(taxonomy(rename_shorts), 2), force=True
-    )
+    assert info.value.reason == "INCOMPATIBLE_TAXONOMY"
+    forced = check_compatible("tagger", 1, old, new, force=True)
     assert forced is not None and forced.breaking
 
 
 def test_detector_classes_may_only_be_appended() -> None:
-    def det(classes: list[str]) -> dict[str, Any]:
-        return {"model": {"name": "detector"}, "taxonomy": {"classes": classes}}
+    def det(classes: list[str]) -> TaxonomyRef:
+        return TaxonomyRef("1", "h", classes=tuple(classes))
 
-    assert check_compatible(det(["top", "bottom"]), det(["top", "bottom", "bag"])) is not None
+    appended = check_compatible(
+        "detector", 1, det(["top", "bottom"]), det(["top", "bottom", "bag"])
+    )
+    assert appended is not None and appended.added == ["detector class 'bag'"]
     with pytest.raises(IncompatibleTaxonomy, match="reordered or replaced"):
-        check_compatible(det(["top", "bottom"]), det(["bottom", "top"]))
+        check_compatible("detector", 1, det(["top", "bottom"]), det(["bottom", "top"]))
 
 
 # --------------------------------------------------------------------------- versions
@@ -147,10 +147,10 @@ def test_publishing_changes_nothing_served_until_rolled_out(repo: Path) -> None:
     assert (policy, step) == ([2], 2)
     # The ensemble now describes version 2: its taxonomy, for the gateway to decode with.
     assert taxonomy_hash == Taxonomy.from_dict(taxonomy(add_colour)).hash
-    document = parse(repo, ENSEMBLE).parameters["taxonomy_document"].string_value
+    document = parse(repo, MODEL_NAME).parameters["taxonomy_document"].string_value
     assert Taxonomy.from_dict(json.loads(document)).hash == taxonomy_hash
     # Rebuilt with the settings the repository was built with, not the defaults.
-    assert parse(repo, ENSEMBLE).parameters["max_crops_per_image"].string_value == "3"
+    assert parse(repo, MODEL_NAME).parameters["max_crops_per_image"].string_value == "3"
 
 
 def test_a_rollout_that_renames_a_label_is_refused_unless_forced(repo: Path) -> None:

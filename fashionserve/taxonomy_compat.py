@@ -13,13 +13,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
+from fashionserve.errors import FailedPrecondition
+from fashionserve.repository import TaxonomyRef
 from fashionserve.taxonomy import Taxonomy
 
 
-class IncompatibleTaxonomy(RuntimeError):
+class IncompatibleTaxonomy(FailedPrecondition):
     """The new version's taxonomy breaks callers of the served one (see ``report``)."""
+
+    reason = "INCOMPATIBLE_TAXONOMY"
 
     def __init__(self, message: str, report: TaxonomyChanges) -> None:
         super().__init__(message)
@@ -94,24 +97,26 @@ def compare_taxonomies(old: Taxonomy, new: Taxonomy) -> TaxonomyChanges:
 
 
 def check_compatible(
-    served: Mapping[str, Any] | None, candidate: Mapping[str, Any], force: bool = False
+    model: str,
+    served_version: int | None,
+    served: TaxonomyRef | None,
+    candidate: TaxonomyRef | None,
+    force: bool = False,
 ) -> TaxonomyChanges | None:
-    """Compare two version manifests' taxonomies; raise :class:`IncompatibleTaxonomy` when
-    ``candidate`` breaks callers of ``served`` and ``force`` is off.
+    """Compare the taxonomies two versions of ``model`` record in their manifests; raise
+    :class:`IncompatibleTaxonomy` when ``candidate`` breaks callers of ``served`` and
+    ``force`` is off.
 
-    Returns ``None`` when there is nothing to compare (no served version, or a manifest
-    without a taxonomy document: only the tagger's carries one, the detector's carries its
-    class list, which is compared as detector classes).
+    Returns ``None`` when there is nothing to compare (a version without a taxonomy, or one
+    recording neither a taxonomy document nor detector classes: only the tagger's manifest
+    carries the document, the detector's carries its class list).
     """
-    if served is None:
+    if served is None or candidate is None:
         return None
-    old, new = _taxonomy_of(served), _taxonomy_of(candidate)
-    if old is not None and new is not None:
-        changes = compare_taxonomies(old, new)
-    else:
-        old_classes, new_classes = _classes_of(served), _classes_of(candidate)
-        if old_classes is None or new_classes is None:
-            return None
+    if served.document is not None and candidate.document is not None:
+        changes = compare_taxonomies(served.document, candidate.document)
+    elif served.classes is not None and candidate.classes is not None:
+        old_classes, new_classes = list(served.classes), list(candidate.classes)
         changes = TaxonomyChanges()
         if new_classes[: len(old_classes)] != old_classes:
             changes.breaking.append(
@@ -119,25 +124,17 @@ def check_compatible(
                 "(new classes must be appended)"
             )
         changes.added += [f"detector class {c!r}" for c in new_classes[len(old_classes) :]]
+    else:
+        return None
     if changes.breaking and not force:
-        name = (candidate.get("model") or {}).get("name", "model")
-        served_v = (served.get("model") or {}).get("version", "?")
         raise IncompatibleTaxonomy(
-            f"{name}: the new version's taxonomy breaks callers of the served version "
-            f"{served_v}: " + "; ".join(changes.breaking) + " (use --force to roll it out anyway)",
+            f"{model}: the new version's taxonomy breaks callers of the served version "
+            f"{served_version}: "
+            + "; ".join(changes.breaking)
+            + " (use --force to roll it out anyway)",
             changes,
         )
     return changes
-
-
-def _taxonomy_of(manifest: Mapping[str, Any]) -> Taxonomy | None:
-    document = (manifest.get("taxonomy") or {}).get("document")
-    return Taxonomy.from_dict(document, source="manifest") if document else None
-
-
-def _classes_of(manifest: Mapping[str, Any]) -> list[str] | None:
-    classes = (manifest.get("taxonomy") or {}).get("classes")
-    return [str(c) for c in classes] if isinstance(classes, list) else None
 
 
 def _same_place(
