@@ -86,6 +86,10 @@ MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 """gRPC message limit for calls to Triton: gRPC's default of 4 MiB is too small for a
 request of full-size photos or a response of crops' logits and embeddings."""
 
+GRPC_MAX_MESSAGE_BYTES = 2**31 - 1
+"""The largest message limit gRPC accepts (its lengths are C ints): the ceiling of every
+limit a server of this package sets."""
+
 GRPC_CHANNEL_ARGS: list[tuple[str, Any]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

@@ -1,18 +1,26 @@
 """The fashionserve gateway: the gRPC service in front of the Triton ensemble.
 
-Where things happen, by file:
+A request goes down one line: servicer (protobuf in and out) -> analyzer (domain) ->
+batched inference (awaited) -> endpoint pool -> Triton transport. By file:
 
 * ``settings.py``: the one validated settings model (environment, YAML file, flags);
-* ``auth.py``: API-key authentication (an interceptor) and the key file;
-* ``errors.py``: the domain error base class and its one mapping to ``google.rpc.Status``;
-* ``validation.py``: header-only checks of each image and of the request options;
-* ``batcher.py``: micro-batching of concurrent requests into one ensemble call;
-* ``triton_client.py``: the ``tritonclient.grpc.aio`` calls to the ensemble and its models;
-* ``results.py``: taxonomy decoding of the ensemble's outputs into per-garment results;
-* ``core.py``: the request flow (validate, batch, decode) and the serving state;
-* ``servicer.py``: the thin protobuf <-> domain layer;
 * ``server.py``: the grpc.aio server with health, reflection and the interceptors;
-* ``cli.py``: the ``fashionserve gateway`` and ``fashionserve keys create`` commands.
+* ``auth/``: who is calling: API keys, bearer tokens, TLS and the auth interceptor;
+* ``errors.py``: the interceptor that maps error kinds to gRPC statuses (one table);
+* ``handlers.py``: the gRPC handler wrapping the interceptors share;
+* ``telemetry.py``: traces, Prometheus metrics and request context on log lines;
+* ``servicer.py``: the thin protobuf <-> domain layer;
+* ``core.py``: the analyzer: validate, admit, infer, decode, free of gRPC;
+* ``failures.py``: the gateway's domain errors (a transport-free kind each);
+* ``validation.py``: header-only checks of each image and of the request options;
+* ``quota.py``: admission: per-tenant rate and concurrency limits, queue shedding;
+* ``results.py``: taxonomy decoding of the ensemble's outputs into per-garment results;
+* ``inference.py``: the batched inference path (micro-batcher to endpoint pool);
+* ``batcher.py``: micro-batching of concurrent requests into one backend call;
+* ``monitor.py``: whether the gateway can serve, re-checked in the background;
+* ``served_state.py``: what Triton serves and the verdict whether the gateway can serve;
+* ``endpoints.py``: several Triton servers: readiness, pick, ejection, retries;
+* ``triton_client.py``: the transport: ``tritonclient.grpc.aio`` calls to the ensemble.
 """
 
 from __future__ import annotations

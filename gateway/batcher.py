@@ -10,7 +10,7 @@ The contract (as Triton's dynamic batcher and Ray Serve's ``@serve.batch``):
 * a request whose caller gave up (its task was cancelled) is dropped from the batch it
   would have joined, and a batch left empty is not sent;
 * a request may carry a deadline: one already past when its batch is sent is dropped and
-  fails with :class:`DeadlineExpired`, and the backend is given the batch's latest
+  fails with :class:`DeadlineExpired` (DEADLINE_EXCEEDED), and the backend is given the batch's latest
   deadline (None if a request has none) to bound its call by;
 * results are checked one-for-one against the requests; the backend may return an
   exception in place of a result to fail that one request only;
@@ -22,7 +22,8 @@ The contract (as Triton's dynamic batcher and Ray Serve's ``@serve.batch``):
 :func:`bounded_map` is the flow-control half of streaming: it reads the next item of a
 stream only while fewer than ``limit`` are being served.
 
-Nothing here knows about gRPC or Triton.
+Nothing here knows about gRPC or Triton: its errors derive from
+:class:`fashionserve.errors.Error`, with a transport-free kind.
 """
 
 from __future__ import annotations
@@ -37,7 +38,11 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
+from fashionserve.errors import Error, ErrorKind
+
 log = logging.getLogger(__name__)
+
+_SHUTTING_DOWN = "the gateway is shutting down; retry"
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -47,16 +52,24 @@ Backend = Callable[[list[T], float | None], Awaitable[Sequence[R | BaseException
 (``time.monotonic()`` seconds), None when some item has none."""
 
 
-class BatcherClosed(RuntimeError):
+class BatcherClosed(Error):
     """The batcher is shutting down and takes no more requests."""
 
+    kind = ErrorKind.UNAVAILABLE
+    reason = "SHUTTING_DOWN"
 
-class DeadlineExpired(RuntimeError):
+
+class DeadlineExpired(Error):
     """The request's deadline passed before its batch was sent."""
 
+    kind = ErrorKind.DEADLINE_EXCEEDED
+    reason = "DEADLINE_EXCEEDED"
 
-class BatchResultMismatch(RuntimeError):
+
+class BatchResultMismatch(Error):
     """The backend returned a different number of results than requests."""
+
+    kind = ErrorKind.INTERNAL
 
 
 class Observer(Protocol):
@@ -125,7 +138,7 @@ class MicroBatcher(Generic[T, R]):
         it has not been sent yet, and so does ``deadline`` (``time.monotonic()`` seconds)
         passing: then this raises :class:`DeadlineExpired`."""
         if self._closed:
-            raise BatcherClosed("the gateway is shutting down")
+            raise BatcherClosed(_SHUTTING_DOWN)
         if self._loop_task is None:
             self.start()
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
@@ -143,7 +156,7 @@ class MicroBatcher(Generic[T, R]):
         while self._pending:
             p = self._pending.popleft()
             if not p.future.done():
-                p.future.set_exception(BatcherClosed("the gateway is shutting down"))
+                p.future.set_exception(BatcherClosed(_SHUTTING_DOWN))
         if self._dispatches:
             await asyncio.gather(*self._dispatches, return_exceptions=True)
 
@@ -212,7 +225,9 @@ class MicroBatcher(Generic[T, R]):
             now = time.monotonic()
             for p in batch:
                 if p.deadline is not None and p.deadline <= now and not p.future.done():
-                    p.future.set_exception(DeadlineExpired("the deadline passed in the queue"))
+                    p.future.set_exception(
+                        DeadlineExpired("the call's deadline passed before the image was sent")
+                    )
             live = [p for p in batch if not p.future.done()]
             if not live:
                 return

@@ -1,10 +1,15 @@
-"""The gateway's request flow, free of gRPC: validate, batch, infer, decode.
+"""The analyzer: the gateway's request flow on plain data, free of gRPC.
 
-:class:`Analyzer` serves the three analysis calls on plain data (bytes and
-:class:`~gateway.validation.AnalyzeOptions` in, :class:`~gateway.results.ImageResult` or a
-:class:`~gateway.errors.GatewayError` out). :class:`ServingMonitor` keeps track of what
-Triton serves: the health service and every request consult it, so the gateway never
-decodes logits with a taxonomy other than the one the served tagger was exported with.
+:class:`Analyzer` serves the three analysis calls: bytes and :class:`RawOptions` in, an
+:class:`~fashionserve.gateway.results.ImageResult` or a :class:`fashionserve.errors.Error`
+out. Each image is validated, admitted, then awaited from the batched inference path
+(:class:`~fashionserve.gateway.inference.BatchedInference`) and decoded with the taxonomy of
+the tagger that produced it, which the serving monitor keeps track of.
+
+:class:`Limits` and :class:`ServingInfo` are the server's side of GetServingInfo; the client
+library has types of the same names and fields (``fashionserve.clients.types``) built from
+the protobuf message. Both exist because the client may import only the protos: the
+servicer converts these to the message, the client converts the message to its own.
 """
 
 from __future__ import annotations
@@ -12,27 +17,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from opentelemetry import trace
-
+from fashionserve.errors import Error, ErrorKind
 from fashionserve.gateway import __version__
-from fashionserve.gateway.auth import LOCAL_IDENTITY, current_identity, require_scope
-from fashionserve.gateway.batcher import BatcherClosed, DeadlineExpired, MicroBatcher, bounded_map
-from fashionserve.gateway.endpoints import EndpointPool
-from fashionserve.gateway.errors import (
-    DeadlineExceeded,
-    GatewayError,
-    Unavailable,
-    as_gateway_error,
-)
+from fashionserve.gateway.auth.identity import LOCAL_IDENTITY, current_identity, require_scope
+from fashionserve.gateway.batcher import bounded_map
+from fashionserve.gateway.failures import Unavailable, as_gateway_error
+from fashionserve.gateway.inference import BatchedInference
+from fashionserve.gateway.monitor import ServingMonitor
 from fashionserve.gateway.quota import Admission
 from fashionserve.gateway.results import ImageOutput, ImageResult, assemble_result
+from fashionserve.gateway.served_state import ServedModel
 from fashionserve.gateway.settings import GatewaySettings
-from fashionserve.gateway.telemetry import Telemetry, link_context
-from fashionserve.gateway.triton_client import ServedModel, ServedState, serving_problem
+from fashionserve.gateway.telemetry import Telemetry
 from fashionserve.gateway.validation import (
     ACCEPTED_FORMATS,
     AnalyzeOptions,
@@ -51,10 +50,9 @@ log = logging.getLogger(__name__)
 # Until Triton has told us its cap (ensemble parameter max_crops_per_image), accept any
 # max_garments up to this; the ensemble never returns more than its own cap anyway.
 FALLBACK_MAX_GARMENTS = 1024
-# Taxonomies of recently served taggers kept for decoding results still in flight.
-_RECENT_TAXONOMIES = 4
-# A request that finds the pipeline not serving re-checks Triton at most this often.
-_RECHECK_SECONDS = 0.5
+# Problems of the service rather than of one image: in BatchAnalyze they fail the whole
+# call, so that callers retry it as a whole.
+_WHOLE_CALL_KINDS = frozenset({ErrorKind.UNAVAILABLE, ErrorKind.DEADLINE_EXCEEDED})
 # A whole JPEG or PNG up to this size is checked on the event loop in about 0.2 ms, less
 # than the hop to a worker thread costs.
 INLINE_INSPECT_BYTES = 256 * 1024
@@ -71,16 +69,6 @@ class RawOptions:
 
 
 @dataclass(frozen=True)
-class _Job:
-    """One image in the micro-batcher, with the span of the request that sent it (the
-    batch's span links to it) and when it was queued (wall clock, ns, for its span)."""
-
-    image: bytes
-    span: trace.SpanContext
-    queued_ns: int
-
-
-@dataclass(frozen=True)
 class StreamItem:
     """One request of a stream."""
 
@@ -94,7 +82,7 @@ class StreamOutcome:
     """The answer to one stream request: a result or an error, with its id."""
 
     request_id: str
-    outcome: ImageResult | GatewayError
+    outcome: ImageResult | Error
 
 
 @dataclass(frozen=True)
@@ -121,127 +109,6 @@ class ServingInfo:
     gateway_version: str
 
 
-class ServingMonitor:
-    """Whether the pipeline can serve: at least one Triton endpoint ready with a served
-    taxonomy hash equal to the gateway's. :meth:`run` re-checks every endpoint every
-    ``interval`` seconds and reports changes to ``on_change(serving)``."""
-
-    def __init__(
-        self,
-        pipeline: EndpointPool,
-        taxonomy: Taxonomy,
-        interval: float,
-        on_change: Callable[[bool], Awaitable[None]] | None = None,
-    ) -> None:
-        self.pipeline = pipeline
-        self.taxonomy = taxonomy
-        self.interval = interval
-        self.on_change = on_change
-        self.state = ServedState(False, "not checked yet")
-        self.serving = False
-        self.problem = "not checked yet"
-        self._refreshing: asyncio.Task[bool] | None = None
-        self._last_refresh = 0.0
-        # Taxonomies served lately, newest last: results of a tagger version that was just
-        # switched away from may still arrive, and are decoded with its own taxonomy.
-        self._recent: dict[str, Taxonomy] = {}
-
-    @property
-    def served_taxonomy(self) -> Taxonomy:
-        """The taxonomy callers get results in: the served tagger's own when the ensemble
-        publishes it (a rollout that adds labels needs no gateway restart), else the
-        gateway's ``taxonomy_file``, which then must match the served hash."""
-        return self.state.taxonomy or self.taxonomy
-
-    def decoding_taxonomy(self, width: int) -> Taxonomy | None:
-        """The taxonomy whose logit layout is ``width`` wide: the served one first, then
-        those of the other endpoints and of recent versions (a rollout in progress)."""
-        endpoint_states = [e.state for e in self.pipeline.endpoints.values()]
-        candidates = [
-            self.served_taxonomy,
-            *(s.taxonomy for s in endpoint_states if s.taxonomy is not None),
-            *reversed(self._recent.values()),
-        ]
-        return next((t for t in candidates if t.num_logits == width), None)
-
-    async def refresh(self) -> bool:
-        """Check Triton now (concurrent callers share one check); return ``serving``."""
-        if self._refreshing is None or self._refreshing.done():
-            self._refreshing = asyncio.ensure_future(self._refresh())
-        return await asyncio.shield(self._refreshing)
-
-    async def _refresh(self) -> bool:
-        self._last_refresh = time.monotonic()
-        state = await self.pipeline.describe()
-        problem = serving_problem(state, self.taxonomy)
-        serving = not problem
-        before = self.served_taxonomy
-        if state.taxonomy is not None and state.taxonomy.hash != before.hash:
-            log.info(
-                "decoding with the served taxonomy %s (%s), was %s (%s)",
-                state.taxonomy.version,
-                state.taxonomy.hash[:12],
-                before.version,
-                before.hash[:12],
-            )
-        if state.taxonomy is not None:
-            self._recent.pop(state.taxonomy.hash, None)
-            self._recent[state.taxonomy.hash] = state.taxonomy
-            while len(self._recent) > _RECENT_TAXONOMIES:
-                self._recent.pop(next(iter(self._recent)))
-        self.state = state
-        changed = serving != self.serving or problem != self.problem
-        self.serving, self.problem = serving, problem
-        if changed:
-            if serving:
-                log.info(
-                    "pipeline SERVING (Triton %s: %d endpoint(s) ready, taxonomy matches)",
-                    self.pipeline.url,
-                    len(self.pipeline.admitted),
-                )
-            else:
-                log.warning("pipeline NOT_SERVING: %s", problem)
-            if self.on_change is not None:
-                await self.on_change(serving)
-        return serving
-
-    async def run(self) -> None:
-        """Re-check forever (cancel to stop)."""
-        while True:
-            try:
-                await self.refresh()
-            except Exception:  # the monitor must survive anything a check throws
-                log.exception("serving check failed")
-            await asyncio.sleep(self.interval)
-
-    async def require_serving(self) -> None:
-        """Raise UNAVAILABLE unless serving (re-checking at most every half second)."""
-        if self.serving:
-            return
-        if time.monotonic() - self._last_refresh >= _RECHECK_SECONDS and await self.refresh():
-            return
-        self.check_taxonomy()
-        raise Unavailable("NOT_SERVING", f"the pipeline is not serving: {self.problem}")
-
-    def check_taxonomy(self) -> None:
-        """Raise UNAVAILABLE (TAXONOMY_MISMATCH) if the served tagger is known to have been
-        exported with another taxonomy than the gateway's, one the ensemble does not
-        publish: its logits cannot be decoded."""
-        if (
-            self.state.ready
-            and self.state.taxonomy is None
-            and self.state.taxonomy_hash != self.taxonomy.hash
-        ):
-            raise Unavailable(
-                "TAXONOMY_MISMATCH",
-                self.problem,
-                {
-                    "servedTaxonomyHash": self.state.taxonomy_hash,
-                    "gatewayTaxonomyHash": self.taxonomy.hash,
-                },
-            )
-
-
 def _tenant() -> str:
     """The tenant of the request being served (quotas are kept per tenant)."""
     identity = current_identity()
@@ -254,14 +121,12 @@ class Analyzer:
     def __init__(
         self,
         settings: GatewaySettings,
-        taxonomy: Taxonomy,
-        pipeline: EndpointPool,
+        inference: BatchedInference,
         monitor: ServingMonitor,
         telemetry: Telemetry,
     ) -> None:
-        del taxonomy  # the monitor's: it follows the served tagger (see ServingMonitor)
         self.settings = settings
-        self.pipeline = pipeline
+        self.inference = inference
         self.monitor = monitor
         self.telemetry = telemetry
         self.tracer = telemetry.tracer
@@ -271,15 +136,7 @@ class Analyzer:
             max_jpeg_scans=settings.max_jpeg_scans,
             max_png_chunks=settings.max_png_chunks,
         )
-        self.batcher: MicroBatcher[_Job, ImageOutput] = MicroBatcher(
-            self._run_batch,
-            max_batch_size=settings.max_batch_size,
-            max_queue_delay_microseconds=settings.max_queue_delay_microseconds,
-            max_batches_in_flight=settings.max_batches_in_flight,
-            batch_size=telemetry.metrics.batch_size,
-            queue_wait_seconds=telemetry.metrics.batch_wait_seconds,
-        )
-        self.admission = Admission(settings, queued=lambda: self.batcher.queued)
+        self.admission = Admission(settings, queued=lambda: self.inference.queued)
 
     @property
     def taxonomy(self) -> Taxonomy:
@@ -287,12 +144,12 @@ class Analyzer:
         return self.monitor.served_taxonomy
 
     def start(self) -> None:
-        """Start the batcher (inside the event loop)."""
-        self.batcher.start()
+        """Start the batched inference path (inside the event loop)."""
+        self.inference.start()
 
     async def close(self) -> None:
         """Stop taking requests and finish the batches in flight."""
-        await self.batcher.close()
+        await self.inference.close()
 
     # ------------------------------------------------------------------ options
     def resolve_options(self, raw: RawOptions) -> AnalyzeOptions:
@@ -313,7 +170,7 @@ class Analyzer:
     async def analyze(
         self, image: bytes, raw: RawOptions, deadline: float | None = None
     ) -> ImageResult:
-        """Analyze one image; raises :class:`GatewayError`.
+        """Analyze one image; raises :class:`fashionserve.errors.Error`.
 
         ``deadline`` (``time.monotonic()`` seconds, the caller's) travels with the image:
         past it, the image is not sent to Triton, and the Triton call ends by it.
@@ -326,7 +183,7 @@ class Analyzer:
 
     async def analyze_batch(
         self, images: Sequence[bytes], raw: RawOptions, deadline: float | None = None
-    ) -> list[ImageResult | GatewayError]:
+    ) -> list[ImageResult | Error]:
         """Analyze several images; one outcome per image, in order.
 
         An image's own problem (bad bytes, refused by the pipeline) is that entry's error.
@@ -341,10 +198,10 @@ class Analyzer:
                 *(self._analyze_safe(i, options, deadline) for i in images)
             )
         for outcome in outcomes:
-            if isinstance(outcome, Unavailable | DeadlineExceeded):
+            if isinstance(outcome, Error) and outcome.kind in _WHOLE_CALL_KINDS:
                 raise outcome
         for outcome in outcomes:
-            if isinstance(outcome, GatewayError):
+            if isinstance(outcome, Error):
                 self.telemetry.count_rejection(outcome.reason)
         return list(outcomes)
 
@@ -392,7 +249,7 @@ class Analyzer:
 
     async def _analyze_safe(
         self, image: bytes, options: AnalyzeOptions, deadline: float | None
-    ) -> ImageResult | GatewayError:
+    ) -> ImageResult | Error:
         try:
             await self._inspect(image)
             return await self._infer(image, options, deadline)
@@ -416,15 +273,7 @@ class Analyzer:
     async def _infer(
         self, image: bytes, options: AnalyzeOptions, deadline: float | None
     ) -> ImageResult:
-        job = _Job(image, trace.get_current_span().get_span_context(), time.time_ns())
-        try:
-            output = await self.batcher.submit(job, deadline)
-        except BatcherClosed as exc:
-            raise Unavailable("SHUTTING_DOWN", "the gateway is shutting down; retry") from exc
-        except DeadlineExpired as exc:
-            raise DeadlineExceeded(
-                "DEADLINE_EXCEEDED", "the call's deadline passed before the image was sent"
-            ) from exc
+        output = await self.inference.infer(image, deadline)
         with self.tracer.start_as_current_span("decode"):
             # The served model may have changed while the batch ran (a reload).
             self.monitor.check_taxonomy()
@@ -453,35 +302,6 @@ class Analyzer:
                 {"logits": str(width), "gatewayTaxonomyHash": self.taxonomy.hash},
             )
         return found
-
-    async def _run_batch(
-        self, jobs: list[_Job], deadline: float | None
-    ) -> Sequence[ImageOutput | BaseException]:
-        """The batcher's backend: one ensemble call for a batch, traced and timed, bounded
-        by the batch's latest deadline.
-
-        One call serves several requests, so its span ``triton_infer`` is the child of the
-        first request's span and links to every request's span; each request gets a
-        ``batch_wait`` span of its own for its time in the queue.
-        """
-        sent = time.time_ns()
-        for job in jobs:
-            wait = self.tracer.start_span(
-                "batch_wait", context=link_context(job.span), start_time=job.queued_ns
-            )
-            wait.end(end_time=sent)
-        metrics = self.telemetry.metrics
-        with (
-            self.tracer.start_as_current_span(
-                "triton_infer",
-                context=link_context(jobs[0].span),
-                links=[trace.Link(job.span) for job in jobs if job.span.is_valid],
-                attributes={"fashionserve.batch_size": len(jobs)},
-            ),
-            metrics.batches_in_flight.track_inprogress(),
-            metrics.triton_seconds.time(),
-        ):
-            return await self.pipeline.infer([job.image for job in jobs], deadline)
 
     # ------------------------------------------------------------------ info
     async def serving_info(self) -> ServingInfo:

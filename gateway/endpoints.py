@@ -5,11 +5,11 @@ either ``host:port`` (one endpoint; gRPC resolves the name itself) or ``dns:///h
 (every address the name resolves to is an endpoint, re-resolved every
 ``triton_dns_refresh_seconds``: a Kubernetes headless Service lists its ready pods that way).
 
-* **Readiness.** :meth:`EndpointPool.describe` probes every endpoint at once (readiness plus
-  the served facts, :meth:`TritonPipeline.describe`) and admits those that can serve: ready,
-  with a tagger whose taxonomy the gateway can decode (:func:`serving_problem`, the same
-  check the health service makes). The health loop calls it, so probes run every
-  ``health_check_interval_seconds``.
+* **Readiness.** :meth:`EndpointPool.describe` probes every endpoint at once
+  (:meth:`EnsembleClient.status`, read by :func:`~fashionserve.gateway.served_state.assess`)
+  and admits those whose served state has no ``problem``: ready, with a tagger whose
+  taxonomy the gateway can decode. The serving monitor calls it, so probes run every
+  ``health_check_interval_seconds``, and reports the verdict of the state it returns.
 * **Pick.** Least outstanding calls, ties taken in turn. Triton servers are rarely equal (GPU
   types differ, a pod is warming up, one is busy with another tenant): a slow one keeps its
   calls longer, so least-outstanding sends it less, where round robin would keep queueing on
@@ -35,10 +35,11 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 
-from fashionserve.gateway.errors import DeadlineExceeded, GatewayError, Unavailable
+from fashionserve.gateway.failures import DeadlineExceeded, GatewayError, Unavailable
 from fashionserve.gateway.results import ImageOutput
+from fashionserve.gateway.served_state import ServedState, assess
 from fashionserve.gateway.settings import DNS_SCHEME
-from fashionserve.gateway.triton_client import ServedState, TritonPipeline, serving_problem
+from fashionserve.gateway.triton_client import EnsembleClient
 from fashionserve.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
@@ -97,9 +98,9 @@ class RetryBudget:
 class Endpoint:
     """One Triton server: its client, what the last probe found, and its calls in flight."""
 
-    def __init__(self, address: str, pipeline: TritonPipeline) -> None:
+    def __init__(self, address: str, client: EnsembleClient) -> None:
         self.address = address
-        self.pipeline = pipeline
+        self.client = client
         self.state = ServedState(False, "not checked yet")
         self.problem = "not checked yet"
         self.admitted = False
@@ -125,7 +126,7 @@ class EndpointPool:
         self,
         targets: Sequence[str],
         taxonomy: Taxonomy,
-        make_pipeline: Callable[[str], TritonPipeline],
+        connect: Callable[[str], EnsembleClient],
         *,
         request_timeout_seconds: float,
         retry_budget: RetryBudget,
@@ -137,7 +138,7 @@ class EndpointPool:
         self.request_timeout = request_timeout_seconds
         self.budget = retry_budget
         self.dns_refresh = dns_refresh_seconds
-        self._make_pipeline = make_pipeline
+        self._connect = connect
         self._resolver = resolver
         self._next_resolve = 0.0
         self._turn = itertools.count()
@@ -158,11 +159,11 @@ class EndpointPool:
 
     def _add(self, address: str) -> None:
         if address not in self.endpoints:
-            self.endpoints[address] = Endpoint(address, self._make_pipeline(address))
+            self.endpoints[address] = Endpoint(address, self._connect(address))
 
     async def close(self) -> None:
         """Close every channel."""
-        await asyncio.gather(*(e.pipeline.close() for e in self.endpoints.values()))
+        await asyncio.gather(*(e.client.close() for e in self.endpoints.values()))
         self.endpoints.clear()
 
     # ------------------------------------------------------------------ discovery
@@ -192,7 +193,7 @@ class EndpointPool:
                 endpoint.retired = True
                 del self.endpoints[address]
                 if not endpoint.outstanding:
-                    await endpoint.pipeline.close()
+                    await endpoint.client.close()
 
     # ------------------------------------------------------------------ readiness
     async def describe(self) -> ServedState:
@@ -216,8 +217,10 @@ class EndpointPool:
 
     async def _probe(self, endpoint: Endpoint) -> None:
         ejections = endpoint.ejections
-        state = await endpoint.pipeline.describe()
-        problem = serving_problem(state, self.taxonomy)
+        state = assess(await endpoint.client.status(), self.taxonomy)
+        if state.max_images_per_request:
+            endpoint.client.max_images_per_request = state.max_images_per_request
+        problem = state.problem
         endpoint.state, endpoint.problem = state, problem
         admit = not problem and endpoint.ejections == ejections
         if admit != endpoint.admitted:
@@ -273,7 +276,7 @@ class EndpointPool:
             caller_limited = deadline is not None and deadline - started < self.request_timeout
             try:
                 with endpoint.busy():
-                    return await endpoint.pipeline.infer(images, deadline)
+                    return await endpoint.client.infer(images, deadline)
             except (Unavailable, DeadlineExceeded) as exc:
                 if isinstance(exc, Unavailable) or not caller_limited:
                     self._eject(endpoint, exc)
@@ -282,7 +285,7 @@ class EndpointPool:
                 log.info("retrying a batch of %d on another endpoint: %s", len(images), exc.reason)
             finally:
                 if endpoint.retired and not endpoint.outstanding:
-                    await endpoint.pipeline.close()
+                    await endpoint.client.close()
 
     def _may_retry(self, tried: set[str], deadline: float | None) -> bool:
         if len(tried) >= MAX_ATTEMPTS:

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from fashionserve.gateway.errors import ResourceExhausted
+from fashionserve.gateway.failures import ResourceExhausted
 from fashionserve.gateway.settings import GatewaySettings, TenantQuota
 
 log = logging.getLogger(__name__)

@@ -28,17 +28,15 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from fashionserve.errors import Error
 from fashionserve.gateway import __version__
-from fashionserve.gateway.auth import (
-    Authenticator,
-    AuthInterceptor,
-    JwksError,
-    KeyFileError,
-    server_credentials,
-)
-from fashionserve.gateway.core import Analyzer, ServingMonitor
+from fashionserve.gateway.auth.interceptor import Authenticator, AuthInterceptor
+from fashionserve.gateway.auth.tls import server_credentials
+from fashionserve.gateway.core import Analyzer
 from fashionserve.gateway.endpoints import EndpointPool, RetryBudget
 from fashionserve.gateway.errors import ErrorInterceptor
+from fashionserve.gateway.inference import BatchedInference
+from fashionserve.gateway.monitor import ServingMonitor
 from fashionserve.gateway.servicer import SERVICE_NAME, FashionAnalysisServicer
 from fashionserve.gateway.settings import GatewaySettings
 from fashionserve.gateway.telemetry import (
@@ -47,7 +45,7 @@ from fashionserve.gateway.telemetry import (
     Telemetry,
     TelemetryInterceptor,
 )
-from fashionserve.gateway.triton_client import TritonPipeline
+from fashionserve.gateway.triton_client import EnsembleClient
 from fashionserve.protos.fashion.v1 import analysis_service_pb2_grpc as pb_grpc
 from fashionserve.taxonomy import Taxonomy, load_taxonomy
 
@@ -58,7 +56,8 @@ HEALTH_SERVICES = ("", SERVICE_NAME)
 
 class GatewayServer:
     """The running parts of one gateway: the grpc.aio server (:attr:`grpc_server`), the
-    analyzer with its batcher, the Triton client, the health monitor and the telemetry
+    analyzer with its batched inference path, the Triton endpoint pool, the serving monitor
+    and the telemetry
     (``/metrics`` on :attr:`metrics_port` once started, when ``metrics_port`` is set)."""
 
     def __init__(
@@ -67,7 +66,7 @@ class GatewayServer:
         grpc_server: grpc.aio.Server,
         analyzer: Analyzer,
         monitor: ServingMonitor,
-        pipeline: EndpointPool,
+        pool: EndpointPool,
         health_servicer: health.aio.HealthServicer,
         port: int,
     ) -> None:
@@ -75,7 +74,7 @@ class GatewayServer:
         self.grpc_server = grpc_server
         self.analyzer = analyzer
         self.monitor = monitor
-        self.pipeline = pipeline
+        self.pool = pool
         self.health = health_servicer
         self.port = port
         self.telemetry = analyzer.telemetry
@@ -109,7 +108,7 @@ class GatewayServer:
         await self.health.enter_graceful_shutdown()
         await self.grpc_server.stop(grace)
         await self.analyzer.close()
-        await self.pipeline.close()
+        await self.pool.close()
         metrics = self.telemetry.metrics
         batches = metrics.value("fashionserve_batch_size_count")
         images = metrics.value("fashionserve_batch_wait_seconds_count")
@@ -144,15 +143,15 @@ async def create_server(
         )
     credentials = server_credentials(settings)  # None: plaintext
 
-    def connect(address: str) -> TritonPipeline:
-        return TritonPipeline(
+    def connect(address: str) -> EnsembleClient:
+        return EnsembleClient(
             address,
             max_batch_size=settings.max_batch_size,
             max_image_bytes=settings.max_image_bytes,
             request_timeout_seconds=settings.request_timeout_seconds,
         )
 
-    pipeline = EndpointPool(
+    pool = EndpointPool(
         settings.triton_urls,
         taxonomy,
         connect,
@@ -176,11 +175,12 @@ async def create_server(
             await health_servicer.set(service, status)
 
     monitor = ServingMonitor(
-        pipeline, taxonomy, settings.health_check_interval_seconds, on_change=on_change
+        pool, taxonomy, settings.health_check_interval_seconds, on_change=on_change
     )
     telemetry = Telemetry(settings.otlp_traces_endpoint)
-    analyzer = Analyzer(settings, taxonomy, pipeline, monitor, telemetry)
-    telemetry.metrics.images_queued.set_function(lambda: analyzer.batcher.queued)
+    inference = BatchedInference(settings, pool, telemetry)
+    analyzer = Analyzer(settings, inference, monitor, telemetry)
+    telemetry.metrics.images_queued.set_function(lambda: inference.queued)
 
     server = grpc.aio.server(
         # TelemetryInterceptor outermost, to see every call's final status; then
@@ -212,12 +212,12 @@ async def create_server(
         else:
             port = server.add_secure_port(settings.listen_address, credentials)
     except RuntimeError as exc:
-        await pipeline.close()
+        await pool.close()
         raise OSError(f"cannot listen on {settings.listen_address}: {exc}") from exc
     if port == 0:
-        await pipeline.close()
+        await pool.close()
         raise OSError(f"cannot listen on {settings.listen_address} (in use?)")
-    gateway = GatewayServer(settings, server, analyzer, monitor, pipeline, health_servicer, port)
+    gateway = GatewayServer(settings, server, analyzer, monitor, pool, health_servicer, port)
     return gateway, port
 
 
@@ -306,7 +306,7 @@ def serve(settings: GatewaySettings, ready_file: Path | None = None) -> int:
 
     try:
         asyncio.run(serve_async(settings, on_ready))
-    except (OSError, KeyFileError, JwksError) as exc:  # a port, key, JWKS or TLS file
+    except (OSError, Error) as exc:  # a port, key, JWKS or TLS file
         log.error("%s", exc)
         return 1
     return 0

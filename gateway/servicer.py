@@ -1,8 +1,9 @@
 """The gRPC servicer: protobuf in, domain call, protobuf out. Nothing else lives here.
 
-Validation, batching and decoding are in :mod:`fashionserve.gateway.core` and the modules it uses;
-errors raised there are mapped to ``google.rpc.Status`` by
-:class:`fashionserve.gateway.errors.ErrorInterceptor`, or become ``ItemError`` entries here.
+Validation, batching and decoding are in :mod:`fashionserve.gateway.core` and the modules it
+uses; errors raised there are mapped to ``google.rpc.Status`` by
+:class:`fashionserve.gateway.errors.ErrorInterceptor`, or become ``ItemError`` entries here
+(with the same status code, :func:`fashionserve.gateway.errors.status_code`).
 
 (KServe: ``protocol/grpc/servicer.py`` over ``protocol/dataplane.py``.)
 """
@@ -16,8 +17,9 @@ from typing import overload
 import grpc
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
+from fashionserve.errors import Error
 from fashionserve.gateway.core import Analyzer, RawOptions, ServingInfo, StreamItem, StreamOutcome
-from fashionserve.gateway.errors import GatewayError
+from fashionserve.gateway.errors import status_code
 from fashionserve.gateway.results import Box, GarmentResult, ImageResult
 from fashionserve.protos.fashion.v1 import analysis_service_pb2 as pb
 from fashionserve.protos.fashion.v1 import analysis_service_pb2_grpc as pb_grpc
@@ -94,10 +96,13 @@ def result_to_pb(result: ImageResult) -> pb.ImageResult:
     )
 
 
-def item_error_to_pb(err: GatewayError) -> pb.ItemError:
+def item_error_to_pb(err: Error) -> pb.ItemError:
     """A per-item error, shaped like google.rpc.Status with its one ErrorInfo flattened."""
     return pb.ItemError(
-        code=err.code_number, message=err.message, reason=err.reason, metadata=err.metadata
+        code=status_code(err).value[0],
+        message=err.message,
+        reason=err.reason,
+        metadata=err.metadata,
     )
 
 
@@ -176,7 +181,7 @@ class FashionAnalysisServicer(pb_grpc.FashionAnalysisServiceServicer):
         return pb.BatchAnalyzeResponse(
             entries=[
                 pb.BatchAnalyzeEntry(error=item_error_to_pb(o))
-                if isinstance(o, GatewayError)
+                if isinstance(o, Error)
                 else pb.BatchAnalyzeEntry(result=result_to_pb(o))
                 for o in outcomes
             ]
@@ -197,7 +202,7 @@ class FashionAnalysisServicer(pb_grpc.FashionAnalysisServiceServicer):
                 )
 
         async def emit(answer: StreamOutcome) -> None:
-            if isinstance(answer.outcome, GatewayError):
+            if isinstance(answer.outcome, Error):
                 response = pb.StreamAnalyzeResponse(
                     request_id=answer.request_id, error=item_error_to_pb(answer.outcome)
                 )

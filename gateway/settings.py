@@ -27,11 +27,12 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from fashionserve.ensemble import GRPC_MAX_MESSAGE_BYTES
+from fashionserve.errors import InvalidInput
+
 ENV_PREFIX = "FASHIONSERVE_GATEWAY_"
 CONFIG_ENV = f"{ENV_PREFIX}CONFIG"
 MIB = 1024 * 1024
-# gRPC message lengths are C ints.
-GRPC_MAX_MESSAGE = 2**31 - 1
 
 DNS_SCHEME = "dns:///"
 _ADDRESS = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]*):\d{1,5}$")
@@ -41,7 +42,7 @@ _ADDRESS = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]*):\d{1,5}$")
 _yaml_layer: ContextVar[dict[str, Any] | None] = ContextVar("_yaml_layer", default=None)
 
 
-class SettingsError(ValueError):
+class SettingsError(InvalidInput):
     """The settings file could not be read."""
 
 
@@ -158,7 +159,10 @@ class GatewaySettings(BaseSettings):
         4, ge=1, le=256, description="Most ensemble calls outstanding at once."
     )
     max_image_bytes: int = Field(
-        20 * MIB, ge=1, le=GRPC_MAX_MESSAGE, description="Largest encoded image accepted, bytes."
+        20 * MIB,
+        ge=1,
+        le=GRPC_MAX_MESSAGE_BYTES,
+        description="Largest encoded image accepted, bytes.",
     )
     max_image_pixels: int = Field(
         50_000_000,
@@ -185,7 +189,7 @@ class GatewaySettings(BaseSettings):
     max_message_bytes: int = Field(
         64 * MIB,
         ge=MIB,
-        le=GRPC_MAX_MESSAGE,
+        le=GRPC_MAX_MESSAGE_BYTES,
         description="Largest gRPC message the gateway receives or sends; larger ones are "
         "refused by gRPC itself with RESOURCE_EXHAUSTED.",
     )

@@ -53,8 +53,9 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from fashionserve.gateway import __version__
-from fashionserve.gateway.auth import identity_var
-from fashionserve.gateway.errors import SERVICE_PREFIX, request_id_var, wrap_handler
+from fashionserve.gateway.auth.identity import identity_var
+from fashionserve.gateway.failures import request_id_var
+from fashionserve.gateway.handlers import SERVICE_PREFIX, wrap_handler
 
 log = logging.getLogger(__name__)
 

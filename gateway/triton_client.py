@@ -1,19 +1,18 @@
-"""The gateway's calls to Triton, over ``tritonclient.grpc.aio``.
+"""The transport: the gateway's calls to the ensemble on one Triton server, over
+``tritonclient.grpc.aio``. Transport failures become the gateway's domain errors here.
 
 Two jobs:
 
-* :meth:`TritonPipeline.infer`: one ensemble call for a batch of images, returning one
+* :meth:`EnsembleClient.infer`: one ensemble call for a batch of images, returning one
   outcome per image. When the ensemble refuses the call because of one image (its
   preprocess step names the image and the reason, see
   :func:`fashionserve.ensemble.parse_rejection`), that image alone fails and the others
   are sent again without it; a refusal that names no image is narrowed down by sending the
   images one by one. So one bad image fails only itself.
-* :meth:`TritonPipeline.describe`: readiness and what is served, for the health service and
-  GetServingInfo. Everything comes from Triton itself (one source of truth, also where the
-  gateway does not share a disk with Triton): readiness from the server and the ensemble,
-  loaded versions from the repository index, and the facts ``fashionserve repo build``
-  records in the ensemble's config ``parameters`` (taxonomy hash and version, score floor,
-  caps, and ``<model>_sha256`` artifact hashes when the repository records them).
+* :meth:`EnsembleClient.status`: what Triton reports, for the health service and
+  GetServingInfo: liveness, the ensemble's readiness and config, and the loaded versions
+  from the repository index (one source of truth, also where the gateway does not share a
+  disk with Triton). :mod:`fashionserve.gateway.served_state` interprets it.
 
 gRPC's default 4 MiB message limit is too small for a batch of photos: the channel's send
 and receive limits are raised explicitly to fit ``max_batch_size`` images of
@@ -23,7 +22,6 @@ and receive limits are raised explicitly to fit ``max_batch_size`` images of
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -33,10 +31,11 @@ from typing import Any
 import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
+from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException
 
 from fashionserve import ensemble
-from fashionserve.gateway.errors import (
+from fashionserve.gateway.failures import (
     DeadlineExceeded,
     GatewayError,
     InternalError,
@@ -46,70 +45,33 @@ from fashionserve.gateway.errors import (
 )
 from fashionserve.gateway.results import ImageOutput
 from fashionserve.gateway.telemetry import trace_headers
-from fashionserve.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
-GRPC_MAX_MESSAGE = 2**31 - 1
 # Reasons the preprocess step gives for an image that is the caller's fault.
 IMAGE_REASONS = frozenset(
     {"EMPTY_IMAGE", "NOT_AN_IMAGE", "UNSUPPORTED_FORMAT", "TOO_MANY_PIXELS", "CORRUPT_IMAGE"}
 )
-PIPELINE_MODELS: tuple[str, ...] = ("detector", "tagger", "embedder")
-"""The exported models whose versions GetServingInfo reports."""
 _STATUS_TIMEOUT = 2.0  # seconds; a readiness probe must not hang the health loop
 
 
 @dataclass(frozen=True)
-class ServedModel:
-    """One model of the pipeline as served."""
+class EnsembleStatus:
+    """What Triton reports about the ensemble: ``config`` (its model config) and ``loaded``
+    (model name -> versions READY in the repository index) when it is live and ready, else
+    ``problem``, why not. :func:`fashionserve.gateway.served_state.assess` reads it."""
 
-    name: str
-    version: str
-    artifact_sha256: str
-
-
-@dataclass(frozen=True)
-class ServedState:
-    """What Triton serves right now, as far as the gateway can tell."""
-
-    ready: bool
     problem: str = ""
-    taxonomy_hash: str = ""
-    taxonomy_version: str = ""
-    models: tuple[ServedModel, ...] = ()
-    min_score: float = 0.0
-    max_images_per_request: int = 0
-    max_crops_per_image: int = 0
-    embedding_dimension: int = 0
-    parameters: dict[str, str] = field(default_factory=dict)
-    # The served tagger's own taxonomy, when the ensemble publishes it (verified against
-    # taxonomy_hash): the gateway decodes with it, so a rollout that adds labels needs no
-    # gateway restart.
-    taxonomy: Taxonomy | None = None
-
-
-def serving_problem(state: ServedState, taxonomy: Taxonomy) -> str:
-    """Why the pipeline described by ``state`` cannot serve with ``taxonomy`` ("" if it can):
-    Triton not ready, or the served tagger exported with another taxonomy that the
-    ensemble does not publish (its logits cannot be decoded)."""
-    if not state.ready:
-        return state.problem
-    if state.taxonomy is None and state.taxonomy_hash != taxonomy.hash:
-        return (
-            f"the served tagger was exported with taxonomy "
-            f"{state.taxonomy_version or '?'} (hash {state.taxonomy_hash[:12] or 'unknown'}), "
-            f"the gateway decodes with {taxonomy.version} (hash {taxonomy.hash[:12]})"
-        )
-    return ""
+    config: model_config_pb2.ModelConfig | None = None
+    loaded: dict[str, list[str]] = field(default_factory=dict)
 
 
 def channel_args(max_batch_size: int, max_image_bytes: int) -> list[tuple[str, Any]]:
     """Channel options for the Triton connection: message limits sized for a full batch,
     and a short reconnect backoff so a restarted Triton is noticed within seconds (gRPC's
     default backoff grows to two minutes)."""
-    limit = min(GRPC_MAX_MESSAGE, max_batch_size * max_image_bytes + 16 * MIB)
+    limit = min(ensemble.GRPC_MAX_MESSAGE_BYTES, max_batch_size * max_image_bytes + 16 * MIB)
     return [
         ("grpc.max_send_message_length", limit),
         ("grpc.max_receive_message_length", limit),
@@ -121,7 +83,7 @@ def channel_args(max_batch_size: int, max_image_bytes: int) -> list[tuple[str, A
     ]
 
 
-class TritonPipeline:
+class EnsembleClient:
     """The ensemble ``fashion_pipeline`` on one Triton server."""
 
     def __init__(
@@ -140,7 +102,7 @@ class TritonPipeline:
             url, channel_args=channel_args(max_batch_size, max_image_bytes)
         )
         self._outputs = [grpcclient.InferRequestedOutput(name) for name in ensemble.OUTPUTS]
-        # Learned from the ensemble's config; 0 until known.
+        # Set from the ensemble's config by the endpoint pool's probes; 0 until known.
         self.max_images_per_request = 0
 
     async def close(self) -> None:
@@ -264,108 +226,31 @@ class TritonPipeline:
         log.error("ensemble call for %d image(s) failed: %s %s", n_images, status, text)
         return InternalError("INFERENCE_FAILED", "the inference server failed to run the models")
 
-    # ------------------------------------------------------------------ describe
-    async def describe(self) -> ServedState:
-        """Readiness plus the served facts; never raises (a failure is ``ready=False``)."""
+    # ------------------------------------------------------------------ status
+    async def status(self) -> EnsembleStatus:
+        """What Triton reports now; never raises (a failure is a ``problem``)."""
         try:
             # Live, not ready: with --strict-readiness a server is "not ready" while any
             # model (re)loads, and a rollout reloads models while the ensemble serves.
             if not await self._client.is_server_live(client_timeout=_STATUS_TIMEOUT):
-                return ServedState(False, "Triton is not live")
+                return EnsembleStatus("Triton is not live")
             if not await self._client.is_model_ready(
                 self.model_name, client_timeout=_STATUS_TIMEOUT
             ):
-                return ServedState(False, f"model {self.model_name} is not ready")
+                return EnsembleStatus(f"model {self.model_name} is not ready")
             config = await self._client.get_model_config(
                 self.model_name, client_timeout=_STATUS_TIMEOUT
             )
             index = await self._client.get_model_repository_index(client_timeout=_STATUS_TIMEOUT)
         except InferenceServerException as exc:
-            return ServedState(False, f"Triton at {self.url}: {exc.message() or exc}")
+            return EnsembleStatus(f"Triton at {self.url}: {exc.message() or exc}")
         except Exception as exc:  # a probe must never kill the health loop
-            return ServedState(False, f"Triton at {self.url}: {type(exc).__name__}: {exc}")
+            return EnsembleStatus(f"Triton at {self.url}: {type(exc).__name__}: {exc}")
         loaded: dict[str, list[str]] = {}
         for model in index.models:
             if model.state == "READY":
                 loaded.setdefault(model.name, []).append(model.version)
-        state = served_state_from_config(config.config, loaded)
-        if state.max_images_per_request:
-            self.max_images_per_request = state.max_images_per_request
-        return state
-
-
-def served_state_from_config(
-    config: Any, loaded: dict[str, list[str]] | None = None
-) -> ServedState:
-    """Read the facts ``fashionserve repo build`` records in the ensemble's config.
-
-    ``loaded`` (model name -> versions Triton reports READY in its repository index) says
-    which version is actually served; the version recorded at build time is the fallback.
-    An artifact hash is reported only for the version it was recorded for.
-    """
-    params = {k: v.string_value for k, v in config.parameters.items()}
-
-    def number(key: str, kind: type[int] | type[float]) -> Any:
-        try:
-            return kind(params.get(key, "0"))
-        except ValueError:
-            return kind(0)
-
-    embedding_dim = 0
-    for output in config.output:
-        if output.name == ensemble.EMBEDDINGS and len(output.dims) >= 1:
-            embedding_dim = max(int(output.dims[-1]), 0)
-    # `repo build` pins each step to an exact version: that is the one served. A step at
-    # -1 (a repository built before pinning) uses the newest loaded version.
-    pinned = {
-        s.model_name: str(s.model_version)
-        for s in config.ensemble_scheduling.step
-        if s.model_version > 0
-    }
-    models: list[ServedModel] = []
-    for name in PIPELINE_MODELS:
-        built = params.get(f"{name}_version", "")
-        versions = (loaded or {}).get(name) or ([built] if built else [])
-        newest = max(versions, key=lambda v: int(v) if v.isdigit() else -1, default="")
-        served = pinned.get(name, newest)
-        sha = params.get(f"{name}_sha256", "") if served == built else ""
-        models.append(ServedModel(name, served, sha))
-    # The recorded taxonomy hash is that of the tagger version the ensemble was built with;
-    # if Triton serves another version, what its logits mean is unknown: no hash.
-    tagger = next(m for m in models if m.name == "tagger")
-    recorded_tagger = params.get("tagger_version", tagger.version)
-    taxonomy_hash = params.get("taxonomy_hash", "") if tagger.version == recorded_tagger else ""
-    return ServedState(
-        taxonomy=_published_taxonomy(params.get("taxonomy_document", ""), taxonomy_hash),
-        ready=True,
-        taxonomy_hash=taxonomy_hash,
-        taxonomy_version=params.get("taxonomy_version", ""),
-        models=tuple(models),
-        min_score=number("min_score", float),
-        max_images_per_request=number("max_images_per_request", int),
-        max_crops_per_image=number("max_crops_per_image", int),
-        embedding_dimension=embedding_dim,
-        parameters=params,
-    )
-
-
-def _published_taxonomy(document: str, expected_hash: str) -> Taxonomy | None:
-    """The taxonomy the ensemble publishes, if it parses and hashes to ``expected_hash``."""
-    if not document or not expected_hash:
-        return None
-    try:
-        taxonomy = Taxonomy.from_dict(json.loads(document), source="the served ensemble")
-    except (ValueError, TypeError) as exc:  # TaxonomyError is a ValueError
-        log.error("the served ensemble's taxonomy_document is invalid: %s", exc)
-        return None
-    if taxonomy.hash != expected_hash:
-        log.error(
-            "the served ensemble's taxonomy_document hashes to %s, not to its taxonomy_hash %s",
-            taxonomy.hash[:12],
-            expected_hash[:12],
-        )
-        return None
-    return taxonomy
+        return EnsembleStatus(config=config.config, loaded=loaded)
 
 
 class _Rejected(Exception):

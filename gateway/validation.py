@@ -36,7 +36,7 @@ from typing import TypeVar
 
 from PIL import Image
 
-from fashionserve.gateway.errors import GatewayError, InvalidArgument, ResourceExhausted
+from fashionserve.gateway.failures import GatewayError, InvalidArgument, ResourceExhausted
 from fashionserve.imaging import ALLOWED_FORMATS, sniff_format
 
 T = TypeVar("T")

@@ -161,7 +161,7 @@ TRITON_PID=$(docker inspect -f '{{.State.Pid}}' "$CONTAINER")
 say "Triton container $CONTAINER (host pid $TRITON_PID), gRPC 127.0.0.1:$TRITON_PORT"
 
 # --- the gateway, API keys on, default batching
-KEY=$("$PY" -c 'import sys; from pathlib import Path; from gateway.auth import create_key; print(create_key(Path(sys.argv[1]), "bench", tenant="bench"))' "$WORK/keys.yaml")
+KEY=$("$PY" -c 'import sys; from pathlib import Path; from fashionserve.gateway.auth.keys import create_key; print(create_key(Path(sys.argv[1]), "bench", tenant="bench"))' "$WORK/keys.yaml")
 cat > "$WORK/gateway.yaml" <<EOF
 listen_address: "127.0.0.1:0"
 triton_url: "127.0.0.1:$TRITON_PORT"

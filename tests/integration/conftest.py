@@ -44,7 +44,7 @@ from PIL import Image
 
 from fashionserve.checkpoint import file_sha256
 from fashionserve.ensemble import MODEL_KINDS
-from fashionserve.gateway.auth import create_key
+from fashionserve.gateway.auth.keys import create_key
 from fashionserve.model_repository.build import BuiltRepository, build_repository
 from fashionserve.model_repository.python_models import ORT_RUNNER
 from fashionserve.model_repository.settings import RepositorySettings

@@ -31,7 +31,7 @@ from grpc_status import rpc_status
 
 from fashionserve.cli import main as cli_main
 from fashionserve.clients import FashionClient, FashionServeError
-from fashionserve.gateway.auth import create_key
+from fashionserve.gateway.auth.keys import create_key
 from fashionserve.protos.fashion.v1 import analysis_service_pb2 as pb
 from fashionserve.triton import TritonServer
 

@@ -31,7 +31,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from fashionserve.gateway.auth import create_key
+from fashionserve.gateway.auth.keys import create_key
 from fashionserve.gateway.server import GatewayServer, create_server
 from fashionserve.gateway.settings import load_settings
 from fashionserve.protos.fashion.v1 import analysis_service_pb2 as pb

@@ -37,7 +37,7 @@ class Gateway:
 @pytest.fixture(scope="module")
 def gateway(triton: TritonServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     """``fashionserve gateway`` on a free port with one API key, in front of ``triton``."""
-    from fashionserve.gateway.auth import create_key
+    from fashionserve.gateway.auth.keys import create_key
 
     root = tmp_path_factory.mktemp("loadtest-gateway")
     key = create_key(root / "keys.yaml", "loadtest", tenant="test")

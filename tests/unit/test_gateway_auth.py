@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
 from fashionserve.cli import main as cli_main
-from fashionserve.gateway.auth import (
+from fashionserve.gateway.auth.keys import (
     KeyFileError,
     KeyStore,
     create_key,
@@ -32,7 +32,7 @@ from fashionserve.gateway.auth import (
     read_keys_file,
     verify_secret,
 )
-from fashionserve.gateway.errors import Unauthenticated
+from fashionserve.gateway.failures import Unauthenticated
 from fashionserve.gateway.server import create_server
 from fashionserve.gateway.settings import load_settings
 from fashionserve.protos.fashion.v1 import analysis_service_pb2 as pb

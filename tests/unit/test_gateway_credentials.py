@@ -30,8 +30,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from fashionserve.gateway.auth import Authenticator, JwksError, KeyStore, TokenVerifier, create_key
-from fashionserve.gateway.errors import Unauthenticated
+from fashionserve.gateway.auth.interceptor import Authenticator
+from fashionserve.gateway.auth.keys import KeyStore, create_key
+from fashionserve.gateway.auth.tokens import JwksError, TokenVerifier
+from fashionserve.gateway.failures import Unauthenticated
 from fashionserve.gateway.server import create_server
 from fashionserve.gateway.settings import load_settings
 from fashionserve.protos.fashion.v1 import analysis_service_pb2 as pb

@@ -1,6 +1,6 @@
 """The endpoint pool's policy: readiness, pick, ejection and return, retries, DNS.
 
-Each Triton server is a scripted stand-in for :class:`fashionserve.gateway.triton_client.TritonPipeline`
+Each Triton server is a scripted stand-in for :class:`fashionserve.gateway.triton_client.EnsembleClient`
 (the unit tier runs no Triton; ``tests/integration/test_gateway_failover.py`` runs the same
 behaviour against real ``tritonserver`` processes), and DNS is a scripted resolver, since
 the answers of a real one cannot be chosen here.
@@ -15,11 +15,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 
 import pytest
+from tritonclient.grpc import model_config_pb2
 
 from fashionserve.gateway.endpoints import EndpointPool, RetryBudget, resolve_dns, split_target
-from fashionserve.gateway.errors import DeadlineExceeded, GatewayError, InternalError, Unavailable
+from fashionserve.gateway.failures import DeadlineExceeded, GatewayError, InternalError, Unavailable
 from fashionserve.gateway.results import ImageOutput
-from fashionserve.gateway.triton_client import ServedState, TritonPipeline
+from fashionserve.gateway.triton_client import EnsembleClient, EnsembleStatus
 from fashionserve.taxonomy import load_taxonomy
 
 TAXONOMY = load_taxonomy()
@@ -49,10 +50,13 @@ class FakeTriton:
         self.deadlines: list[float | None] = []
         self.closed = False
 
-    async def describe(self) -> ServedState:
+    async def status(self) -> EnsembleStatus:
         if not self.ready:
-            return ServedState(False, "connection refused")
-        return ServedState(True, taxonomy_hash=self.taxonomy_hash, taxonomy_version="x")
+            return EnsembleStatus("connection refused")
+        config = model_config_pb2.ModelConfig()
+        config.parameters["taxonomy_hash"].string_value = self.taxonomy_hash
+        config.parameters["taxonomy_version"].string_value = "x"
+        return EnsembleStatus(config=config)
 
     async def infer(
         self, images: Sequence[bytes], deadline: float | None = None
@@ -76,9 +80,9 @@ class Fleet:
     def __init__(self) -> None:
         self.servers: dict[str, FakeTriton] = {}
 
-    def connect(self, address: str) -> TritonPipeline:
+    def connect(self, address: str) -> EnsembleClient:
         self.servers[address] = FakeTriton(address)
-        return cast(TritonPipeline, self.servers[address])
+        return cast(EnsembleClient, self.servers[address])
 
     def pool(
         self, targets: Sequence[str], ratio: float = 0.2, burst: int = 10, **kw: Any

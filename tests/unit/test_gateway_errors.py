@@ -17,14 +17,8 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from fashionserve.gateway.errors import (
-    DOMAIN,
-    ErrorInterceptor,
-    InvalidArgument,
-    Unavailable,
-    request_id_var,
-    to_rpc_status,
-)
+from fashionserve.gateway.errors import DOMAIN, ErrorInterceptor, to_rpc_status
+from fashionserve.gateway.failures import InvalidArgument, Unavailable, request_id_var
 
 
 def aio(test: Callable[..., Awaitable[None]]) -> Callable[..., None]:

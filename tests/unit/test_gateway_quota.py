@@ -12,7 +12,9 @@ from pydantic import ValidationError
 
 from fashionserve.clients.errors import FashionServeError
 from fashionserve.clients.retry import RetryPolicy
-from fashionserve.gateway.errors import GatewayError, ResourceExhausted, to_rpc_status
+from fashionserve.errors import ErrorKind
+from fashionserve.gateway.errors import to_rpc_status
+from fashionserve.gateway.failures import GatewayError, ResourceExhausted
 from fashionserve.gateway.quota import _PRUNE_AT, Admission
 from fashionserve.gateway.settings import GatewaySettings, load_settings
 
@@ -47,7 +49,7 @@ def test_a_tenant_over_its_rate_is_refused_with_the_time_its_bucket_needs() -> N
         with admission.admit("acme", 1):
             pass
     err = refusal(admission, "acme", 1)
-    assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert err.kind == ErrorKind.RESOURCE_EXHAUSTED
     assert err.reason == "TENANT_RATE_LIMITED"
     assert err.retry_delay == pytest.approx(0.1)  # 1 image at 10/s
     assert err.metadata == {

@@ -26,8 +26,9 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from fashionserve.gateway.auth import Identity, identity_var
-from fashionserve.gateway.errors import ErrorInterceptor, InvalidArgument
+from fashionserve.gateway.auth.identity import Identity, identity_var
+from fashionserve.gateway.errors import ErrorInterceptor
+from fashionserve.gateway.failures import InvalidArgument
 from fashionserve.gateway.server import JsonFormatter
 from fashionserve.gateway.telemetry import (
     RequestContextFilter,

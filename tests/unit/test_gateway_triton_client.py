@@ -1,74 +1,15 @@
-"""What the gateway reads from Triton's ensemble config and repository index."""
+"""The transport to Triton: message limits and deadlines."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 import time
 
 import pytest
-from google.protobuf import text_format
-from tritonclient.grpc import model_config_pb2
 
-from fashionserve.gateway.errors import DeadlineExceeded
-from fashionserve.gateway.triton_client import (
-    TritonPipeline,
-    channel_args,
-    served_state_from_config,
-    serving_problem,
-)
-from fashionserve.taxonomy import Taxonomy, load_taxonomy
-
-CONFIG = """
-name: "fashion_pipeline"
-platform: "ensemble"
-output [
-  { name: "TAG_LOGITS" data_type: TYPE_FP32 dims: [ -1, 33 ] },
-  { name: "EMBEDDINGS" data_type: TYPE_FP32 dims: [ -1, 128 ] }
-]
-parameters { key: "max_images_per_request" value: { string_value: "16" } }
-parameters { key: "max_crops_per_image" value: { string_value: "12" } }
-parameters { key: "min_score" value: { string_value: "0.3" } }
-parameters { key: "detector_version" value: { string_value: "2" } }
-parameters { key: "tagger_version" value: { string_value: "3" } }
-parameters { key: "embedder_version" value: { string_value: "1" } }
-parameters { key: "tagger_sha256" value: { string_value: "abc123" } }
-parameters { key: "taxonomy_hash" value: { string_value: "feed" } }
-parameters { key: "taxonomy_version" value: { string_value: "2026.11.0" } }
-"""
-
-
-def config() -> model_config_pb2.ModelConfig:
-    return text_format.Parse(CONFIG, model_config_pb2.ModelConfig())
-
-
-def test_facts_recorded_by_the_repository_build() -> None:
-    state = served_state_from_config(
-        config(), {"detector": ["2"], "tagger": ["3"], "embedder": ["1"]}
-    )
-    assert state.ready and state.taxonomy_hash == "feed" and state.taxonomy_version == "2026.11.0"
-    assert (state.max_images_per_request, state.max_crops_per_image) == (16, 12)
-    assert state.min_score == 0.3 and state.embedding_dimension == 128
-    assert [(m.name, m.version, m.artifact_sha256) for m in state.models] == [
-        ("detector", "2", ""),
-        ("tagger", "3", "abc123"),
-        ("embedder", "1", ""),
-    ]
-
-
-def test_versions_come_from_what_triton_has_loaded() -> None:
-    state = served_state_from_config(config(), {"detector": ["2", "10"]})
-    assert next(m for m in state.models if m.name == "detector").version == "10"
-    # Not in the index: the version the ensemble was built with.
-    assert next(m for m in state.models if m.name == "embedder").version == "1"
-
-
-def test_a_tagger_other_than_the_recorded_one_has_no_known_taxonomy() -> None:
-    state = served_state_from_config(config(), {"tagger": ["4"]})
-    tagger = next(m for m in state.models if m.name == "tagger")
-    assert (tagger.version, tagger.artifact_sha256) == ("4", "")
-    assert state.taxonomy_hash == ""  # so the gateway refuses to decode (TAXONOMY_MISMATCH)
+from fashionserve.gateway.failures import DeadlineExceeded
+from fashionserve.gateway.triton_client import EnsembleClient, channel_args
 
 
 def test_message_limits_fit_a_full_batch_of_the_largest_images() -> None:
@@ -86,42 +27,14 @@ def test_a_call_whose_deadline_has_passed_is_not_sent() -> None:
         port = s.getsockname()[1]
 
     async def call() -> None:
-        pipeline = TritonPipeline(
+        client = EnsembleClient(
             f"127.0.0.1:{port}", max_batch_size=1, max_image_bytes=1024, request_timeout_seconds=5
         )
         try:
-            await pipeline.infer([b"x"], deadline=time.monotonic() - 0.001)
+            await client.infer([b"x"], deadline=time.monotonic() - 0.001)
         finally:
-            await pipeline.close()
+            await client.close()
 
     with pytest.raises(DeadlineExceeded) as info:
         asyncio.run(call())
     assert info.value.reason == "DEADLINE_EXCEEDED"
-
-
-def test_the_version_an_ensemble_step_is_pinned_to_is_the_served_one() -> None:
-    pinned = config()
-    step = pinned.ensemble_scheduling.step.add()
-    step.model_name, step.model_version = "tagger", 3
-    # During a rollout Triton has versions 3 and 4 of the tagger loaded; the ensemble
-    # still calls 3, so 3 is served and its taxonomy is known.
-    state = served_state_from_config(pinned, {"tagger": ["3", "4"]})
-    assert next(m for m in state.models if m.name == "tagger").version == "3"
-    assert state.taxonomy_hash == "feed"
-
-
-def test_a_published_taxonomy_is_used_only_when_it_matches_the_recorded_hash() -> None:
-    taxonomy = load_taxonomy()
-    published = config()
-    published.parameters["taxonomy_hash"].string_value = taxonomy.hash
-    published.parameters["taxonomy_document"].string_value = json.dumps(taxonomy.to_dict())
-    state = served_state_from_config(published, {"tagger": ["3"]})
-    assert state.taxonomy is not None and state.taxonomy.hash == taxonomy.hash
-    other = Taxonomy.from_dict({**taxonomy.to_dict(), "version": "9.9"})
-    # The gateway's own taxonomy differs, but the served one is published: it can decode.
-    assert serving_problem(state, other) == ""
-
-    published.parameters["taxonomy_hash"].string_value = "f00d"  # document does not match
-    state = served_state_from_config(published, {"tagger": ["3"]})
-    assert state.taxonomy is None
-    assert "the gateway decodes with 9.9" in serving_problem(state, other)

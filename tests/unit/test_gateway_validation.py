@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fashionserve.gateway.errors import InvalidArgument, ResourceExhausted
+from fashionserve.gateway.failures import InvalidArgument, ResourceExhausted
 from fashionserve.gateway.validation import (
     ImageLimits,
     StreamLimit,
@@ -49,7 +49,7 @@ def encode(fmt: str, size: tuple[int, int] = (64, 48), mode: str = "RGB", **kw: 
 def reason(data: bytes, limits: ImageLimits = LIMITS) -> str:
     with pytest.raises(InvalidArgument) as info:
         inspect_image(data, limits)
-    assert info.value.code.name == "INVALID_ARGUMENT"
+    assert info.value.kind.name == "INVALID_ARGUMENT"
     return info.value.reason
 
 

@@ -514,7 +514,7 @@ def test_gateway_ports_are_served(render: Render) -> None:
 
 
 def test_chart_made_secret_holds_the_key_file(render: Render, tmp_path: Path) -> None:
-    from fashionserve.gateway.auth import read_keys_file
+    from fashionserve.gateway.auth.keys import read_keys_file
 
     manifests = render("cpu-python-ort")
     secret = one(manifests, "Secret", "gateway")

@@ -1,0 +1,10 @@
+"""Who is calling, one module per job.
+
+* ``identity.py``: the caller's :class:`~.identity.Identity`, the scopes, and the context
+  variable the rest of a call reads it from (free of gRPC);
+* ``keys.py``: API keys and the key file (``fashionserve keys create``);
+* ``tokens.py``: JWT bearer tokens verified against a JWKS file;
+* ``watched.py``: the key file and the JWKS are re-read when they change;
+* ``tls.py``: TLS credentials for the listening port (optionally mutual);
+* ``interceptor.py``: the interceptor that authenticates every call before its handler.
+"""

@@ -1,0 +1,60 @@
+"""Who is calling: the :class:`Identity` of a call, the scopes, and where it is kept.
+
+The authentication interceptor puts the caller's identity in :data:`identity_var`; the rest
+of the call (the analyzer, telemetry, logs) reads it from there. Nothing here knows gRPC.
+"""
+
+from __future__ import annotations
+
+import re
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+from fashionserve.gateway.failures import PermissionDenied
+
+SCOPES: tuple[str, ...] = ("analyze", "embed", "admin")
+"""``analyze``: the analysis RPCs; ``embed``: embeddings in results; ``admin``: reserved."""
+_LOGGABLE = re.compile(r"^[A-Za-z0-9_.@:/+-]{1,128}$")
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who is calling: the API key id (``jwt:<sub>`` for a bearer token), its tenant and
+    its scopes."""
+
+    key_id: str
+    tenant: str
+    scopes: frozenset[str]
+
+
+LOCAL_IDENTITY = Identity("local", "default", frozenset(SCOPES))
+"""The identity of every call when authentication is turned off."""
+
+identity_var: ContextVar[Identity | None] = ContextVar("identity", default=None)
+"""The caller of the current request, set by
+:class:`fashionserve.gateway.auth.interceptor.AuthInterceptor`."""
+
+
+def current_identity() -> Identity | None:
+    """The caller of the request being served (None outside a request)."""
+    return identity_var.get()
+
+
+def require_scope(scope: str) -> None:
+    """Raise PERMISSION_DENIED (reason MISSING_SCOPE) unless the caller has ``scope``."""
+    identity = identity_var.get()
+    if identity is None or scope not in identity.scopes:
+        key_id = identity.key_id if identity else "-"
+        tenant = identity.tenant if identity else "-"
+        raise PermissionDenied(
+            "MISSING_SCOPE",
+            f"the caller {key_id!r} lacks the {scope!r} scope this call needs",
+            {"scope": scope, "keyId": key_id, "tenant": tenant},
+        )
+
+
+def loggable(value: object) -> str:
+    """``value`` if it is a short plain identifier, else ``?``: caller-supplied text goes
+    into logs only when it cannot forge a line or smuggle a secret-sized blob."""
+    text = str(value)
+    return text if _LOGGABLE.match(text) else "?"

@@ -1,0 +1,96 @@
+"""The batched inference path: images from many calls, micro-batched into ensemble calls.
+
+:class:`BatchedInference` is what the analyzer awaits for each image: it queues the image
+in a :class:`~fashionserve.gateway.batcher.MicroBatcher` and sends each batch to the
+:class:`~fashionserve.gateway.endpoints.EndpointPool`, which runs it on a Triton endpoint.
+It knows nothing of decoding; it returns each image's raw ensemble output.
+
+One ensemble call serves several requests, so its span ``triton_infer`` is the child of the
+first request's span and links to every request's span; each request gets a ``batch_wait``
+span of its own for its time in the queue.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from opentelemetry import trace
+
+from fashionserve.gateway.batcher import MicroBatcher
+from fashionserve.gateway.endpoints import EndpointPool
+from fashionserve.gateway.results import ImageOutput
+from fashionserve.gateway.settings import GatewaySettings
+from fashionserve.gateway.telemetry import Telemetry, link_context
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One image in the micro-batcher, with the span of the request that sent it (the
+    batch's span links to it) and when it was queued (wall clock, ns, for its span)."""
+
+    image: bytes
+    span: trace.SpanContext
+    queued_ns: int
+
+
+class BatchedInference:
+    """Images in, ensemble outputs out, batched across concurrent calls."""
+
+    def __init__(self, settings: GatewaySettings, pool: EndpointPool, telemetry: Telemetry) -> None:
+        self.pool = pool
+        self.telemetry = telemetry
+        self.tracer = telemetry.tracer
+        self.batcher: MicroBatcher[_Job, ImageOutput] = MicroBatcher(
+            self._run_batch,
+            max_batch_size=settings.max_batch_size,
+            max_queue_delay_microseconds=settings.max_queue_delay_microseconds,
+            max_batches_in_flight=settings.max_batches_in_flight,
+            batch_size=telemetry.metrics.batch_size,
+            queue_wait_seconds=telemetry.metrics.batch_wait_seconds,
+        )
+
+    @property
+    def queued(self) -> int:
+        """Images waiting for a batch."""
+        return self.batcher.queued
+
+    def start(self) -> None:
+        """Start batching (inside the event loop)."""
+        self.batcher.start()
+
+    async def close(self) -> None:
+        """Take no more images and finish the batches in flight."""
+        await self.batcher.close()
+
+    async def infer(self, image: bytes, deadline: float | None) -> ImageOutput:
+        """The ensemble's output for ``image``. ``deadline`` (``time.monotonic()`` seconds):
+        past it the image is not sent (DEADLINE_EXCEEDED), and the Triton call ends by it.
+        Raises UNAVAILABLE (SHUTTING_DOWN) once closing."""
+        job = _Job(image, trace.get_current_span().get_span_context(), time.time_ns())
+        return await self.batcher.submit(job, deadline)
+
+    async def _run_batch(
+        self, jobs: list[_Job], deadline: float | None
+    ) -> Sequence[ImageOutput | BaseException]:
+        """One ensemble call for a batch, traced and timed, bounded by the batch's latest
+        deadline."""
+        sent = time.time_ns()
+        for job in jobs:
+            wait = self.tracer.start_span(
+                "batch_wait", context=link_context(job.span), start_time=job.queued_ns
+            )
+            wait.end(end_time=sent)
+        metrics = self.telemetry.metrics
+        with (
+            self.tracer.start_as_current_span(
+                "triton_infer",
+                context=link_context(jobs[0].span),
+                links=[trace.Link(job.span) for job in jobs if job.span.is_valid],
+                attributes={"fashionserve.batch_size": len(jobs)},
+            ),
+            metrics.batches_in_flight.track_inprogress(),
+            metrics.triton_seconds.time(),
+        ):
+            return await self.pool.infer([job.image for job in jobs], deadline)
