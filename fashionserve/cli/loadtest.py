@@ -1,7 +1,8 @@
 """``fashionserve loadtest ...``: run, capacity, soak, naive-server and bench.
 
 Exit status: 1 when an SLO is missed (so CI can gate on it), 2 when the load test could
-not run (a bad flag or file, a target that never became ready).
+not run (a bad flag or file, a target that never became ready); ``bench``: 1 when the
+stack it measures could not be started.
 """
 
 from __future__ import annotations
@@ -324,8 +325,10 @@ def add_commands(subparsers: Any) -> None:
         description="Load tests of the gateway, Triton's ensemble or the naive server.",
     )
 
-    def command(name: str, handler: Any, help: str) -> argparse.ArgumentParser:
-        return add_command(sub, name, handler, help, error_status=2)
+    def command(
+        name: str, handler: Any, help: str, error_status: int = 2
+    ) -> argparse.ArgumentParser:
+        return add_command(sub, name, handler, help, error_status=error_status)
 
     p = command("run", _run, "one load test (closed loop by default, open loop with --rate)")
     _add_target_flags(p)
@@ -367,7 +370,9 @@ def add_commands(subparsers: Any) -> None:
         "--device", default="auto", help="torch device: auto (cuda when available), cpu, cuda"
     )
 
-    p = command("bench", _bench, "the standard benchmark: writes a section of BENCHMARKS.md")
+    p = command(
+        "bench", _bench, "the standard benchmark: writes a section of BENCHMARKS.md", error_status=1
+    )
     p.add_argument("--output", type=Path, default=Path("BENCHMARKS.md"))
     p.add_argument("--assets", type=Path, default=Path("benchmarks"), help="plots and JSON")
     p.add_argument("--section", default="cpu-default", help="section of the output to rewrite")

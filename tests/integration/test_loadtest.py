@@ -84,7 +84,7 @@ def gateway(triton: TritonServer, tmp_path_factory: pytest.TempPathFactory) -> I
                 pytest.fail(f"the gateway did not start:\n{log.read_text()}")
             time.sleep(0.1)
         address = json.loads(ready.read_text())["address"]
-        from fashionserve.loadtest.bench import wait_serving
+        from fashionserve.loadtest.bench.stack import wait_serving
 
         wait_serving(address, timeout=60)
         yield Gateway(address, key)

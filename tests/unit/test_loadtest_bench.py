@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fashionserve.loadtest.bench import PREAMBLE, headline, write_section
+from fashionserve.loadtest.bench.report import PREAMBLE, headline, write_section
 
 
 def run(throughput: float, p50: float) -> dict:
