@@ -3,7 +3,7 @@
 Every image of the data set's ``val``, ``query`` and ``gallery`` splits is sent, encoded as
 stored, to ``fashion_pipeline`` on a running Triton, in requests of several images; the
 answers are scored against the labels with :mod:`fashionserve.metrics`, the way training's
-own validation scores the PyTorch models (``train.validate_pipeline``), so the two can be
+own validation scores the PyTorch models (``fashionserve.train.validation``), so the two can be
 compared: a gap means serving differs from training (a coordinate, crop or taxonomy bug).
 
 * detection: mAP@0.5 over the garments the ensemble returns (after its score floor and cap);

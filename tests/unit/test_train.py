@@ -12,7 +12,9 @@ from fashionserve.checkpoint import load_checkpoint
 from fashionserve.data.writer import synthesize
 from fashionserve.ensemble import MODEL_KINDS
 from fashionserve.taxonomy import load_taxonomy
-from fashionserve.train import DetectorData, Garment, Split, pk_batches, train_all
+from fashionserve.train import train_all
+from fashionserve.train.data import DetectorData, Garment, Split
+from fashionserve.train.loops import pk_batches
 
 
 @pytest.fixture(scope="module")
