@@ -114,7 +114,7 @@ class Journal:
         db = sqlite3.connect(output / JOURNAL_FILE, isolation_level=None, timeout=30)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")  # a commit survives a power cut, not just a kill
-        db.executescript(_SCHEMA)
+        db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} COMMIT;")  # readers see all or nothing
         journal = cls(db)
         meta = journal._meta()
         wanted = config.as_meta()
@@ -138,7 +138,11 @@ class Journal:
         path = output / JOURNAL_FILE
         if not path.is_file():
             raise OutputFormatError(f"{output}: no bulk journal there ({JOURNAL_FILE})")
-        return cls(sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None))
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+        if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone() is None:
+            db.close()  # the run has just created the file, not yet its tables
+            raise OutputFormatError(f"{output}: the bulk journal is being created")
+        return cls(db)
 
     def close(self) -> None:
         self._db.close()
