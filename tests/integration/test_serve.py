@@ -156,7 +156,7 @@ def analyze(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     )
 
 
-def render_scene() -> tuple[bytes, list[list[float]]]:
+def scene_with_truth() -> tuple[bytes, list[list[float]]]:
     """A synthetic scene (not the one serve wrote) and its ground-truth boxes x1,y1,x2,y2."""
     from fashionserve.serve import showcase_scene
 
@@ -198,7 +198,7 @@ def test_first_start_prints_one_ready_line(first: Stack) -> None:
 
 
 def test_analyze_a_rendered_scene_as_json_and_drawn(first: Stack, tmp_path: Path) -> None:
-    rendered, truth = render_scene()
+    rendered, truth = scene_with_truth()
     image = tmp_path / "scene.jpg"
     image.write_bytes(rendered)
     drawn = tmp_path / "drawn"
