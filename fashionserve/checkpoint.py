@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from fashionserve.ensemble import MODEL_KINDS as KINDS
 from fashionserve.ensemble import ModelKind as Kind
+from fashionserve.errors import InvalidInput
 from fashionserve.taxonomy import Taxonomy
 
 if TYPE_CHECKING:
@@ -24,8 +25,10 @@ FORMAT = "fashionserve-checkpoint"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InvalidInput):
     """A checkpoint file is missing fields, has the wrong format, or does not load."""
+
+    reason = "CHECKPOINT_INVALID"
 
 
 @dataclass

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 import numpy as np
 
+from fashionserve.errors import InvalidInput
+
 if TYPE_CHECKING:
     import tritonclient.grpc as grpcclient
 
@@ -200,7 +202,7 @@ def parse_rejection(error_text: str) -> Rejection | None:
     )
 
 
-class EnsembleRejected(ValueError):
+class EnsembleRejected(InvalidInput):
     """The ensemble refused the request (bad image, too many images)."""
 
     def __init__(self, rejection: Rejection, raw: str) -> None:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
+from fashionserve.errors import InvalidInput
+
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP"})
 DEFAULT_MAX_PIXELS = 50_000_000
 
@@ -42,12 +44,11 @@ _FTYP_BRANDS: dict[bytes, str] = {
 }
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(InvalidInput):
     """The bytes are not an image we accept. ``reason`` is an UPPER_SNAKE code."""
 
     def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
+        super().__init__(message, reason=reason)
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

@@ -25,14 +25,21 @@ from typing import Any, Literal
 import numpy as np
 import yaml
 
+from fashionserve.errors import InvalidInput
+
 DEFAULT_THRESHOLDS: dict[str, float] = {"category": 0.3, "exclusive": 0.3, "independent": 0.5}
 """Decision thresholds used for labels that `thresholds` does not name."""
 
 SegmentKind = Literal["category", "exclusive", "independent"]
 
 
-class TaxonomyError(ValueError):
-    """A taxonomy file is invalid. ``problems`` lists every problem with its location."""
+class TaxonomyError(InvalidInput, ValueError):
+    """A taxonomy file is invalid. ``problems`` lists every problem with its location.
+
+    Also a ValueError: readers of a served taxonomy document catch it with the JSON errors.
+    """
+
+    reason = "TAXONOMY_INVALID"
 
     def __init__(self, source: str, problems: Sequence[str]) -> None:
         self.source = source

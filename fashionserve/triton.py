@@ -38,6 +38,8 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO, Literal
 
+from fashionserve.errors import Error, ErrorKind
+
 LOG = logging.getLogger(__name__)
 
 ModelControlMode = Literal["none", "explicit"]
@@ -52,12 +54,15 @@ _HARMLESS_ERRORS = ("CudaDriverHelper has not been initialized",)
 _ERROR_LINE = re.compile(r"^E\d{4} [\d:.]+ +\d+ (?P<where>\S+)\] (?P<text>.*)$")
 
 
-class TritonError(RuntimeError):
+class TritonError(Error):
     """Triton could not be prepared, did not start, or died.
 
     ``errors`` holds the error lines Triton logged (first line of each), ``log_tail`` its
     last lines; both are in the message.
     """
+
+    kind = ErrorKind.UNAVAILABLE
+    reason = "TRITON_FAILED"
 
     def __init__(
         self, message: str, log_tail: Sequence[str] = (), errors: Sequence[str] = ()
@@ -507,7 +512,8 @@ def run_triton(
     """Serve ``repository`` in the foreground until Ctrl-C or SIGTERM; return an exit code.
 
     Triton's log goes to stderr prefixed with ``[triton]``. Returns 0 after a requested
-    stop, Triton's own exit code if it stopped by itself, 1 if it did not start.
+    stop, Triton's own exit code if it stopped by itself; raises :class:`TritonError` if
+    it did not start.
     ``host`` is the listening address; Triton has no authentication, so it stays on
     loopback unless a deployment puts a gateway in front of it.
     """
@@ -530,11 +536,7 @@ def run_triton(
         model_control_mode=model_control_mode,
     )
     try:
-        try:
-            server.start()
-        except TritonError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
+        server.start()
         print(
             f"Triton ready: grpc {server.grpc_url}, http {server.http_url}, "
             f"metrics {server.metrics_url} (Ctrl-C to stop)",
