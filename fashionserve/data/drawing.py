@@ -17,11 +17,12 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from fashionserve.data.catalog import RGB, Product, hsv_rgb
+from fashionserve.data.catalog import LEAF_ROOTS, RGB, Product, hsv_rgb
 
 Pt = tuple[float, float]
 
 
+# ------------------------------------------------------------------------------ geometry
 @dataclass
 class Geometry:
     """A garment drawn as commands in garment units (x right, y down).
@@ -159,345 +160,363 @@ def _rib_lines(g: Geometry, x0: float, x1: float, y0: float, y1: float, step: fl
 
 def product_geometry(p: Product) -> Geometry:
     """The drawing of a product, in units of its shoulder (or waist) width."""
-    look = p.look
     g = Geometry()
+    draw = {"top": _top, "bottom": _bottom, "full-body": _full_body}[LEAF_ROOTS[p.leaf]]
+    draw(g, p)
+    return g
+
+
+def _top(g: Geometry, p: Product) -> None:
+    """A shirt, t-shirt, sweater or blazer."""
+    look = p.look
     lj, wj, nw = look["length"], look["width"], look["neck"]
     details = set(p.details)
     sleeve = p.sleeve or "long"
     leaf = p.leaf
-    if leaf in ("shirt", "t-shirt", "sweater", "blazer"):
-        length = {"shirt": 1.32, "t-shirt": 1.05, "sweater": 1.12, "blazer": 1.3}[leaf] * lj
-        hw = {"shirt": 0.5, "t-shirt": 0.52, "sweater": 0.54, "blazer": 0.54}[leaf] * wj
-        sy, ay = 0.07, 0.42
-        if "hood" in details:
-            _hood(g, nw)
-        if sleeve != "sleeveless":
-            long_angle = {"sweater": 24.0, "blazer": 22.0}.get(leaf, 27.0) + look["angle"]
-            if sleeve == "long":
-                cuff_style = {"sweater": "band", "shirt": "flap", "blazer": None}.get(leaf)
-                _sleeve(
-                    g,
-                    (hw, sy),
-                    (hw * 0.97, ay),
-                    "long",
-                    long_angle,
-                    length * 0.9,
-                    0.13 if leaf == "sweater" else 0.1,
-                    cuff_style,
-                )
-            else:
-                _sleeve(
-                    g,
-                    (hw, sy),
-                    (hw * 0.97, ay),
-                    "short",
-                    58.0 + look["angle"],
-                    0.3,
-                    0.16,
-                    "band" if leaf == "sweater" else None,
-                )
-            shoulder: list[Pt] = [(-nw, 0.0), (-hw, sy), (-hw * 0.97, ay)]
+    length = {"shirt": 1.32, "t-shirt": 1.05, "sweater": 1.12, "blazer": 1.3}[leaf] * lj
+    hw = {"shirt": 0.5, "t-shirt": 0.52, "sweater": 0.54, "blazer": 0.54}[leaf] * wj
+    sy, ay = 0.07, 0.42
+    if "hood" in details:
+        _hood(g, nw)
+    if sleeve != "sleeveless":
+        long_angle = {"sweater": 24.0, "blazer": 22.0}.get(leaf, 27.0) + look["angle"]
+        if sleeve == "long":
+            cuff_style = {"sweater": "band", "shirt": "flap", "blazer": None}.get(leaf)
+            _sleeve(
+                g,
+                (hw, sy),
+                (hw * 0.97, ay),
+                "long",
+                long_angle,
+                length * 0.9,
+                0.13 if leaf == "sweater" else 0.1,
+                cuff_style,
+            )
         else:
-            # A tank top: narrow straps, then a scooped armhole out to the armpit.
-            strap = nw + 0.1
-            shoulder = [
-                (-nw, 0.0),
-                (-strap, 0.0),
-                (-strap - 0.015, 0.13),
-                (-strap - 0.05, 0.25),
-                (-hw * 0.84, ay - 0.06),
-                (-hw * 0.97, ay),
+            _sleeve(
+                g,
+                (hw, sy),
+                (hw * 0.97, ay),
+                "short",
+                58.0 + look["angle"],
+                0.3,
+                0.16,
+                "band" if leaf == "sweater" else None,
+            )
+        shoulder: list[Pt] = [(-nw, 0.0), (-hw, sy), (-hw * 0.97, ay)]
+    else:
+        # A tank top: narrow straps, then a scooped armhole out to the armpit.
+        strap = nw + 0.1
+        shoulder = [
+            (-nw, 0.0),
+            (-strap, 0.0),
+            (-strap - 0.015, 0.13),
+            (-strap - 0.05, 0.25),
+            (-hw * 0.84, ay - 0.06),
+            (-hw * 0.97, ay),
+        ]
+    if leaf == "shirt":
+        hh = hw * 0.96
+        hem = [
+            (-hh, length - 0.12),
+            *_arc(-hh * 0.75, hh * 0.75, length - 0.06, length + 0.04),
+            (hh, length - 0.12),
+        ]
+        left = [*shoulder]
+    elif leaf == "sweater":
+        hh = hw * 0.84
+        hem = [(-hh, length - 0.13), (-hh, length), (hh, length), (hh, length - 0.13)]
+        left = [*shoulder, (-hw * 1.03, length - 0.15)]
+    elif leaf == "blazer":
+        hh = hw * 0.94
+        hem = [
+            (-hh, length),
+            (-0.05, length),
+            (0.0, length - 0.05),
+            (0.05, length),
+            (hh, length),
+        ]
+        left = [*shoulder, (-hw * 0.86, length * 0.62)]
+    else:  # t-shirt
+        hh = hw
+        hem = [(-hh, length), (hh, length)]
+        left = [*shoulder]
+    right = [(-x, y) for x, y in reversed(left)]
+    g.poly([*left, *hem, *right])
+    if leaf == "shirt":
+        g.ellipse(0.0, 0.0, nw, 0.07, "inner")
+        g.poly(
+            [(-0.035, 0.02), (0.035, 0.02), (0.035, length + 0.035), (-0.035, length + 0.035)],
+            "body",
+        )
+        g.mirror_poly([(-nw - 0.03, -0.04), (0.0, 0.03), (-0.06, 0.25), (-nw - 0.09, 0.13)])
+        top_button = 0.12
+    elif leaf == "blazer":
+        depth = 0.55
+        g.poly([(-nw, 0.0), (nw, 0.0), (0.0, depth)], "shirt")
+        g.mirror_poly(
+            [
+                (-nw, -0.01),
+                (-0.02, depth + 0.02),
+                (-0.22, depth * 0.6),
+                (-0.3, 0.22),
+                (-0.21, 0.17),
+                (-nw - 0.05, -0.01),
             ]
-        if leaf == "shirt":
-            hh = hw * 0.96
-            hem = [
-                (-hh, length - 0.12),
-                *_arc(-hh * 0.75, hh * 0.75, length - 0.06, length + 0.04),
-                (hh, length - 0.12),
-            ]
-            left = [*shoulder]
+        )
+        g.line([(0.0, depth), (0.0, length - 0.05)])
+        top_button = depth + 0.08
+    elif leaf == "sweater":
+        if "hood" not in details:
+            g.ellipse(0.0, 0.0, nw + 0.06, 0.14, "band")
+            g.ellipse(0.0, 0.0, nw, 0.085, "inner")
+        g.poly([(-hh, length - 0.13), (hh, length - 0.13), (hh, length), (-hh, length)], "band")
+        _rib_lines(g, -hh, hh, length - 0.13, length, 0.055)
+        top_button = 0.2
+    else:
+        if "hood" not in details:
+            _neck(g, nw, bool(look["v_neck"]))
+            g.line([(-hh, length - 0.05), (hh, length - 0.05)], "stitch")
+        top_button = 0.16
+    if "pockets" in details:
+        if leaf in ("blazer",):
+            _pocket(g, -0.3, length * 0.68, 0.26, 0.14, flap=True)
+            _pocket(g, 0.3, length * 0.68, 0.26, 0.14, flap=True)
         elif leaf == "sweater":
-            hh = hw * 0.84
-            hem = [(-hh, length - 0.13), (-hh, length), (hh, length), (hh, length - 0.13)]
-            left = [*shoulder, (-hw * 1.03, length - 0.15)]
-        elif leaf == "blazer":
-            hh = hw * 0.94
-            hem = [
-                (-hh, length),
-                (-0.05, length),
-                (0.0, length - 0.05),
-                (0.05, length),
-                (hh, length),
-            ]
-            left = [*shoulder, (-hw * 0.86, length * 0.62)]
-        else:  # t-shirt
-            hh = hw
-            hem = [(-hh, length), (hh, length)]
-            left = [*shoulder]
-        right = [(-x, y) for x, y in reversed(left)]
-        g.poly([*left, *hem, *right])
-        if leaf == "shirt":
-            g.ellipse(0.0, 0.0, nw, 0.07, "inner")
             g.poly(
-                [(-0.035, 0.02), (0.035, 0.02), (0.035, length + 0.035), (-0.035, length + 0.035)],
-                "body",
-            )
-            g.mirror_poly([(-nw - 0.03, -0.04), (0.0, 0.03), (-0.06, 0.25), (-nw - 0.09, 0.13)])
-            top_button = 0.12
-        elif leaf == "blazer":
-            depth = 0.55
-            g.poly([(-nw, 0.0), (nw, 0.0), (0.0, depth)], "shirt")
-            g.mirror_poly(
                 [
-                    (-nw, -0.01),
-                    (-0.02, depth + 0.02),
-                    (-0.22, depth * 0.6),
-                    (-0.3, 0.22),
-                    (-0.21, 0.17),
-                    (-nw - 0.05, -0.01),
-                ]
+                    (-0.28, length * 0.55),
+                    (0.28, length * 0.55),
+                    (0.34, length - 0.15),
+                    (-0.34, length - 0.15),
+                ],
+                "pocket",
             )
-            g.line([(0.0, depth), (0.0, length - 0.05)])
-            top_button = depth + 0.08
-        elif leaf == "sweater":
-            if "hood" not in details:
-                g.ellipse(0.0, 0.0, nw + 0.06, 0.14, "band")
-                g.ellipse(0.0, 0.0, nw, 0.085, "inner")
-            g.poly([(-hh, length - 0.13), (hh, length - 0.13), (hh, length), (-hh, length)], "band")
-            _rib_lines(g, -hh, hh, length - 0.13, length, 0.055)
-            top_button = 0.2
         else:
-            if "hood" not in details:
-                _neck(g, nw, bool(look["v_neck"]))
-                g.line([(-hh, length - 0.05), (hh, length - 0.05)], "stitch")
-            top_button = 0.16
+            _pocket(g, 0.24, 0.3, 0.22, 0.22)
+    if "buttons" in details:
+        _buttons(g, 0.0, top_button, length - 0.12, 5 if leaf == "shirt" else 4, 0.055)
+    if "bow" in details:
+        _bow(g, 0.0, 0.1 if leaf != "shirt" else 0.05)
+    g.region = (-hw * 0.7, 0.25, hw * 0.7, length * 0.9)
+
+
+def _bottom(g: Geometry, p: Product) -> None:
+    """Trousers, shorts or a skirt."""
+    look = p.look
+    lj, wj = look["length"], look["width"]
+    details = set(p.details)
+    leaf = p.leaf
+    wb = 0.1
+    g.poly([(-0.5, 0.0), (0.5, 0.0), (0.5, wb), (-0.5, wb)])
+    if leaf == "skirt":
+        length = (1.0 + 0.45 * look["flare"]) * lj
+        hem_w = (0.82 + 0.18 * look["flare"]) * wj
+        g.poly(
+            [
+                (-0.5, wb),
+                (0.5, wb),
+                (hem_w, length - 0.06),
+                *_arc(hem_w, -hem_w, length - 0.06, length + 0.04),
+                (-hem_w, length - 0.06),
+            ]
+        )
+        if look["pleats"]:
+            for k in range(-3, 4):
+                g.line([(0.12 * k, wb), (0.12 * k * hem_w / 0.5, length)], "stitch")
         if "pockets" in details:
-            if leaf in ("blazer",):
-                _pocket(g, -0.3, length * 0.68, 0.26, 0.14, flap=True)
-                _pocket(g, 0.3, length * 0.68, 0.26, 0.14, flap=True)
-            elif leaf == "sweater":
-                g.poly(
-                    [
-                        (-0.28, length * 0.55),
-                        (0.28, length * 0.55),
-                        (0.34, length - 0.15),
-                        (-0.34, length - 0.15),
-                    ],
-                    "pocket",
-                )
-            else:
-                _pocket(g, 0.24, 0.3, 0.22, 0.22)
+            _pocket(g, -0.33, 0.3, 0.22, 0.22)
+            _pocket(g, 0.33, 0.3, 0.22, 0.22)
         if "buttons" in details:
-            _buttons(g, 0.0, top_button, length - 0.12, 5 if leaf == "shirt" else 4, 0.055)
-        if "bow" in details:
-            _bow(g, 0.0, 0.1 if leaf != "shirt" else 0.05)
-        g.region = (-hw * 0.7, 0.25, hw * 0.7, length * 0.9)
-    elif leaf in ("trousers", "shorts", "skirt"):
-        wb = 0.1
-        g.poly([(-0.5, 0.0), (0.5, 0.0), (0.5, wb), (-0.5, wb)])
-        if leaf == "skirt":
-            length = (1.0 + 0.45 * look["flare"]) * lj
-            hem_w = (0.82 + 0.18 * look["flare"]) * wj
+            _buttons(g, 0.0, 0.25, length - 0.15, 5, 0.055)
+        g.region = (-0.45, 0.2, 0.45, length * 0.8)
+    else:
+        short = leaf == "shorts"
+        length = (0.95 if short else 2.5) * lj
+        crotch = 0.62 if short else 0.82
+        outer = (0.64 if short else 0.47 + 0.06 * look["flare"]) * wj
+        inner = 0.08 if short else 0.13
+        g.poly(
+            [
+                (-0.5, wb),
+                (0.5, wb),
+                (0.54, 0.4),
+                (outer, length),
+                (inner, length),
+                (0.0, crotch),
+                (-inner, length),
+                (-outer, length),
+                (-0.54, 0.4),
+            ]
+        )
+        g.line([(0.0, wb), (0.0, crotch * 0.8)])
+        g.line([(0.0, crotch * 0.8), (0.1, crotch * 0.68), (0.1, wb)], "stitch")
+        if short:
             g.poly(
                 [
-                    (-0.5, wb),
-                    (0.5, wb),
-                    (hem_w, length - 0.06),
-                    *_arc(hem_w, -hem_w, length - 0.06, length + 0.04),
-                    (-hem_w, length - 0.06),
-                ]
-            )
-            if look["pleats"]:
-                for k in range(-3, 4):
-                    g.line([(0.12 * k, wb), (0.12 * k * hem_w / 0.5, length)], "stitch")
-            if "pockets" in details:
-                _pocket(g, -0.33, 0.3, 0.22, 0.22)
-                _pocket(g, 0.33, 0.3, 0.22, 0.22)
-            if "buttons" in details:
-                _buttons(g, 0.0, 0.25, length - 0.15, 5, 0.055)
-            g.region = (-0.45, 0.2, 0.45, length * 0.8)
-        else:
-            short = leaf == "shorts"
-            length = (0.95 if short else 2.5) * lj
-            crotch = 0.62 if short else 0.82
-            outer = (0.64 if short else 0.47 + 0.06 * look["flare"]) * wj
-            inner = 0.08 if short else 0.13
-            g.poly(
-                [
-                    (-0.5, wb),
-                    (0.5, wb),
-                    (0.54, 0.4),
-                    (outer, length),
+                    (outer - 0.03, length - 0.1),
+                    (inner, length - 0.1),
                     (inner, length),
-                    (0.0, crotch),
+                    (outer, length),
+                ],
+                "flap",
+            )
+            g.poly(
+                [
+                    (-outer + 0.03, length - 0.1),
+                    (-inner, length - 0.1),
                     (-inner, length),
                     (-outer, length),
-                    (-0.54, 0.4),
-                ]
-            )
-            g.line([(0.0, wb), (0.0, crotch * 0.8)])
-            g.line([(0.0, crotch * 0.8), (0.1, crotch * 0.68), (0.1, wb)], "stitch")
-            if short:
-                g.poly(
-                    [
-                        (outer - 0.03, length - 0.1),
-                        (inner, length - 0.1),
-                        (inner, length),
-                        (outer, length),
-                    ],
-                    "flap",
-                )
-                g.poly(
-                    [
-                        (-outer + 0.03, length - 0.1),
-                        (-inner, length - 0.1),
-                        (-inner, length),
-                        (-outer, length),
-                    ],
-                    "flap",
-                )
-            else:
-                g.line([(0.28, 0.45), (0.28 + 0.3 * (outer - 0.5), length)], "stitch")
-                g.line([(-0.28, 0.45), (-0.28 - 0.3 * (outer - 0.5), length)], "stitch")
-            if "pockets" in details:
-                y = 0.3 if short else 1.05
-                _pocket(g, -0.3, y, 0.24, 0.26, flap=not short)
-                _pocket(g, 0.3, y, 0.24, 0.26, flap=not short)
-            if "buttons" in details:
-                _buttons(g, 0.0, 0.05, crotch * 0.62, 3, 0.055)
-            g.region = (-0.4, 0.2, 0.4, crotch * 0.9 if short else length * 0.8)
-        if "bow" in details:
-            _bow(g, 0.0, 0.05)
-    else:  # full body: dress, jumpsuit, coat
-        hw = {"dress": 0.44, "jumpsuit": 0.47, "coat": 0.56}[leaf] * wj
-        sy = 0.06
-        ay = 0.45 if leaf == "coat" else 0.38
-        if leaf == "coat":
-            sleeve = "long"
-        if "hood" in details:
-            _hood(g, nw)
-        if sleeve != "sleeveless":
-            if sleeve == "long":
-                angle = (18.0 if leaf == "coat" else 22.0) + look["angle"]
-                _sleeve(
-                    g,
-                    (hw, sy),
-                    (hw * 0.98, ay),
-                    "long",
-                    angle,
-                    1.15 if leaf == "coat" else 0.95,
-                    0.14 if leaf == "coat" else 0.1,
-                    "flap" if leaf == "coat" else None,
-                )
-            else:
-                _sleeve(
-                    g, (hw, sy), (hw * 0.98, ay), "short", 52.0 + look["angle"], 0.28, 0.15, None
-                )
-            shoulder = [(-nw, 0.0), (-hw, sy), (-hw * 0.98, ay)]
-        else:
-            strap = nw + 0.08
-            shoulder = [
-                (-nw, 0.0),
-                (-strap, 0.0),
-                (-strap - 0.015, 0.12),
-                (-strap - 0.04, 0.23),
-                (-hw * 0.84, ay - 0.06),
-                (-hw * 0.97, ay),
-            ]
-        if leaf == "dress":
-            waist = 0.8
-            length = (2.2 + 0.3 * look["flare"]) * lj
-            hem_w = (0.8 + 0.25 * look["flare"]) * wj
-            left = [*shoulder, (-0.33 * wj, waist)]
-            g.poly([*left, *[(-x, y) for x, y in reversed(left)]])
-            g.poly(
-                [
-                    (-0.33 * wj, waist),
-                    (0.33 * wj, waist),
-                    (hem_w, length - 0.08),
-                    *_arc(hem_w, -hem_w, length - 0.08, length + 0.04),
-                    (-hem_w, length - 0.08),
-                ]
-            )
-            if look["pleats"]:
-                for k in range(-2, 3):
-                    g.line([(0.12 * k, waist), (0.12 * k * hem_w / 0.33, length)], "stitch")
-            if "hood" not in details:
-                _neck(g, nw, bool(look["v_neck"]), 0.12)
-            if "pockets" in details:
-                _pocket(g, -0.42, 1.15, 0.24, 0.26)
-                _pocket(g, 0.42, 1.15, 0.24, 0.26)
-            if "buttons" in details:
-                _buttons(g, 0.0, 0.3 if look["v_neck"] else 0.2, waist - 0.06, 4, 0.05)
-            if "bow" in details:
-                _bow(g, 0.0, waist)
-            g.region = (-0.3, 0.25, 0.3, length * 0.8)
-        elif leaf == "jumpsuit":
-            waist, crotch = 0.9, 1.45
-            length = 2.55 * lj
-            outer, inner = 0.46 * wj, 0.13
-            left = [
-                *shoulder,
-                (-0.4 * wj, waist),
-                (-0.48 * wj, 1.2),
-                (-outer, length),
-                (-inner, length),
-                (0.0, crotch),
-            ]
-            g.poly([*left, *[(-x, y) for x, y in reversed(left[:-1])]])
-            g.poly(
-                [
-                    (-0.41 * wj, waist - 0.05),
-                    (0.41 * wj, waist - 0.05),
-                    (0.42 * wj, waist + 0.05),
-                    (-0.42 * wj, waist + 0.05),
                 ],
+                "flap",
+            )
+        else:
+            g.line([(0.28, 0.45), (0.28 + 0.3 * (outer - 0.5), length)], "stitch")
+            g.line([(-0.28, 0.45), (-0.28 - 0.3 * (outer - 0.5), length)], "stitch")
+        if "pockets" in details:
+            y = 0.3 if short else 1.05
+            _pocket(g, -0.3, y, 0.24, 0.26, flap=not short)
+            _pocket(g, 0.3, y, 0.24, 0.26, flap=not short)
+        if "buttons" in details:
+            _buttons(g, 0.0, 0.05, crotch * 0.62, 3, 0.055)
+        g.region = (-0.4, 0.2, 0.4, crotch * 0.9 if short else length * 0.8)
+    if "bow" in details:
+        _bow(g, 0.0, 0.05)
+
+
+def _full_body(g: Geometry, p: Product) -> None:
+    """A dress, jumpsuit or coat."""
+    look = p.look
+    lj, wj, nw = look["length"], look["width"], look["neck"]
+    details = set(p.details)
+    sleeve = p.sleeve or "long"
+    leaf = p.leaf
+    hw = {"dress": 0.44, "jumpsuit": 0.47, "coat": 0.56}[leaf] * wj
+    sy = 0.06
+    ay = 0.45 if leaf == "coat" else 0.38
+    if leaf == "coat":
+        sleeve = "long"
+    if "hood" in details:
+        _hood(g, nw)
+    if sleeve != "sleeveless":
+        if sleeve == "long":
+            angle = (18.0 if leaf == "coat" else 22.0) + look["angle"]
+            _sleeve(
+                g,
+                (hw, sy),
+                (hw * 0.98, ay),
+                "long",
+                angle,
+                1.15 if leaf == "coat" else 0.95,
+                0.14 if leaf == "coat" else 0.1,
+                "flap" if leaf == "coat" else None,
+            )
+        else:
+            _sleeve(g, (hw, sy), (hw * 0.98, ay), "short", 52.0 + look["angle"], 0.28, 0.15, None)
+        shoulder = [(-nw, 0.0), (-hw, sy), (-hw * 0.98, ay)]
+    else:
+        strap = nw + 0.08
+        shoulder = [
+            (-nw, 0.0),
+            (-strap, 0.0),
+            (-strap - 0.015, 0.12),
+            (-strap - 0.04, 0.23),
+            (-hw * 0.84, ay - 0.06),
+            (-hw * 0.97, ay),
+        ]
+    if leaf == "dress":
+        waist = 0.8
+        length = (2.2 + 0.3 * look["flare"]) * lj
+        hem_w = (0.8 + 0.25 * look["flare"]) * wj
+        left = [*shoulder, (-0.33 * wj, waist)]
+        g.poly([*left, *[(-x, y) for x, y in reversed(left)]])
+        g.poly(
+            [
+                (-0.33 * wj, waist),
+                (0.33 * wj, waist),
+                (hem_w, length - 0.08),
+                *_arc(hem_w, -hem_w, length - 0.08, length + 0.04),
+                (-hem_w, length - 0.08),
+            ]
+        )
+        if look["pleats"]:
+            for k in range(-2, 3):
+                g.line([(0.12 * k, waist), (0.12 * k * hem_w / 0.33, length)], "stitch")
+        if "hood" not in details:
+            _neck(g, nw, bool(look["v_neck"]), 0.12)
+        if "pockets" in details:
+            _pocket(g, -0.42, 1.15, 0.24, 0.26)
+            _pocket(g, 0.42, 1.15, 0.24, 0.26)
+        if "buttons" in details:
+            _buttons(g, 0.0, 0.3 if look["v_neck"] else 0.2, waist - 0.06, 4, 0.05)
+        if "bow" in details:
+            _bow(g, 0.0, waist)
+        g.region = (-0.3, 0.25, 0.3, length * 0.8)
+    elif leaf == "jumpsuit":
+        waist, crotch = 0.9, 1.45
+        length = 2.55 * lj
+        outer, inner = 0.46 * wj, 0.13
+        left = [
+            *shoulder,
+            (-0.4 * wj, waist),
+            (-0.48 * wj, 1.2),
+            (-outer, length),
+            (-inner, length),
+            (0.0, crotch),
+        ]
+        g.poly([*left, *[(-x, y) for x, y in reversed(left[:-1])]])
+        g.poly(
+            [
+                (-0.41 * wj, waist - 0.05),
+                (0.41 * wj, waist - 0.05),
+                (0.42 * wj, waist + 0.05),
+                (-0.42 * wj, waist + 0.05),
+            ],
+            "band",
+        )
+        if "hood" not in details:
+            _neck(g, nw, bool(look["v_neck"]))
+        g.line([(0.0, 0.2), (0.0, crotch)])
+        if "pockets" in details:
+            _pocket(g, -0.2, 0.28, 0.2, 0.2)
+            _pocket(g, 0.2, 0.28, 0.2, 0.2)
+            _pocket(g, -0.27, 1.6, 0.22, 0.25, flap=True)
+            _pocket(g, 0.27, 1.6, 0.22, 0.25, flap=True)
+        if "buttons" in details:
+            _buttons(g, 0.0, 0.22, waist - 0.1, 4, 0.05)
+        if "bow" in details:
+            _bow(g, 0.0, waist)
+        g.region = (-0.3, 0.2, 0.3, length * 0.8)
+    else:  # coat
+        length = (2.0 + 0.25 * look["flare"]) * lj
+        hem_w = 0.64 * wj
+        left = [*shoulder, (-hem_w, length)]
+        g.poly([*left, *[(-x, y) for x, y in reversed(left)]])
+        depth = 0.6
+        g.poly([(-nw, 0.0), (nw, 0.0), (0.0, depth)], "inner")
+        g.mirror_poly(
+            [
+                (-nw, -0.04),
+                (-0.03, depth + 0.03),
+                (-0.26, depth * 0.62),
+                (-0.36, 0.22),
+                (-0.25, 0.16),
+                (-nw - 0.1, -0.05),
+            ]
+        )
+        g.line([(0.08, depth), (0.08, length)])
+        if look["belt"]:
+            g.poly(
+                [(-hw * 1.02, 0.95), (hw * 1.02, 0.95), (hw * 1.04, 1.07), (-hw * 1.04, 1.07)],
                 "band",
             )
-            if "hood" not in details:
-                _neck(g, nw, bool(look["v_neck"]))
-            g.line([(0.0, 0.2), (0.0, crotch)])
-            if "pockets" in details:
-                _pocket(g, -0.2, 0.28, 0.2, 0.2)
-                _pocket(g, 0.2, 0.28, 0.2, 0.2)
-                _pocket(g, -0.27, 1.6, 0.22, 0.25, flap=True)
-                _pocket(g, 0.27, 1.6, 0.22, 0.25, flap=True)
-            if "buttons" in details:
-                _buttons(g, 0.0, 0.22, waist - 0.1, 4, 0.05)
-            if "bow" in details:
-                _bow(g, 0.0, waist)
-            g.region = (-0.3, 0.2, 0.3, length * 0.8)
-        else:  # coat
-            length = (2.0 + 0.25 * look["flare"]) * lj
-            hem_w = 0.64 * wj
-            left = [*shoulder, (-hem_w, length)]
-            g.poly([*left, *[(-x, y) for x, y in reversed(left)]])
-            depth = 0.6
-            g.poly([(-nw, 0.0), (nw, 0.0), (0.0, depth)], "inner")
-            g.mirror_poly(
-                [
-                    (-nw, -0.04),
-                    (-0.03, depth + 0.03),
-                    (-0.26, depth * 0.62),
-                    (-0.36, 0.22),
-                    (-0.25, 0.16),
-                    (-nw - 0.1, -0.05),
-                ]
-            )
-            g.line([(0.08, depth), (0.08, length)])
-            if look["belt"]:
-                g.poly(
-                    [(-hw * 1.02, 0.95), (hw * 1.02, 0.95), (hw * 1.04, 1.07), (-hw * 1.04, 1.07)],
-                    "band",
-                )
-            if "pockets" in details:
-                _pocket(g, -0.34, 1.3, 0.3, 0.2, flap=True)
-                _pocket(g, 0.34, 1.3, 0.3, 0.2, flap=True)
-            if "buttons" in details:
-                _buttons(g, -0.1, depth + 0.08, 1.3, 4, 0.055)
-                _buttons(g, 0.26, depth + 0.08, 1.3, 4, 0.055)
-            g.region = (-0.35, 0.7, 0.35, length * 0.85)
-    return g
+        if "pockets" in details:
+            _pocket(g, -0.34, 1.3, 0.3, 0.2, flap=True)
+            _pocket(g, 0.34, 1.3, 0.3, 0.2, flap=True)
+        if "buttons" in details:
+            _buttons(g, -0.1, depth + 0.08, 1.3, 4, 0.055)
+            _buttons(g, 0.26, depth + 0.08, 1.3, 4, 0.055)
+        g.region = (-0.35, 0.7, 0.35, length * 0.85)
 
 
 # -------------------------------------------------------------------------------- texture
@@ -616,6 +635,7 @@ def _flowers(img: Image.Image, p: Product, px_per_unit: float, origin: Pt, petal
             draw.ellipse((cx - cr, cy - cr, cx + cr, cy + cr), fill=centre)
 
 
+# --------------------------------------------------------------------------------- patch
 def garment_patch(p: Product, g: Geometry, long_px: float) -> Image.Image:
     """Product ``p`` (drawn as ``g``) upright as RGBA, its longer side ``long_px`` pixels."""
     x0, y0, x1, y1 = g.extent()
@@ -710,6 +730,7 @@ def _mark(
     draw.polygon(px(pts), fill=colour)
 
 
+# ---------------------------------------------------------------------------------- warp
 def _homography(src: np.ndarray, dst: np.ndarray) -> tuple[float, ...]:
     """Coefficients of the perspective transform taking ``src`` points to ``dst`` points."""
     rows = []
