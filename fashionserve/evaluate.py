@@ -22,7 +22,6 @@ scoring code, so any gap between the two figures is lost in the gateway.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -44,8 +43,6 @@ if TYPE_CHECKING:
 
 InferFn = Callable[[list[bytes]], list[list[Any]]]
 """Encoded images in; per image, the garments found."""
-
-LOG = logging.getLogger(__name__)
 
 MATCH_IOU = 0.5
 DEFAULT_BATCH = 8

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import os
 import shlex
 import signal
@@ -45,8 +44,6 @@ if TYPE_CHECKING:
     from fashionserve.data.reader import Sample
     from fashionserve.model_repository.settings import RepositorySettings
     from fashionserve.triton import TritonServer
-
-LOG = logging.getLogger(__name__)
 
 DEV_KEY_ID = "dev"
 READY_TIMEOUT = 300.0  # seconds for Triton to load every model and the gateway to report it

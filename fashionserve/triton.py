@@ -40,7 +40,7 @@ from typing import IO, Literal
 
 from fashionserve.errors import Error, ErrorKind
 
-LOG = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 ModelControlMode = Literal["none", "explicit"]
 
@@ -155,7 +155,7 @@ def prepare_runtime(runtime_dir: Path | None = None) -> Path:
                 work.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    LOG.info("prepared Triton runtime in %s", target)
+    log.info("prepared Triton runtime in %s", target)
     return target
 
 
@@ -335,7 +335,7 @@ class TritonServer:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
             self._log_handle = open(self.log_file, "a", encoding="utf-8")  # noqa: SIM115
         cmd = self.command(runtime)
-        LOG.info("starting Triton: %s", " ".join(cmd))
+        log.info("starting Triton: %s", " ".join(cmd))
         started = time.monotonic()
         self.process = subprocess.Popen(
             cmd,
@@ -355,7 +355,7 @@ class TritonServer:
             self.stop()
             raise
         self.startup_seconds = time.monotonic() - started
-        LOG.info(
+        log.info(
             "Triton ready in %.1fs: grpc %s, http %s, metrics %s",
             self.startup_seconds,
             self.grpc_url,
@@ -432,7 +432,7 @@ class TritonServer:
             try:
                 code = proc.wait(timeout=self.stop_timeout)
             except subprocess.TimeoutExpired:
-                LOG.warning("Triton did not stop within %.0fs: killing it", self.stop_timeout)
+                log.warning("Triton did not stop within %.0fs: killing it", self.stop_timeout)
                 self._kill_group()
                 code = proc.wait(timeout=10)
         # Stubs stop on their own once Triton unloads them (or notices it died); give them
@@ -446,7 +446,7 @@ class TritonServer:
         for region in shm_regions(self.shm_prefix):
             with contextlib.suppress(OSError):
                 region.unlink()
-                LOG.warning("removed leftover shared-memory region %s", region)
+                log.warning("removed leftover shared-memory region %s", region)
         if self._log_handle is not None:
             self._log_handle.close()
             self._log_handle = None
@@ -521,7 +521,7 @@ def run_triton(
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         del frame
-        LOG.info("received %s: stopping Triton", signal.Signals(signum).name)
+        log.info("received %s: stopping Triton", signal.Signals(signum).name)
         stop_requested.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
