@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from fashionserve.errors import FailedPrecondition
 from fashionserve.imaging import ImageDecodeError, decode_image, letterbox, square_crop
 from fashionserve.protos.fashion.v1 import analysis_service_pb2 as pb
 from fashionserve.protos.fashion.v1 import analysis_service_pb2_grpc as pb_grpc
@@ -170,7 +171,7 @@ def create_naive_server(
     pb_grpc.add_FashionAnalysisServiceServicer_to_server(NaiveServicer(pipeline), server)
     port = server.add_insecure_port(address)
     if port == 0:
-        raise OSError(f"cannot listen on {address}")
+        raise FailedPrecondition(f"cannot listen on {address}")
     server.start()
     return server, port
 
