@@ -10,8 +10,10 @@ span of every request it serves (the OpenTelemetry way to say "this work was don
 traces"). The Triton call carries ``traceparent`` from ``triton_infer``, so a Triton started
 with OpenTelemetry tracing joins that trace. Spans are exported over OTLP/gRPC when
 ``otlp_traces_endpoint`` or the standard ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` /
-``OTEL_EXPORTER_OTLP_ENDPOINT`` is set, and nowhere otherwise (the trace context is still
-passed on). The sampler is the SDK's, so ``OTEL_TRACES_SAMPLER`` tunes it.
+``OTEL_EXPORTER_OTLP_ENDPOINT`` is set; the sampler is then the SDK's, so
+``OTEL_TRACES_SAMPLER`` tunes it. Otherwise spans go nowhere and are recorded only for
+callers whose own trace is sampled: the trace context is still passed on, with the caller's
+sampling decision.
 
 Metrics (:class:`Metrics`, served on ``metrics_port`` at ``/metrics``): requests by method,
 tenant and status code, request latency, batch size and batch wait, Triton latency, work in
@@ -38,9 +40,11 @@ import grpc
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import DEFAULT_OFF, Sampler, SamplingResult
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.util.types import Attributes
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -159,24 +163,47 @@ class Metrics:
 
 
 # --------------------------------------------------------------------------- traces
-def tracer_provider(otlp_traces_endpoint: str | None = None) -> TracerProvider:
-    """An SDK tracer provider exporting over OTLP/gRPC to ``otlp_traces_endpoint``, else to
-    the endpoint of the standard environment variables, else nowhere."""
-    attributes: dict[str, str] = {SERVICE_VERSION: __version__}
-    if not os.environ.get("OTEL_SERVICE_NAME"):  # the standard variable wins when set
-        attributes[SERVICE_NAME] = DEFAULT_SERVICE_NAME
-    provider = TracerProvider(resource=Resource.create(attributes))
-    endpoint = otlp_traces_endpoint or next(
+class _RecordWhenExported(Sampler):
+    """The SDK's configured sampler once spans are exported; until then, spans are recorded
+    only for a caller whose own trace is sampled, so that the ``traceparent`` passed on to
+    Triton keeps the caller's sampling decision.
+
+    Recording spans that go nowhere costs CPU on every call (several spans per image);
+    a span that is not recorded still has its ids, so traces and log lines stay joined.
+    """
+
+    def __init__(self, configured: Sampler) -> None:
+        self.configured = configured
+        self.exporting = False
+
+    def should_sample(
+        self,
+        parent_context: Context | None,
+        trace_id: int,
+        name: str,
+        kind: trace.SpanKind | None = None,
+        attributes: Attributes = None,
+        links: Sequence[trace.Link] | None = None,
+        trace_state: trace.TraceState | None = None,
+    ) -> SamplingResult:
+        """The configured decision while exporting, else the caller's."""
+        sampler = self.configured if self.exporting else DEFAULT_OFF
+        return sampler.should_sample(
+            parent_context, trace_id, name, kind, attributes, links, trace_state
+        )
+
+    def get_description(self) -> str:
+        """Names the sampler in use."""
+        if self.exporting:
+            return self.configured.get_description()
+        return f"RecordWhenExported{{{DEFAULT_OFF.get_description()}}}"
+
+
+def otlp_endpoint(otlp_traces_endpoint: str | None = None) -> str | None:
+    """``otlp_traces_endpoint``, else the endpoint of the standard environment variables."""
+    return otlp_traces_endpoint or next(
         (os.environ[k] for k in OTLP_ENDPOINT_ENV if os.environ.get(k)), None
     )
-    if endpoint:
-        # Imported here: the exporter pulls in its own gRPC stubs, needed only when used.
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-        # http:// is plaintext, https:// is TLS (the exporter reads the scheme).
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
-        log.info("exporting traces over OTLP to %s", endpoint)
-    return provider
 
 
 def trace_headers() -> dict[str, str]:
@@ -197,10 +224,30 @@ class Telemetry:
     """The tracer and the metrics of one gateway, and its ``/metrics`` HTTP server."""
 
     def __init__(self, otlp_traces_endpoint: str | None = None) -> None:
-        self.tracer_provider = tracer_provider(otlp_traces_endpoint)
+        attributes: dict[str, str] = {SERVICE_VERSION: __version__}
+        if not os.environ.get("OTEL_SERVICE_NAME"):  # the standard variable wins when set
+            attributes[SERVICE_NAME] = DEFAULT_SERVICE_NAME
+        self.tracer_provider = TracerProvider(resource=Resource.create(attributes))
+        # The provider reads the configured sampler (OTEL_TRACES_SAMPLER); its tracers take
+        # the switch instead, which defers to it once spans are exported.
+        self._sampler = _RecordWhenExported(self.tracer_provider.sampler)
+        self.tracer_provider.sampler = self._sampler
         self.tracer = self.tracer_provider.get_tracer(TRACER_NAME, __version__)
         self.metrics = Metrics()
         self._http: tuple[WSGIServer, threading.Thread] | None = None
+        endpoint = otlp_endpoint(otlp_traces_endpoint)
+        if endpoint:
+            # Imported here: the exporter pulls in its own gRPC stubs, needed only when used.
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+            # http:// is plaintext, https:// is TLS (the exporter reads the scheme).
+            self.export_spans(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+            log.info("exporting traces over OTLP to %s", endpoint)
+
+    def export_spans(self, processor: SpanProcessor) -> None:
+        """Send finished spans to ``processor`` (and record them from now on)."""
+        self.tracer_provider.add_span_processor(processor)
+        self._sampler.exporting = True
 
     def serve_metrics(self, host: str, port: int) -> int:
         """Serve ``/metrics`` over HTTP on ``host:port`` (port 0 picks one); returns the port.

@@ -149,7 +149,7 @@ def gateway(
     thread.start()
     server, port = asyncio.run_coroutine_threadsafe(create_server(settings), loop).result(60)
     spans = InMemorySpanExporter()
-    server.telemetry.tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
+    server.telemetry.export_spans(SimpleSpanProcessor(spans))
     asyncio.run_coroutine_threadsafe(server.start(), loop).result(60)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=LIMITS)
     gw = InProcessGateway(loop, server, channel, key, spans)

@@ -25,6 +25,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from fashionserve.gateway.auth.identity import Identity, identity_var
 from fashionserve.gateway.errors import ErrorInterceptor
@@ -87,7 +88,7 @@ class Served:
     def __init__(self) -> None:
         self.telemetry = Telemetry()
         self.spans = InMemorySpanExporter()
-        self.telemetry.tracer_provider.add_span_processor(SimpleSpanProcessor(self.spans))
+        self.telemetry.export_spans(SimpleSpanProcessor(self.spans))
         self.server: grpc.aio.Server | None = None
         self.address = ""
 
@@ -305,3 +306,30 @@ def test_spans_are_exported_to_the_configured_otlp_collector() -> None:
     assert [name for _, name in exported] == ["fashion.v1.Test/Unary"]
     attributes = {a.key: a.value.string_value for a in exported[0][0].attributes}
     assert attributes["service.name"] == "fashionserve-gateway"
+
+
+def test_without_an_exporter_only_a_sampled_callers_trace_is_recorded() -> None:
+    """Spans that go nowhere are not recorded; a caller's sampled trace still is, so the
+    trace context passed on to Triton carries the caller's decision."""
+    telemetry = Telemetry()
+    try:
+        with telemetry.tracer.start_as_current_span("untraced") as span:
+            assert not span.is_recording() and span.get_span_context().is_valid
+            assert not _sampled(trace_headers()["traceparent"])
+        caller = TraceContextTextMapPropagator().extract({"traceparent": TRACEPARENT})
+        with telemetry.tracer.start_as_current_span("traced", context=caller) as span:
+            assert span.is_recording()
+            assert trace_headers()["traceparent"].startswith(f"00-{TRACE_ID}-")
+            assert _sampled(trace_headers()["traceparent"])
+        spans = InMemorySpanExporter()
+        telemetry.export_spans(SimpleSpanProcessor(spans))
+        with telemetry.tracer.start_as_current_span("exported") as span:
+            assert span.is_recording()
+        assert [s.name for s in spans.get_finished_spans()] == ["exported"]
+    finally:
+        telemetry.close()
+
+
+def _sampled(traceparent: str) -> bool:
+    """The sampled bit of a W3C traceparent's flags."""
+    return bool(int(traceparent.rsplit("-", 1)[1], 16) & 1)
