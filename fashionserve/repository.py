@@ -326,10 +326,14 @@ def write_manifest(directory: Path, manifest: Manifest) -> Path:
 def manifest_from_dict(doc: object, source: str = "manifest") -> Manifest:
     """Validate a manifest document; ``source`` names it in errors."""
     top = _Fields(doc, source, "")
-    if top.get("format", str) not in (None, MANIFEST_FORMAT):
-        raise ManifestError(f"{source}: format {top.get('format', str)!r} is not {MANIFEST_FORMAT}")
-    format_version = top.get("format_version", int)
-    if format_version is not None and format_version > FORMAT_VERSION:
+    written_format = top.get("format", str)
+    if written_format not in (None, MANIFEST_FORMAT):
+        raise ManifestError(
+            f"{source}: field 'format' is {written_format!r}, not {MANIFEST_FORMAT!r}"
+        )
+    # No format_version: written before the field existed, or by hand; read as format 1.
+    format_version = top.get("format_version", int) or 1
+    if format_version > FORMAT_VERSION:
         raise ManifestError(
             f"{source}: format_version {format_version} is newer than this fashionserve "
             f"reads ({FORMAT_VERSION}): upgrade fashionserve"

@@ -134,11 +134,15 @@ def test_a_wrong_field_is_named_with_the_file(
     assert info.value.reason == "INVALID_MANIFEST"
 
 
-def test_a_newer_format_or_broken_json_is_refused(tmp_path: Path) -> None:
+def test_another_format_a_newer_one_or_broken_json_is_refused(tmp_path: Path) -> None:
     doc = full_manifest().to_dict()
     doc["format_version"] = FORMAT_VERSION + 1
     (tmp_path / "manifest.json").write_text(json.dumps(doc))
     with pytest.raises(ManifestError, match="newer than this fashionserve reads"):
+        read_manifest(tmp_path)
+    doc = {**full_manifest().to_dict(), "format": "fashionserve-checkpoint"}
+    (tmp_path / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(ManifestError, match="field 'format' is 'fashionserve-checkpoint'"):
         read_manifest(tmp_path)
     (tmp_path / "manifest.json").write_text("{")
     with pytest.raises(ManifestError, match="not valid JSON"):
