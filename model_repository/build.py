@@ -65,7 +65,7 @@ from fashionserve.model_repository.warmup import (
 )
 from fashionserve.repository import CONFIG_FILE, RepositoryError
 
-LOG = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -161,7 +161,7 @@ def build_repository(
         versions={name: mv.version for name, mv in models.items()},
         models=(*STEPS, MODEL_NAME),
     )
-    LOG.info(
+    log.info(
         "built %s repository %s: detector v%d (%dpx), tagger v%d (%d logits), "
         "embedder v%d (%d dims), crops %dpx",
         settings.flavour,
@@ -181,7 +181,7 @@ def _ensure_runner(mv: ModelVersion) -> None:
     """python-ort needs the ONNX Runtime runner as the version's ``model.py``."""
     target = mv.path / "model.py"
     if not target.is_file():
-        LOG.info(
+        log.info(
             "%s version %d has no model.py: installing the ONNX Runtime runner", mv.name, mv.version
         )
         tmp = target.with_name("model.py.tmp")

@@ -29,7 +29,7 @@ from fashionserve.ensemble import (
 from fashionserve.model_repository.settings import Flavour
 from fashionserve.repository import Manifest, RepositoryError, read_manifest, version_to_serve
 
-LOG = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 _ONNX_TO_TRITON: dict[int, str] = {
     1: "TYPE_FP32",  # FLOAT
@@ -109,7 +109,7 @@ def model_version(
     if flavour == "tensorrt" and not any(onnx_path.parent.glob("*.plan")):
         # Engines are built where they run (deploy time, per GPU type), so a missing plan
         # is expected when the repository is assembled on a machine without the GPU.
-        LOG.warning(
+        log.warning(
             "%s version %d has no model.plan yet: build the TensorRT engine on the target "
             "GPU before Triton loads this repository",
             name,

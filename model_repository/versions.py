@@ -48,7 +48,7 @@ from fashionserve.repository import (
 )
 from fashionserve.taxonomy_compat import TaxonomyChanges, check_compatible
 
-LOG = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 # Requests inside the old ensemble when it is switched get this long to finish before the
 # old version is unloaded: more than the gateway's default request timeout would be safest,
 # a few seconds covers the pipeline's own latency.
@@ -209,7 +209,7 @@ def rollout(
         # After a live switch: unloads the old version (the ensemble is unchanged since
         # step 2). Otherwise: loads what the configs now say.
         _load(triton_url, [model] if live else [model, MODEL_NAME])
-    LOG.info("%s: serving version %s (was %s)%s", model, target, old, " pinned" if pin else "")
+    log.info("%s: serving version %s (was %s)%s", model, target, old, " pinned" if pin else "")
     return Switch(model, old, target, changes, triton_url is not None)
 
 
