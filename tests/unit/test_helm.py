@@ -937,3 +937,78 @@ def test_triton_image_matches_the_embedded_triton_release() -> None:
     gateway = DOCKERFILES[0].read_text()
     assert 'CMD ["gateway", "--config", "/etc/fashionserve/gateway.yaml"]' in gateway
     assert 'ENTRYPOINT ["fashionserve"]' in gateway
+
+
+# ------------------------------------------------------------------ bulk tagging Job
+def test_bulk_job_is_off_by_default(render: Render) -> None:
+    assert find(render("default"), "Job", "bulk") == []
+
+
+def test_bulk_job_runs_one_shard_per_index_against_the_gateway_service(render: Render) -> None:
+    manifests = render("bulk-job")
+    job = one(manifests, "Job", "bulk")["spec"]
+    assert job["completionMode"] == "Indexed"
+    assert (job["completions"], job["parallelism"]) == (8, 4)
+    pod = job["template"]["spec"]
+    assert pod["restartPolicy"] == "OnFailure", "a failed pod restarts on its index and resumes"
+    container = pod["containers"][0]
+    assert container["command"] == ["fashionserve"]
+    args = container["args"]
+    assert args[:2] == ["batch", "run"]
+    assert arg_value(args, "--input") == "/input/2026-12-03/manifest.csv"
+    assert arg_value(args, "--shard") == "$(SHARD_INDEX)/8"
+    # Each shard its own directory: its own journal, so a restarted pod resumes its shard.
+    assert arg_value(args, "--output") == "/output/2026-12-03/shard-$(SHARD_INDEX)-of-8"
+    env = {e["name"]: e for e in container["env"]}
+    assert env["SHARD_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"] == (
+        "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    )
+    service = one(manifests, "Service", "gateway")
+    grpc_port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc")
+    assert env["FASHIONSERVE_GATEWAY"]["value"] == f"{service['metadata']['name']}:{grpc_port}"
+    assert env["FASHIONSERVE_API_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "bulk-key",
+        "key": "api-key",
+    }
+    claims = {
+        v["name"]: v["persistentVolumeClaim"]
+        for v in pod["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+    assert claims == {
+        "output": {"claimName": "bulk-output"},
+        "input": {"claimName": "daily-images", "readOnly": True},
+    }
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["input"]["readOnly"] is True and mounts["output"]["mountPath"] == "/output"
+
+
+def test_bulk_pods_may_call_a_gateway_closed_to_others(render: Render) -> None:
+    manifests = render("bulk-job")
+    labels = one(manifests, "Job", "bulk")["spec"]["template"]["metadata"]["labels"]
+    policy = one(manifests, "NetworkPolicy", "gateway")["spec"]
+    grpc_rule = policy["ingress"][0]
+    assert any(
+        set(peer) == {"podSelector"} and matches(peer["podSelector"]["matchLabels"], labels)
+        for peer in grpc_rule["from"]
+    )
+    triton = one(manifests, "NetworkPolicy", "triton")["spec"]
+    for rule in triton["ingress"]:
+        for peer in rule["from"]:
+            assert not matches(peer.get("podSelector", {}).get("matchLabels", {"x": "y"}), labels)
+
+
+@pytest.mark.parametrize(
+    ("args", "complaint"),
+    [
+        (["--set", "bulk.enabled=true"], "bulk.enabled needs bulk.input.source"),
+        (
+            ["-f", str(CHART / "ci" / "bulk-job.yaml"), "--set", "bulk.parallelism=9"],
+            "bulk.parallelism (9) is more than bulk.shards (8)",
+        ),
+        (["-f", str(CHART / "ci" / "bulk-job.yaml"), "--set", "bulk.shards=0"], "bulk.shards"),
+    ],
+    ids=["no input", "more pods than shards", "no shards"],
+)
+def test_inconsistent_bulk_values_are_refused(helm: str, args: list[str], complaint: str) -> None:
+    assert complaint in template_error(helm, *args)

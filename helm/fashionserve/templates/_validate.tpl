@@ -39,6 +39,13 @@ names the values to fix. Included once, at the top of gateway-configmap.yaml (al
 {{- end -}}
 {{- end -}}
 {{- end -}}
+{{- $bulk := .Values.bulk -}}
+{{- if and $bulk.enabled (not (and $bulk.input.source $bulk.output.existingClaim $bulk.output.directory $bulk.apiKey.secretName)) -}}
+{{- fail "bulk.enabled needs bulk.input.source, bulk.output.existingClaim, bulk.output.directory (the run's directory, e.g. the day) and bulk.apiKey.secretName" -}}
+{{- end -}}
+{{- if and $bulk.enabled (gt (int $bulk.parallelism) (int $bulk.shards)) -}}
+{{- fail (printf "bulk.parallelism (%v) is more than bulk.shards (%v): the extra pods would have nothing to do" $bulk.parallelism $bulk.shards) -}}
+{{- end -}}
 {{- if and .Values.modelRepository.objectStorage.gcsCredentialsKey (not .Values.modelRepository.objectStorage.existingSecret) -}}
 {{- fail "modelRepository.objectStorage.gcsCredentialsKey names a key of modelRepository.objectStorage.existingSecret, which is empty" -}}
 {{- end -}}
