@@ -31,7 +31,7 @@ from fashionserve.gateway.quota import Admission
 from fashionserve.gateway.results import ImageOutput, ImageResult, assemble_result
 from fashionserve.gateway.served_state import ServedModel
 from fashionserve.gateway.settings import GatewaySettings
-from fashionserve.gateway.telemetry import Telemetry
+from fashionserve.gateway.telemetry import Telemetry, child_span
 from fashionserve.gateway.validation import (
     ACCEPTED_FORMATS,
     AnalyzeOptions,
@@ -267,14 +267,14 @@ class Analyzer:
             await asyncio.to_thread(self._inspect_now, image)
 
     def _inspect_now(self, image: bytes) -> None:
-        with self.tracer.start_as_current_span("validate"):
+        with child_span(self.tracer, "validate"):
             inspect_image(image, self.limits)
 
     async def _infer(
         self, image: bytes, options: AnalyzeOptions, deadline: float | None
     ) -> ImageResult:
         output = await self.inference.infer(image, deadline)
-        with self.tracer.start_as_current_span("decode"):
+        with child_span(self.tracer, "decode"):
             # The served model may have changed while the batch ran (a reload).
             self.monitor.check_taxonomy()
             return assemble_result(output, await self._taxonomy_for(output), options)

@@ -6,12 +6,13 @@ in a :class:`~fashionserve.gateway.batcher.MicroBatcher` and sends each batch to
 It knows nothing of decoding; it returns each image's raw ensemble output.
 
 One ensemble call serves several requests, so its span ``triton_infer`` is the child of the
-first request's span and links to every request's span; each request gets a ``batch_wait``
-span of its own for its time in the queue.
+first request's span and links to every request's span; each recorded request gets a
+``batch_wait`` span of its own for its time in the queue.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -76,21 +77,33 @@ class BatchedInference:
     ) -> Sequence[ImageOutput | BaseException]:
         """One ensemble call for a batch, traced and timed, bounded by the batch's latest
         deadline."""
-        sent = time.time_ns()
-        for job in jobs:
-            wait = self.tracer.start_span(
-                "batch_wait", context=link_context(job.span), start_time=job.queued_ns
-            )
-            wait.end(end_time=sent)
         metrics = self.telemetry.metrics
         with (
-            self.tracer.start_as_current_span(
-                "triton_infer",
-                context=link_context(jobs[0].span),
-                links=[trace.Link(job.span) for job in jobs if job.span.is_valid],
-                attributes={"fashionserve.batch_size": len(jobs)},
-            ),
+            self._batch_span(jobs),
             metrics.batches_in_flight.track_inprogress(),
             metrics.triton_seconds.time(),
         ):
             return await self.pool.infer([job.image for job in jobs], deadline)
+
+    def _batch_span(self, jobs: list[_Job]) -> contextlib.AbstractContextManager[object]:
+        """The batch's ``triton_infer`` span, and a ``batch_wait`` span per recorded request.
+
+        When no request's trace is recorded no span is started: the first request's span
+        is made current instead, so that the ``traceparent`` sent to Triton still carries
+        its trace.
+        """
+        recorded = [job for job in jobs if job.span.trace_flags.sampled]
+        if not recorded:
+            return trace.use_span(trace.NonRecordingSpan(jobs[0].span))
+        sent = time.time_ns()
+        for job in recorded:
+            wait = self.tracer.start_span(
+                "batch_wait", context=link_context(job.span), start_time=job.queued_ns
+            )
+            wait.end(end_time=sent)
+        return self.tracer.start_as_current_span(
+            "triton_infer",
+            context=link_context(jobs[0].span),
+            links=[trace.Link(job.span) for job in jobs if job.span.is_valid],
+            attributes={"fashionserve.batch_size": len(jobs)},
+        )

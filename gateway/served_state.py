@@ -23,6 +23,7 @@ from fashionserve.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class ServedModel:
     """One model of the pipeline as served."""

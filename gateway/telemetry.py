@@ -219,6 +219,15 @@ def link_context(span_context: trace.SpanContext) -> Context:
     return trace.set_span_in_context(trace.NonRecordingSpan(span_context))
 
 
+def child_span(tracer: trace.Tracer, name: str) -> contextlib.AbstractContextManager[object]:
+    """A span ``name`` under the current one, started only when the current one is recorded:
+    under an unrecorded span a child would not be recorded either (the sampler follows the
+    parent), so starting one would cost CPU on every image for nothing."""
+    if not trace.get_current_span().is_recording():
+        return contextlib.nullcontext()
+    return tracer.start_as_current_span(name)
+
+
 # ------------------------------------------------------------------------- telemetry
 class Telemetry:
     """The tracer and the metrics of one gateway, and its ``/metrics`` HTTP server."""
