@@ -208,104 +208,117 @@ def _scene_size(rng: np.random.Generator) -> tuple[int, int]:
     return round(w), round(h)
 
 
+Composed = tuple[np.ndarray, int, list[tuple[int, tuple[int, int, int, int]]]]
+"""The pixels ``[h, w, 3]`` uint8, the JPEG quality, and the garments with their boxes."""
+
+
 def render_scene(studio: Studio, spec: SceneSpec) -> Scene:
     """Render the image ``spec`` describes with the products and seed of ``studio``."""
     rng = np.random.default_rng([studio.seed, _SPLIT_CODE[spec.split], spec.index])
-    garments: list[tuple[int, tuple[int, int, int, int]]] = []
-    if spec.kind == "shop":
-        w = round(rng.uniform(280, 400))
-        h = round(w * rng.uniform(0.8, 1.3))
-        img = _background(w, h, rng, plain=True)
-        pid = spec.products[0]
-        g = studio.geo(pid)
-        x0, y0, x1, y1 = g.extent()
-        fit = min(w / (x1 - x0), h / (y1 - y0)) * rng.uniform(0.72, 0.82)
-        patch = tight(studio.patch(pid, max(x1 - x0, y1 - y0) * fit))
-        px, py = (w - patch.width) // 2, (h - patch.height) // 2
-        img.paste(patch, (px, py), patch)
-        garments.append((pid, (px, py, patch.width, patch.height)))
-        quality = int(rng.integers(88, 96))
-        arr = np.asarray(img)
-    else:
-        w, h = _scene_size(rng)
-        img = _background(w, h, rng)
-        _shapes(img, rng, int(rng.integers(2, 9)))
-        side = min(w, h)
-        for _ in range(int(rng.integers(0, 3)) + (2 if not spec.products else 0)):
-            obj = _object(rng, rng.uniform(0.12, 0.3) * side)
-            img.paste(
-                obj,
-                (
-                    int(rng.integers(-obj.width // 4, w - obj.width * 3 // 4)),
-                    int(rng.integers(-obj.height // 4, h - obj.height * 3 // 4)),
-                ),
-                obj,
-            )
-        owner = np.full((h, w), -1, np.int16)
-        placed: list[tuple[int, int, int, int, int]] = []  # x, y, w, h, own pixels
-        n = len(spec.products)
-        lo, hi = {1: (0.38, 0.78), 2: (0.3, 0.62), 3: (0.25, 0.5), 4: (0.22, 0.44)}.get(
-            n, (0.3, 0.6)
-        )
-        strength = 1.0 if spec.kind == "scene" else 1.2
-        for k, pid in enumerate(spec.products):
-            g = studio.geo(pid)
-            x0, y0, x1, y1 = g.extent()
-            ew, eh = x1 - x0, y1 - y0
-            frac = rng.uniform(lo, hi)
-            # The garment's larger relative extent covers `frac` of that image side.
-            scale = frac / max(ew / w, eh / h)
-            # Not too small against the image's long side either: the detector sees the
-            # image letterboxed by that side (a 256 px canvas by default).
-            long_px = max(64.0, 0.2 * max(w, h), max(ew, eh) * scale)
-            patch = tight(deform(studio.patch(pid, long_px), rng, strength))
-            if patch.width > w - 2 or patch.height > h - 2:
-                shrink = min((w - 4) / patch.width, (h - 4) / patch.height)
-                patch = patch.resize(
-                    (max(1, int(patch.width * shrink)), max(1, int(patch.height * shrink))),
-                    Image.Resampling.BILINEAR,
-                )
-            solid = np.asarray(patch.getchannel("A")) > 127
-            x, y = _place(owner, placed, solid, rng)
-            img.paste(patch, (x, y), patch)
-            owner[y : y + solid.shape[0], x : x + solid.shape[1]][solid] = k
-            placed.append((x, y, solid.shape[1], solid.shape[0], int(solid.sum())))
-            garments.append((pid, (x, y, solid.shape[1], solid.shape[0])))
-        # Clutter on top: objects that partly hide garments, never more than MAX_HIDDEN.
-        n_occluders = int(rng.integers(0, 3)) if placed else 0
-        for _ in range(n_occluders):
-            obj = tight(_object(rng, rng.uniform(0.1, 0.22) * side))
-            solid = np.asarray(obj.getchannel("A")) > 127
-            if solid.shape[0] >= h or solid.shape[1] >= w:
-                continue
-            tx, ty, tw, th, _own = placed[int(rng.integers(0, len(placed)))]
-            for _try in range(12):
-                x = int(
-                    np.clip(
-                        tx + rng.uniform(-0.5, 1.0) * tw - solid.shape[1] / 2, 0, w - solid.shape[1]
-                    )
-                )
-                y = int(
-                    np.clip(
-                        ty + rng.uniform(-0.5, 1.0) * th - solid.shape[0] / 2, 0, h - solid.shape[0]
-                    )
-                )
-                if _hidden_ok(owner, placed, solid, x, y):
-                    img.paste(obj, (x, y), obj)
-                    owner[y : y + solid.shape[0], x : x + solid.shape[1]][solid] = -2
-                    break
-        # Lighting (overall gain and a colour cast), sensor noise, sometimes a soft focus.
-        gain = rng.uniform(0.9, 1.1) * (1.0 + rng.uniform(-0.04, 0.04, 3))
-        levels = np.arange(256, dtype=np.float64)[None, :] * gain[:, None]
-        img = img.point(np.clip(np.round(levels), 0, 255).astype(np.uint8).ravel().tolist())
-        if rng.random() < 0.25:
-            img = img.filter(ImageFilter.SMOOTH)
-        noise = studio.noise(rng, h, w)
-        arr = np.clip(np.asarray(img, np.int16) + noise[..., None], 0, 255).astype(np.uint8)
-        quality = int(rng.integers(55, 96))
+    compose = _shop_photo if spec.kind == "shop" else _cluttered_scene
+    arr, quality, garments = compose(studio, spec, rng)
     encoded = io.BytesIO()
     Image.fromarray(arr).save(encoded, "JPEG", quality=quality)
-    return Scene(spec, encoded.getvalue(), w, h, tuple(garments))
+    return Scene(spec, encoded.getvalue(), arr.shape[1], arr.shape[0], tuple(garments))
+
+
+def _shop_photo(studio: Studio, spec: SceneSpec, rng: np.random.Generator) -> Composed:
+    """The product alone, centred, on a plain light backdrop."""
+    garments: list[tuple[int, tuple[int, int, int, int]]] = []
+    w = round(rng.uniform(280, 400))
+    h = round(w * rng.uniform(0.8, 1.3))
+    img = _background(w, h, rng, plain=True)
+    pid = spec.products[0]
+    g = studio.geo(pid)
+    x0, y0, x1, y1 = g.extent()
+    fit = min(w / (x1 - x0), h / (y1 - y0)) * rng.uniform(0.72, 0.82)
+    patch = tight(studio.patch(pid, max(x1 - x0, y1 - y0) * fit))
+    px, py = (w - patch.width) // 2, (h - patch.height) // 2
+    img.paste(patch, (px, py), patch)
+    garments.append((pid, (px, py, patch.width, patch.height)))
+    quality = int(rng.integers(88, 96))
+    arr = np.asarray(img)
+    return arr, quality, garments
+
+
+def _cluttered_scene(studio: Studio, spec: SceneSpec, rng: np.random.Generator) -> Composed:
+    """Garments placed on a cluttered background, partly occluded, lit and noisy."""
+    garments: list[tuple[int, tuple[int, int, int, int]]] = []
+    w, h = _scene_size(rng)
+    img = _background(w, h, rng)
+    _shapes(img, rng, int(rng.integers(2, 9)))
+    side = min(w, h)
+    for _ in range(int(rng.integers(0, 3)) + (2 if not spec.products else 0)):
+        obj = _object(rng, rng.uniform(0.12, 0.3) * side)
+        img.paste(
+            obj,
+            (
+                int(rng.integers(-obj.width // 4, w - obj.width * 3 // 4)),
+                int(rng.integers(-obj.height // 4, h - obj.height * 3 // 4)),
+            ),
+            obj,
+        )
+    owner = np.full((h, w), -1, np.int16)
+    placed: list[tuple[int, int, int, int, int]] = []  # x, y, w, h, own pixels
+    n = len(spec.products)
+    lo, hi = {1: (0.38, 0.78), 2: (0.3, 0.62), 3: (0.25, 0.5), 4: (0.22, 0.44)}.get(n, (0.3, 0.6))
+    strength = 1.0 if spec.kind == "scene" else 1.2
+    for k, pid in enumerate(spec.products):
+        g = studio.geo(pid)
+        x0, y0, x1, y1 = g.extent()
+        ew, eh = x1 - x0, y1 - y0
+        frac = rng.uniform(lo, hi)
+        # The garment's larger relative extent covers `frac` of that image side.
+        scale = frac / max(ew / w, eh / h)
+        # Not too small against the image's long side either: the detector sees the
+        # image letterboxed by that side (a 256 px canvas by default).
+        long_px = max(64.0, 0.2 * max(w, h), max(ew, eh) * scale)
+        patch = tight(deform(studio.patch(pid, long_px), rng, strength))
+        if patch.width > w - 2 or patch.height > h - 2:
+            shrink = min((w - 4) / patch.width, (h - 4) / patch.height)
+            patch = patch.resize(
+                (max(1, int(patch.width * shrink)), max(1, int(patch.height * shrink))),
+                Image.Resampling.BILINEAR,
+            )
+        solid = np.asarray(patch.getchannel("A")) > 127
+        x, y = _place(owner, placed, solid, rng)
+        img.paste(patch, (x, y), patch)
+        owner[y : y + solid.shape[0], x : x + solid.shape[1]][solid] = k
+        placed.append((x, y, solid.shape[1], solid.shape[0], int(solid.sum())))
+        garments.append((pid, (x, y, solid.shape[1], solid.shape[0])))
+    # Clutter on top: objects that partly hide garments, never more than MAX_HIDDEN.
+    n_occluders = int(rng.integers(0, 3)) if placed else 0
+    for _ in range(n_occluders):
+        obj = tight(_object(rng, rng.uniform(0.1, 0.22) * side))
+        solid = np.asarray(obj.getchannel("A")) > 127
+        if solid.shape[0] >= h or solid.shape[1] >= w:
+            continue
+        tx, ty, tw, th, _own = placed[int(rng.integers(0, len(placed)))]
+        for _try in range(12):
+            x = int(
+                np.clip(
+                    tx + rng.uniform(-0.5, 1.0) * tw - solid.shape[1] / 2, 0, w - solid.shape[1]
+                )
+            )
+            y = int(
+                np.clip(
+                    ty + rng.uniform(-0.5, 1.0) * th - solid.shape[0] / 2, 0, h - solid.shape[0]
+                )
+            )
+            if _hidden_ok(owner, placed, solid, x, y):
+                img.paste(obj, (x, y), obj)
+                owner[y : y + solid.shape[0], x : x + solid.shape[1]][solid] = -2
+                break
+    # Lighting (overall gain and a colour cast), sensor noise, sometimes a soft focus.
+    gain = rng.uniform(0.9, 1.1) * (1.0 + rng.uniform(-0.04, 0.04, 3))
+    levels = np.arange(256, dtype=np.float64)[None, :] * gain[:, None]
+    img = img.point(np.clip(np.round(levels), 0, 255).astype(np.uint8).ravel().tolist())
+    if rng.random() < 0.25:
+        img = img.filter(ImageFilter.SMOOTH)
+    noise = studio.noise(rng, h, w)
+    arr = np.clip(np.asarray(img, np.int16) + noise[..., None], 0, 255).astype(np.uint8)
+    quality = int(rng.integers(55, 96))
+    return arr, quality, garments
 
 
 def _hidden_ok(
