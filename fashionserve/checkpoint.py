@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fashionserve.ensemble import MODEL_KINDS as KINDS
-from fashionserve.ensemble import ModelKind as Kind
+from fashionserve.ensemble import MODEL_KINDS, ModelKind
 from fashionserve.errors import InvalidInput
 from fashionserve.taxonomy import Taxonomy
 
@@ -40,7 +39,7 @@ class Checkpoint:
     in 0-1 units), so every runtime feeds the same raw pixels.
     """
 
-    kind: Kind
+    kind: ModelKind
     arch: str
     arch_params: dict[str, Any]
     input_size: tuple[int, int]
@@ -112,8 +111,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         )
     try:
         kind = data["kind"]
-        if kind not in KINDS:
-            raise CheckpointError(f"{path}: kind {kind!r} is not one of {KINDS}")
+        if kind not in MODEL_KINDS:
+            raise CheckpointError(f"{path}: kind {kind!r} is not one of {MODEL_KINDS}")
         taxonomy = Taxonomy.from_dict(data["taxonomy"], f"{path}:taxonomy")
         if data.get("taxonomy_hash") not in (None, taxonomy.hash):
             raise CheckpointError(f"{path}: taxonomy_hash does not match the taxonomy it holds")

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fashionserve.checkpoint import Checkpoint, Kind, load_checkpoint, save_checkpoint
+from fashionserve.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fashionserve.ensemble import ModelKind
 from fashionserve.errors import FailedPrecondition
 from fashionserve.models import DEFAULT_ARCH
 from fashionserve.models.blocks import count_parameters
@@ -215,7 +216,7 @@ def _plain(value: dict[str, Any]) -> dict[str, Any]:
     return dict(json.loads(json.dumps(value, default=float)))
 
 
-def _kind(name: str) -> Kind:
+def _kind(name: str) -> ModelKind:
     if name == "detector":
         return "detector"
     if name == "tagger":
