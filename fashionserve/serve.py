@@ -1,6 +1,7 @@
 """``fashionserve serve``: the whole stack on localhost, from a fresh clone, in one command.
 
-On the first run it builds what it needs under the work directory, showing each step:
+On the first run it builds what it needs under the work directory (its layout is
+:mod:`fashionserve.stack`'s), showing each step:
 
 1. checkpoints: the committed demo checkpoints (``checkpoints/``), or, when they are
    absent, a synthetic data set rendered and the three models trained on it;
