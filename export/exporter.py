@@ -81,6 +81,7 @@ from fashionserve.repository import (
     publish_version,
     read_config,
     read_manifest,
+    recorded_taxonomy,
     served_version,
 )
 from fashionserve.taxonomy_compat import check_compatible
@@ -190,7 +191,7 @@ def export_checkpoint(
     changes = check_compatible(
         name,
         served,
-        served_taxonomy(model_dir, served),
+        recorded_taxonomy(model_dir, served),
         taxonomy_section(ckpt),
         force=force,
     )
@@ -339,15 +340,6 @@ def _engine(
         engine_checks(kind, precision),
     )
     return info, report
-
-
-def served_taxonomy(model_dir: Path, version: int | None) -> TaxonomyRef | None:
-    """The taxonomy the served ``version`` records (``None`` before the first version, or
-    for a version published without one)."""
-    if version is None:
-        return None
-    manifest = read_manifest(model_dir / str(version))
-    return manifest.taxonomy if manifest is not None else None
 
 
 def config_max_batch(repository: Path, name: str, kind: str) -> int:

@@ -314,6 +314,15 @@ def read_manifest(version_dir: Path) -> Manifest | None:
     return manifest_from_dict(doc, str(path))
 
 
+def recorded_taxonomy(model_dir: Path, version: int | None) -> TaxonomyRef | None:
+    """The taxonomy that ``version`` of a model records in its manifest (``None`` for no
+    version yet, or a version published without one)."""
+    if version is None:
+        return None
+    manifest = read_manifest(model_dir / str(version))
+    return manifest.taxonomy if manifest is not None else None
+
+
 def write_manifest(directory: Path, manifest: Manifest) -> Path:
     """Write ``manifest.json`` into ``directory`` (replaced atomically); return its path."""
     path = directory / MANIFEST_FILE

@@ -37,12 +37,12 @@ from fashionserve.model_repository.exported import model_version
 from fashionserve.model_repository.settings import RepositorySettings, stored_settings
 from fashionserve.repository import (
     RepositoryError,
-    TaxonomyRef,
     ensemble_versions,
     published_versions,
     read_config,
     read_manifest,
     read_pin,
+    recorded_taxonomy,
     served_version,
     write_pin,
 )
@@ -185,7 +185,11 @@ def rollout(
     changes = None
     if old is not None and old != target:
         changes = check_compatible(
-            model, old, _taxonomy(model_dir, old), _taxonomy(model_dir, target), force=force
+            model,
+            old,
+            recorded_taxonomy(model_dir, old),
+            recorded_taxonomy(model_dir, target),
+            force=force,
         )
         if changes is not None and echo is not None:
             echo(f"{model} {old} -> {target}, taxonomy:\n{changes.summary()}")
@@ -323,11 +327,6 @@ def _load(triton_url: str, models: list[str]) -> None:
         ) from exc
     finally:
         client.close()
-
-
-def _taxonomy(model_dir: Path, version: int) -> TaxonomyRef | None:
-    manifest = read_manifest(model_dir / str(version))
-    return manifest.taxonomy if manifest is not None else None
 
 
 def _model_dir(repo: Path, model: str) -> Path:
