@@ -34,9 +34,9 @@ from fashionserve.gateway.settings import GatewaySettings
 from fashionserve.gateway.telemetry import Telemetry, child_span
 from fashionserve.gateway.validation import (
     ACCEPTED_FORMATS,
-    AnalyzeOptions,
     ImageLimits,
     StreamLimit,
+    ValidatedOptions,
     has_end_marker,
     inspect_image,
     validate_image_count,
@@ -152,7 +152,7 @@ class Analyzer:
         await self.inference.close()
 
     # ------------------------------------------------------------------ options
-    def resolve_options(self, raw: RawOptions) -> AnalyzeOptions:
+    def resolve_options(self, raw: RawOptions) -> ValidatedOptions:
         """Validate the caller's options against the served caps and the caller's scopes."""
         cap = self.monitor.state.max_crops_per_image or FALLBACK_MAX_GARMENTS
         options = validate_options(
@@ -248,7 +248,7 @@ class Analyzer:
             raise limit.exceeded
 
     async def _analyze_safe(
-        self, image: bytes, options: AnalyzeOptions, deadline: float | None
+        self, image: bytes, options: ValidatedOptions, deadline: float | None
     ) -> ImageResult | Error:
         try:
             await self._inspect(image)
@@ -271,7 +271,7 @@ class Analyzer:
             inspect_image(image, self.limits)
 
     async def _infer(
-        self, image: bytes, options: AnalyzeOptions, deadline: float | None
+        self, image: bytes, options: ValidatedOptions, deadline: float | None
     ) -> ImageResult:
         output = await self.inference.infer(image, deadline)
         with child_span(self.tracer, "decode"):

@@ -5,6 +5,11 @@ class, a row of tagger logits and an embedding. Here each garment is filtered (m
 score, maximum count), its box clipped and normalised, and its logits decoded with the
 taxonomy (:meth:`fashionserve.taxonomy.Taxonomy.decode`: coarse to fine, ``applies_to``,
 exclusive groups, thresholds). Plain data in, plain data out: nothing here knows gRPC.
+
+The client library has types of the same names (``Box``, ``GarmentResult``,
+``ImageResult`` in ``fashionserve.clients.types``) for the same data as a caller receives
+it. Both exist because the client may import only the protos: the servicer turns these into
+the protobuf message, the client turns the message into its own.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fashionserve.ensemble import Garment
-from fashionserve.gateway.validation import AnalyzeOptions
+from fashionserve.gateway.validation import ValidatedOptions
 from fashionserve.taxonomy import ScoredLabel, Taxonomy
 
 
@@ -71,7 +76,7 @@ def clip_box(box: Sequence[float], width: int, height: int) -> tuple[Box, Box]:
 
 
 def decode_garment(
-    garment: Garment, taxonomy: Taxonomy, width: int, height: int, options: AnalyzeOptions
+    garment: Garment, taxonomy: Taxonomy, width: int, height: int, options: ValidatedOptions
 ) -> GarmentResult:
     """Decode one garment's logits and shape it for the caller."""
     decoded = taxonomy.decode(garment.logits, full_tables=options.include_probability_tables)
@@ -103,7 +108,7 @@ def decode_garment(
 
 
 def assemble_result(
-    output: ImageOutput, taxonomy: Taxonomy, options: AnalyzeOptions
+    output: ImageOutput, taxonomy: Taxonomy, options: ValidatedOptions
 ) -> ImageResult:
     """Filter (``min_score``, ``max_garments``) and decode the garments of one image.
 

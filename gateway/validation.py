@@ -12,11 +12,14 @@ decode can see is reported by Triton's preprocess step and mapped back to the im
 Parsers do work in proportion to structure, not bytes, so structure is limited too, before
 any parser runs: a JPEG's scans (each a pass over the whole image) and a PNG's chunks.
 
-Every failure is an :class:`~gateway.errors.InvalidArgument` whose reason names the
+Every failure is an :class:`~fashionserve.gateway.failures.InvalidArgument` whose reason names the
 problem: EMPTY_IMAGE, IMAGE_TOO_LARGE, NOT_AN_IMAGE, UNSUPPORTED_FORMAT, TOO_MANY_PIXELS,
 TOO_MANY_SCANS, TOO_MANY_CHUNKS, CORRUPT_IMAGE, INVALID_OPTION, INVALID_REQUEST_ID,
 NO_IMAGES, TOO_MANY_IMAGES; a stream past its length limits (:class:`StreamLimit`) ends
-with :class:`~gateway.errors.ResourceExhausted` STREAM_TOO_LONG.
+with :class:`~fashionserve.gateway.failures.ResourceExhausted` STREAM_TOO_LONG.
+
+The options a caller sent become :class:`ValidatedOptions` (zero values resolved): not the
+client library's ``AnalyzeOptions``, which is what a caller sends.
 
 Animated WebP and PNG are accepted and only their first frame is analysed (Triton's
 preprocess step decodes that frame alone), so the number of frames costs nothing beyond
@@ -218,7 +221,7 @@ def _truncated(fmt: str, exc: Exception) -> InvalidArgument:
 
 # ------------------------------------------------------------------------- options
 @dataclass(frozen=True)
-class AnalyzeOptions:
+class ValidatedOptions:
     """Per-request options after validation; ``max_garments`` is resolved (never 0)."""
 
     min_score: float
@@ -234,7 +237,7 @@ def validate_options(
     include_probability_tables: bool,
     *,
     max_garments_cap: int,
-) -> AnalyzeOptions:
+) -> ValidatedOptions:
     """Check the options a caller sent; zero values mean the served defaults.
 
     ``min_score`` must be in [0, 1] (a value below the served floor has the floor's
@@ -253,7 +256,7 @@ def validate_options(
             f"{max_garments_cap}), got {max_garments}",
             {"option": "maxGarments", "value": max_garments, "max": max_garments_cap},
         )
-    return AnalyzeOptions(
+    return ValidatedOptions(
         min_score=float(min_score),
         max_garments=max_garments or max_garments_cap,
         include_embeddings=include_embeddings,

@@ -7,7 +7,7 @@ import pytest
 
 from fashionserve.ensemble import Garment
 from fashionserve.gateway.results import ImageOutput, assemble_result, clip_box
-from fashionserve.gateway.validation import AnalyzeOptions
+from fashionserve.gateway.validation import ValidatedOptions
 from fashionserve.taxonomy import Taxonomy, load_taxonomy
 
 
@@ -42,10 +42,10 @@ def garment(
     )
 
 
-def options(**kw: object) -> AnalyzeOptions:
+def options(**kw: object) -> ValidatedOptions:
     base: dict[str, object] = {"min_score": 0.0, "max_garments": 16}
     base.update(kw)
-    return AnalyzeOptions(**base)  # type: ignore[arg-type]
+    return ValidatedOptions(**base)  # type: ignore[arg-type]
 
 
 SHIRT = {
