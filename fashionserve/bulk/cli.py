@@ -126,7 +126,11 @@ def _run(args: argparse.Namespace) -> int:
         retry_failed=args.retry_failed,
         part_rows=args.part_rows,
     )
-    result = run_batch(options)
+    try:
+        result = run_batch(options)
+    except KeyboardInterrupt:  # Ctrl-C before tagging began (while listing): nothing to commit
+        print("stopped before tagging began; run the same command to start", file=sys.stderr)
+        return INTERRUPTED
     if result.interrupted:
         print(
             f"stopped: {result.tagged} images committed; run the same command to resume",

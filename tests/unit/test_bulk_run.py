@@ -237,7 +237,9 @@ def test_a_run_that_dies_between_rename_and_commit_resumes_exactly_once(
     with pytest.raises(Killed):
         run_batch(_options(images, out, address))
     status = read_status(out)
-    assert len(part_files(out)) == status.parts + 1 == 3, "one part renamed in, uncommitted"
+    # The third part is renamed in, never committed; workers busy at the crash may have
+    # written or committed one more, as a real kill can leave them.
+    assert status.parts >= 2 and len(part_files(out)) > status.parts, "an uncommitted part"
     assert 6 <= status.done < 12 and status.total == 12 and not status.complete
 
     monkeypatch.setattr(Journal, "commit_part", commit)
