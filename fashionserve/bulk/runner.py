@@ -120,11 +120,12 @@ class _Run:
     def __init__(self, options: RunOptions) -> None:
         self.options = options
         self.output = options.output
+        # The input first: a mistyped --input must not claim the output directory.
+        self.source = Source(options.input)
         self.journal = Journal.open(
             options.output,
             RunConfig(options.input, str(options.shard), options.include_embeddings),
         )
-        self.source = Source(options.input)
         self.stop = asyncio.Event()
         self.failure: BaseException | None = None
         self.rows: list[dict[str, Any]] = []
@@ -185,7 +186,7 @@ class _Run:
         if folder.is_dir():
             for hidden in folder.glob(".*.tmp"):
                 hidden.unlink()
-        numbers = [int(name[5:11]) for name in committed]
+        numbers = [int(name.removeprefix("part-").removesuffix(".parquet")) for name in committed]
         self.next_part = max(numbers, default=-1) + 1
 
     def _part_name(self) -> str:

@@ -32,6 +32,7 @@ from fashionserve.bulk.errors import (
     CallRefused,
     DuplicateIds,
     GatewayUnavailable,
+    InputError,
     OutputFormatError,
     OutputMismatch,
 )
@@ -352,6 +353,16 @@ def test_an_output_directory_of_another_run_is_refused(
         run_batch(_options(images, out, address, shard=Shard(1, 2)))
     with pytest.raises(OutputMismatch, match="include_embeddings"):
         run_batch(_options(images, out, address, include_embeddings=True))
+
+
+def test_a_mistyped_input_leaves_the_output_free(
+    gateway: tuple[StandIn, str], images: Path, tmp_path: Path
+) -> None:
+    _, address = gateway
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match="cannot read"):
+        run_batch(_options(tmp_path / "imagez.txt", out, address))
+    assert run_batch(_options(images, out, address)).complete
 
 
 def test_embeddings_on_request(gateway: tuple[StandIn, str], images: Path, tmp_path: Path) -> None:
