@@ -186,7 +186,7 @@ class Analyzer:
     ) -> list[ImageResult | Error]:
         """Analyze several images; one outcome per image, in order.
 
-        An image's own problem (bad bytes, refused by the pipeline) is that entry's error.
+        An image's own problem (bad bytes, refused by the ensemble) is that entry's error.
         A problem of the service (not serving, Triton unreachable, too slow) fails the
         whole call, so that callers retry it as a whole.
         """
@@ -215,7 +215,7 @@ class Analyzer:
 
         At most ``max_stream_in_flight`` requests are read but not yet answered: the next
         request is read only when one has been answered (flow control). Every problem,
-        including an unavailable pipeline, is the error of the request it concerns; the
+        including an unavailable ensemble, is the error of the request it concerns; the
         stream goes on, up to its length limits, which raise RESOURCE_EXHAUSTED
         (STREAM_TOO_LONG): past ``max_stream_requests`` reading stops and the requests read
         are answered first; past ``max_stream_duration_seconds`` the call ends at once.

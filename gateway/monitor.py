@@ -98,12 +98,12 @@ class ServingMonitor:
         if changed:
             if serving:
                 log.info(
-                    "pipeline SERVING (Triton %s: %d endpoint(s) ready, taxonomy matches)",
+                    "gateway SERVING (Triton %s: %d endpoint(s) ready, taxonomy matches)",
                     self.pool.url,
                     len(self.pool.admitted),
                 )
             else:
-                log.warning("pipeline NOT_SERVING: %s", problem)
+                log.warning("gateway NOT_SERVING: %s", problem)
             if self.on_change is not None:
                 await self.on_change(serving)
         return serving

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ServedModel:
-    """One model of the pipeline as served."""
+    """One model of the ensemble as served."""
 
     name: str
     version: str
@@ -64,7 +64,7 @@ def assess(status: EnsembleStatus, taxonomy: Taxonomy) -> ServedState:
 
 
 def serving_problem(state: ServedState, taxonomy: Taxonomy) -> str:
-    """Why the pipeline described by ``state`` cannot serve with ``taxonomy`` ("" if it can):
+    """Why the ensemble described by ``state`` cannot serve with ``taxonomy`` ("" if it can):
     Triton not ready, or the served tagger exported with another taxonomy that the
     ensemble does not publish (its logits cannot be decoded)."""
     if not state.ready:

@@ -45,7 +45,7 @@ from fashionserve.imaging import ALLOWED_FORMATS, sniff_format
 T = TypeVar("T")
 
 ACCEPTED_FORMATS: tuple[str, ...] = tuple(sorted(ALLOWED_FORMATS))
-"""The formats the pipeline decodes (shared with Triton's preprocess step)."""
+"""The formats the ensemble decodes (shared with Triton's preprocess step)."""
 
 MAX_REQUEST_ID_CHARS = 128
 
