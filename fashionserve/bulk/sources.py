@@ -190,12 +190,12 @@ class Source:
         columns = reader.fieldnames or []
         if "uri" not in columns:
             raise InputError(f"{self.spec}: no 'uri' column (columns: {', '.join(columns)})")
-        has_id = "id" in columns
         for number, row in enumerate(reader, start=2):
             uri = (row.get("uri") or "").strip()
             if not uri:
                 raise InputError(f"{self.spec}:{number}: empty uri")
-            yield InputItem((row.get("id") or "").strip() or uri if has_id else uri, uri)
+            item_id = (row.get("id") or "").strip()  # no id column, or an empty cell: the uri
+            yield InputItem(item_id or uri, uri)
 
     def _parquet(self) -> Iterator[InputItem]:
         import pyarrow.parquet as pq
