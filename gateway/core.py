@@ -24,7 +24,7 @@ from fashionserve.errors import Error, ErrorKind
 from fashionserve.gateway import __version__
 from fashionserve.gateway.auth.identity import LOCAL_IDENTITY, current_identity, require_scope
 from fashionserve.gateway.batcher import bounded_map
-from fashionserve.gateway.failures import Unavailable, as_gateway_error
+from fashionserve.gateway.failures import Unavailable, as_error
 from fashionserve.gateway.inference import BatchedInference
 from fashionserve.gateway.monitor import ServingMonitor
 from fashionserve.gateway.quota import Admission
@@ -231,7 +231,7 @@ class Analyzer:
                 validate_request_id(item.request_id)
                 result = await self.analyze(item.image, item.options, deadline)
             except Exception as exc:
-                err = as_gateway_error(exc)
+                err = as_error(exc)
                 self.telemetry.count_rejection(err.reason)
                 return StreamOutcome(item.request_id, err)
             return StreamOutcome(item.request_id, result)
@@ -254,7 +254,7 @@ class Analyzer:
             await self._inspect(image)
             return await self._infer(image, options, deadline)
         except Exception as exc:
-            return as_gateway_error(exc)
+            return as_error(exc)
 
     async def _inspect(self, image: bytes) -> None:
         # Anything but a small image with its end marker goes to a worker thread: telling a

@@ -23,7 +23,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from fashionserve.errors import Error, ErrorKind
-from fashionserve.gateway.failures import as_gateway_error, request_id_var
+from fashionserve.gateway.failures import as_error, request_id_var
 from fashionserve.gateway.handlers import (
     SERVICE_PREFIX,
     guard_requests,
@@ -121,7 +121,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             context.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
 
         async def on_error(exc: BaseException, context: grpc.aio.ServicerContext) -> None:
-            err = as_gateway_error(exc)  # logs unexpected exceptions with their traceback
+            err = as_error(exc)  # logs unexpected exceptions with their traceback
             if isinstance(exc, Error):
                 level = logging.WARNING if err.kind in _SERVER_SIDE else logging.INFO
                 log.log(level, "request %s %s: %s %s", rid, method, err.reason, err.message)

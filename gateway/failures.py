@@ -7,7 +7,7 @@ reports. :class:`fashionserve.gateway.errors.ErrorInterceptor` is the one place 
 kind into a gRPC status code; inside BatchAnalyze and StreamAnalyze the servicer makes the
 same fields an ``ItemError``.
 
-Any other exception is a bug: :func:`as_gateway_error` logs it with the request id and puts
+Any other exception is a bug: :func:`as_error` logs it with the request id and puts
 the generic INTERNAL error, quoting that id and never the exception text, in its place.
 """
 
@@ -96,7 +96,7 @@ def internal_error(request_id: str | None = None) -> InternalError:
     )
 
 
-def as_gateway_error(exc: BaseException) -> Error:
+def as_error(exc: BaseException) -> Error:
     """``exc`` if it is an :class:`~fashionserve.errors.Error`; otherwise log it and return
     the generic INTERNAL error (the only place an unexpected exception becomes an answer)."""
     if isinstance(exc, Error):
