@@ -1,8 +1,9 @@
 """The ``fashionserve gateway`` and ``fashionserve keys create`` commands.
 
-Only argparse is imported at module level: ``fashionserve --help`` must stay fast, so the
-gateway's heavy imports (grpc, tritonclient) happen when the command runs. Exit status of
-``gateway``: 2 when its settings cannot be used (as argparse's own errors).
+Only argparse and the key scopes (a module free of gRPC) are imported at module level:
+``fashionserve --help`` must stay fast, so the gateway's heavy imports (grpc, tritonclient)
+happen when the command runs. Exit status of ``gateway``: 2 when its settings cannot be used
+(as argparse's own errors).
 """
 
 from __future__ import annotations
@@ -13,12 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fashionserve.cli.command import add_command, add_group
-
-KEY_SCOPES = (
-    "analyze",
-    "embed",
-    "admin",
-)  # fashionserve.gateway.auth.SCOPES, without importing grpc
+from fashionserve.gateway.auth.identity import SCOPES
 
 
 def add_commands(subparsers: Any) -> None:
@@ -88,8 +84,8 @@ def add_commands(subparsers: Any) -> None:
     k.add_argument(
         "--scopes",
         nargs="+",
-        choices=KEY_SCOPES,
-        default=list(KEY_SCOPES),
+        choices=SCOPES,
+        default=list(SCOPES),
         help="what the key may do (default: all)",
     )
     k.add_argument("--file", type=Path, required=True, help="the key file")
