@@ -122,7 +122,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
         async def on_error(exc: BaseException, context: grpc.aio.ServicerContext) -> None:
             err = as_error(exc)  # logs unexpected exceptions with their traceback
-            if isinstance(exc, Error):
+            if err is exc:
                 level = logging.WARNING if err.kind in _SERVER_SIDE else logging.INFO
                 log.log(level, "request %s %s: %s %s", rid, method, err.reason, err.message)
             if self.on_reported is not None:

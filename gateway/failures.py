@@ -1,14 +1,16 @@
 """The gateway's domain errors, free of gRPC.
 
-Every error a caller can see is a :class:`GatewayError`, a :class:`fashionserve.errors.Error`
-with a transport-free :class:`~fashionserve.errors.ErrorKind`, an UPPER_SNAKE reason, a
-developer-facing message and lowerCamel metadata. There is one subclass per kind the gateway
-reports. :class:`fashionserve.gateway.errors.ErrorInterceptor` is the one place that turns a
-kind into a gRPC status code; inside BatchAnalyze and StreamAnalyze the servicer makes the
-same fields an ``ItemError``.
+Every error a caller can see is a :class:`fashionserve.errors.Error`: a transport-free
+:class:`~fashionserve.errors.ErrorKind`, an UPPER_SNAKE reason, a developer-facing message
+and lowerCamel metadata. The gateway's own derive from :class:`GatewayError`, one subclass
+per kind it reports; the batcher's (shutting down, a deadline passed in the queue) derive
+from the root directly. :class:`fashionserve.gateway.errors.ErrorInterceptor` is the one
+place that turns a kind into a gRPC status code; inside BatchAnalyze and StreamAnalyze the
+servicer makes the same fields an ``ItemError``.
 
-Any other exception is a bug: :func:`as_error` logs it with the request id and puts
-the generic INTERNAL error, quoting that id and never the exception text, in its place.
+Any other exception is a bug: :func:`as_error` logs it with the request id and puts the
+generic INTERNAL error, quoting that id and never the exception text, in its place (so does
+another component's INTERNAL error, such as the batcher's BatchResultMismatch).
 """
 
 from __future__ import annotations
@@ -97,9 +99,14 @@ def internal_error(request_id: str | None = None) -> InternalError:
 
 
 def as_error(exc: BaseException) -> Error:
-    """``exc`` if it is an :class:`~fashionserve.errors.Error`; otherwise log it and return
-    the generic INTERNAL error (the only place an unexpected exception becomes an answer)."""
-    if isinstance(exc, Error):
+    """``exc`` if it is an answer for the caller: a :class:`GatewayError`, or another
+    :class:`~fashionserve.errors.Error` of a kind other than INTERNAL. Anything else (an
+    unexpected exception, or another component's INTERNAL error, whose text was not written
+    for callers) is logged and replaced by the generic INTERNAL error: the only place an
+    unexpected exception becomes an answer."""
+    if isinstance(exc, GatewayError) or (
+        isinstance(exc, Error) and exc.kind is not ErrorKind.INTERNAL
+    ):
         return exc
     rid = request_id_var.get()
     log.error(

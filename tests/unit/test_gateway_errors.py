@@ -17,8 +17,10 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from fashionserve.gateway.errors import DOMAIN, ErrorInterceptor, to_rpc_status
-from fashionserve.gateway.failures import InvalidArgument, Unavailable, request_id_var
+from fashionserve.errors import ErrorKind
+from fashionserve.gateway.batcher import BatcherClosed, BatchResultMismatch
+from fashionserve.gateway.errors import DOMAIN, STATUS_CODES, ErrorInterceptor, to_rpc_status
+from fashionserve.gateway.failures import InvalidArgument, Unavailable, as_error, request_id_var
 
 
 def aio(test: Callable[..., Awaitable[None]]) -> Callable[..., None]:
@@ -213,3 +215,18 @@ async def test_a_request_that_does_not_parse_is_invalid_argument() -> None:
             _assert_malformed(info.value)
     finally:
         await server.stop(0)
+
+
+def test_every_kind_has_a_status_code_and_only_answers_written_for_callers_pass() -> None:
+    assert set(STATUS_CODES) == set(ErrorKind)
+    closed = BatcherClosed("the gateway is shutting down; retry")
+    assert as_error(closed) is closed
+    assert to_rpc_status(closed).code == grpc.StatusCode.UNAVAILABLE.value[0]
+    # Another component's INTERNAL error was not written for callers: generic, with the id.
+    token = request_id_var.set("req-7")
+    try:
+        answer = as_error(BatchResultMismatch("the backend returned 1 results for 2 requests"))
+    finally:
+        request_id_var.reset(token)
+    assert (answer.reason, answer.metadata) == ("INTERNAL", {"requestId": "req-7"})
+    assert "backend" not in answer.message
