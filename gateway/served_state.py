@@ -8,6 +8,10 @@ records them), the taxonomy the served tagger was exported with when the ensembl
 it, and the verdict: :attr:`ServedState.problem`, why the gateway cannot serve through it
 ("" when it can). The verdict is computed here, once per probe; the endpoint pool admits
 by it and the serving monitor reports it.
+
+:class:`ServedModel` has a namesake in the client library (``fashionserve.clients.types``):
+the same facts as GetServingInfo returns them, kept apart because the client may import
+only the protos.
 """
 
 from __future__ import annotations
