@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from fashionserve.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from fashionserve.ensemble import ModelKind
+from fashionserve.ensemble import MODEL_KINDS, ModelKind
 from fashionserve.errors import FailedPrecondition
 from fashionserve.models import DEFAULT_ARCH
 from fashionserve.models.blocks import count_parameters
@@ -135,7 +135,7 @@ def train_all(
         rep["checkpoint"] = str(path)
         rep["file_bytes"] = path.stat().st_size
 
-    for kind in ("detector", "tagger", "embedder"):
+    for kind in MODEL_KINDS:
         if kind not in models:
             continue
         schedule = SCHEDULES[kind].scaled(budget, use_bf16)
@@ -172,7 +172,7 @@ def train_all(
 
     # Models not trained now: take them from `out` when there, for the pipeline check.
     available = dict(trained)
-    for kind in ("detector", "tagger", "embedder"):
+    for kind in MODEL_KINDS:
         if kind not in available and (out / f"{kind}.pt").exists():
             available[kind] = load_checkpoint(out / f"{kind}.pt").build_model()
 
@@ -181,7 +181,7 @@ def train_all(
         available.get("tagger"), available.get("embedder"), taxonomy, val, query, gallery
     )
     pipeline: dict[str, Any] | None = None
-    if all(k in available for k in ("detector", "tagger", "embedder")):
+    if all(k in available for k in MODEL_KINDS):
         pipeline = validate_pipeline(
             available["detector"],
             available["tagger"],
@@ -195,9 +195,9 @@ def train_all(
         pipeline = {"map50": validate_detector(available["detector"], taxonomy, val)}
     validate_s = time.perf_counter() - t0
 
-    for kind, model in trained.items():
-        reports[kind]["validation"] = _validation_for(kind, gt_figures, pipeline)
-        save(kind, model)
+    for trained_kind, trained_model in trained.items():
+        reports[trained_kind]["validation"] = _validation_for(trained_kind, gt_figures, pipeline)
+        save(trained_kind, trained_model)
 
     summary = {
         "models": reports,

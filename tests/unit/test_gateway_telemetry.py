@@ -41,7 +41,7 @@ from fashionserve.gateway.telemetry import (
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
 TRACEPARENT = f"00-{TRACE_ID}-{CALLER_SPAN}-01"
-log = logging.getLogger("tests.telemetry")
+log = logging.getLogger(__name__)
 
 
 def aio(test: Callable[..., Awaitable[None]]) -> Callable[..., None]:
