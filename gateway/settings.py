@@ -29,6 +29,7 @@ from pydantic_settings import (
 
 from fashionserve.ensemble import GRPC_MAX_MESSAGE_BYTES
 from fashionserve.errors import InvalidInput
+from fashionserve.gateway.memory import CALLER_SHARE, caller_budget_bytes
 
 ENV_PREFIX = "FASHIONSERVE_GATEWAY_"
 CONFIG_ENV = f"{ENV_PREFIX}CONFIG"
@@ -40,6 +41,18 @@ _ADDRESS = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]*):\d{1,5}$")
 # The YAML layer for the settings being built; a ContextVar rather than a class attribute
 # so two settings objects built at once (tests) do not see each other's file.
 _yaml_layer: ContextVar[dict[str, Any] | None] = ContextVar("_yaml_layer", default=None)
+
+
+# The defaults of max_concurrent_rpcs and max_images_in_flight where memory allows more.
+_MAX_DEFAULT_COUNT = 1024
+
+
+def _fitting(data: dict[str, Any], size_field: str) -> int:
+    """How many items of ``data[size_field]`` bytes fit the callers' share of memory (at
+    least 1, at most 1024): the default of the count that goes with that size."""
+    size = data.get(size_field) or MIB  # absent when it failed validation: reported already
+    fitting = caller_budget_bytes(data.get("memory_limit_bytes")) // size
+    return max(1, min(_MAX_DEFAULT_COUNT, fitting))
 
 
 class SettingsError(InvalidInput):
@@ -176,6 +189,15 @@ class GatewaySettings(BaseSettings):
         le=100_000,
         description="Most scans (SOS markers) a JPEG may have; a progressive photo has about "
         "ten. Each scan is a full pass over the image, so many nearly empty scans would "
+    memory_limit_bytes: int | None = Field(
+        None,
+        ge=64 * MIB,
+        description="Memory the gateway process may use. Unset: its cgroup's limit (a "
+        "container's), else the machine's memory. Received messages (max_concurrent_rpcs x "
+        "max_message_bytes) and, apart, admitted images (max_images_in_flight x "
+        "max_image_bytes) may each take half of it: those two counts default to what fits, "
+        "and values that do not fit are refused at startup.",
+    )
         "make decoding take minutes (TOO_MANY_SCANS).",
     )
     max_png_chunks: int = Field(
@@ -302,11 +324,12 @@ class GatewaySettings(BaseSettings):
         "{acme: {images_per_second: 2000, burst_images: 4000}}.",
     )
     max_images_in_flight: int = Field(
-        1024,
+        default_factory=lambda data: _fitting(data, "max_message_bytes"),
         ge=1,
         le=1_000_000,
         description="Images being served at once, all tenants together; past it calls get "
-        "RESOURCE_EXHAUSTED (GATEWAY_OVERLOADED) at once.",
+        "RESOURCE_EXHAUSTED (GATEWAY_OVERLOADED) at once. Default: as many images of "
+        "max_image_bytes as fit half of memory_limit_bytes, at most 1024.",
     )
     max_queued_images: int = Field(
         512,
@@ -316,12 +339,105 @@ class GatewaySettings(BaseSettings):
         "RESOURCE_EXHAUSTED (GATEWAY_OVERLOADED) at once instead of queueing.",
     )
     max_concurrent_rpcs: int = Field(
-        1024,
+        default_factory=lambda data: _fitting(data, "max_image_bytes"),
         ge=1,
         le=1_000_000,
-        description="Calls (a stream counts once) open at once; gRPC refuses more with "
-        "RESOURCE_EXHAUSTED. With max_message_bytes and max_stream_in_flight it bounds the "
-        "memory callers can make the gateway hold.",
+        description="Calls of the analysis service (a stream counts once) open at once; "
+        "more are refused with RESOURCE_EXHAUSTED (TOO_MANY_CALLS). Health and reflection "
+        "calls have budgets of their own. Default: as many messages of max_message_bytes as "
+        "fit half of memory_limit_bytes, at most 1024.",
+    )
+    max_anonymous_streams: int = Field(
+        16,
+        ge=1,
+        le=10_000,
+        description="Health Watch and reflection streams (they need no credentials) open at "
+        "once on each port; more are refused with RESOURCE_EXHAUSTED (TOO_MANY_CALLS). A budget "
+        "of their own, so that anonymous streams never take the slots of max_concurrent_rpcs "
+        "or of health checks.",
+    )
+    health_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Also serve grpc.health.v1 alone on this port, on the host of "
+        "listen_address: plaintext, no credentials, a call budget of its own, so that callers "
+        "of the main port can never starve the readiness probe, and a Kubernetes gRPC probe "
+        "works when the main port serves TLS. 0 picks a free port; unset: health only on "
+        "the main port.",
+    )
+    reflection_enabled: bool = Field(
+        True,
+        description="Serve gRPC reflection on the main port (buf curl and grpcurl discover "
+        "the API through it, without credentials). Turn off in production.",
+    )
+    max_streams_per_connection: int = Field(
+        100,
+        ge=1,
+        le=100_000,
+        description="HTTP/2 streams (calls) one connection may have open at once "
+        "(grpc.max_concurrent_streams); the client waits for a free one.",
+    )
+    max_streams_per_tenant: int = Field(
+        64,
+        ge=1,
+        le=1_000_000,
+        description="StreamAnalyze calls one tenant may have open at once; more are refused "
+        "with RESOURCE_EXHAUSTED (TENANT_STREAM_LIMITED), so one tenant's open streams "
+        "cannot take every call slot.",
+    )
+    stream_idle_timeout_seconds: float = Field(
+        300.0,
+        gt=0,
+        le=7 * 24 * 3600,
+        description="A StreamAnalyze call whose caller sends no request for this long, while "
+        "the gateway waits for one, is ended after its answers with RESOURCE_EXHAUSTED "
+        "(STREAM_IDLE).",
+    )
+    keepalive_time_seconds: float = Field(
+        60.0,
+        gt=0,
+        le=24 * 3600,
+        description="The gateway pings a connection that has been silent this long "
+        "(grpc.keepalive_time_ms), and closes it when the ping goes unanswered for "
+        "keepalive_timeout_seconds.",
+    )
+    keepalive_timeout_seconds: float = Field(
+        20.0,
+        gt=0,
+        le=3600,
+        description="How long a keepalive ping may go unanswered before the connection and "
+        "its calls are closed (grpc.keepalive_timeout_ms): dead peers are reaped.",
+    )
+    min_client_ping_interval_seconds: float = Field(
+        30.0,
+        gt=0,
+        le=24 * 3600,
+        description="Shortest interval between a client's keepalive pings "
+        "(grpc.http2.min_recv_ping_interval_without_data_ms); a client that pings more "
+        "often is disconnected (GOAWAY too_many_pings). The client library pings every 60 s.",
+    )
+    max_connection_idle_seconds: float = Field(
+        300.0,
+        gt=0,
+        le=7 * 24 * 3600,
+        description="A connection with no call for this long is closed "
+        "(grpc.max_connection_idle_ms); clients reconnect when they next call.",
+    )
+    max_connection_age_seconds: float = Field(
+        3600.0,
+        gt=0,
+        le=30 * 24 * 3600,
+        description="A connection older than this is asked to go away "
+        "(grpc.max_connection_age_ms): clients reconnect, which spreads them over new "
+        "replicas.",
+    )
+    max_connection_age_grace_seconds: float = Field(
+        600.0,
+        ge=0,
+        le=30 * 24 * 3600,
+        description="How long calls open on a connection past max_connection_age_seconds "
+        "may finish before it is closed (grpc.max_connection_age_grace_ms).",
     )
 
     @classmethod
@@ -438,6 +554,19 @@ def load_settings(config_file: Path | None = None, **flags: Any) -> GatewaySetti
     """Build the settings from the environment, the YAML file, then ``flags``.
 
     ``config_file`` defaults to ``$FASHIONSERVE_GATEWAY_CONFIG``. Flags whose value is
+        budget = caller_budget_bytes(self.memory_limit_bytes)
+        for count, size in (
+            ("max_concurrent_rpcs", "max_message_bytes"),
+            ("max_images_in_flight", "max_image_bytes"),
+        ):
+            held = getattr(self, count) * getattr(self, size)
+            if held > budget:
+                raise ValueError(
+                    f"{count} x {size} ({getattr(self, count)} x {getattr(self, size)} bytes = "
+                    f"{held // MIB} MiB) must fit {CALLER_SHARE:.0%} of the gateway's memory "
+                    f"({budget // MIB} MiB of {budget / CALLER_SHARE / MIB:.0f} MiB, "
+                    "memory_limit_bytes or the container's limit): lower one of them"
+                )
     None are treated as not given. Raises :class:`SettingsError` for an unreadable file and
     ``pydantic.ValidationError`` for invalid values (each names the field).
     """

@@ -43,14 +43,17 @@ def gateway(triton: TritonServer, tmp_path_factory: pytest.TempPathFactory) -> I
     key = create_key(root / "keys.yaml", "loadtest", tenant="test")
     # The overload test measures a backlog; load shedding (the default bounds answer
     # RESOURCE_EXHAUSTED past 512 queued images or 1024 open calls) would cut it short,
-    # so the bounds here are wide enough for every request offered to be queued.
+    # so the bounds here are wide enough for every request offered to be queued. The
+    # test's images are small: 1 MiB messages let 8192 calls fit a 16 GiB machine.
     config = root / "gateway.yaml"
     config.write_text(
         yaml.safe_dump(
             {
+                "max_message_bytes": 1024 * 1024,
+                "max_image_bytes": 1024 * 1024,
                 "max_queued_images": 100_000,
-                "max_images_in_flight": 100_000,
-                "max_concurrent_rpcs": 100_000,
+                "max_images_in_flight": 8192,
+                "max_concurrent_rpcs": 8192,
                 "tenant_quota": {
                     "images_per_second": 100_000,
                     "burst_images": 100_000,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -140,3 +141,56 @@ def test_unreadable_or_malformed_file(tmp_path: Path) -> None:
     bad.write_text("- just\n- a list\n")
     with pytest.raises(SettingsError, match="mapping"):
         load_settings(bad)
+
+
+def test_connection_and_stream_defaults_match_the_documented_table() -> None:
+    s = load_settings(auth_enabled=False)
+    assert s.health_port is None and s.reflection_enabled is True
+    assert (s.max_anonymous_streams, s.max_streams_per_connection) == (16, 100)
+    assert (s.max_streams_per_tenant, s.stream_idle_timeout_seconds) == (64, 300.0)
+    assert (s.keepalive_time_seconds, s.keepalive_timeout_seconds) == (60.0, 20.0)
+    assert s.min_client_ping_interval_seconds == 30.0
+    assert (s.max_connection_idle_seconds, s.max_connection_age_seconds) == (300.0, 3600.0)
+    assert s.max_connection_age_grace_seconds == 600.0
+
+
+def test_call_and_image_counts_default_to_what_fits_half_the_memory() -> None:
+    # 2 GiB, the Helm chart's limit: 1 GiB for messages of 64 MiB, 1 GiB for images of 20 MiB.
+    s = load_settings(auth_enabled=False, memory_limit_bytes=2 << 30)
+    assert (s.max_concurrent_rpcs, s.max_images_in_flight) == (16, 51)
+    # Smaller messages and images: more of them, up to 1024.
+    s = load_settings(
+        auth_enabled=False,
+        memory_limit_bytes=2 << 30,
+        max_message_bytes=4 << 20,
+        max_image_bytes=4 << 20,
+    )
+    assert (s.max_concurrent_rpcs, s.max_images_in_flight) == (256, 256)
+    s = load_settings(auth_enabled=False, memory_limit_bytes=1 << 40)
+    assert (s.max_concurrent_rpcs, s.max_images_in_flight) == (1024, 1024)
+
+
+def test_memory_defaults_to_the_container_limit_else_the_machine() -> None:
+    from fashionserve.gateway.memory import process_memory_bytes
+
+    memory = process_memory_bytes()
+    assert 64 << 20 < memory <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    s = load_settings(auth_enabled=False)
+    assert s.max_concurrent_rpcs == max(1, min(1024, memory // 2 // s.max_message_bytes))
+
+
+@pytest.mark.parametrize(
+    ("count", "size", "values"),
+    [
+        ("max_concurrent_rpcs", "max_message_bytes", {"max_concurrent_rpcs": 1024}),
+        ("max_images_in_flight", "max_image_bytes", {"max_images_in_flight": 1024}),
+        ("max_concurrent_rpcs", "max_message_bytes", {"max_message_bytes": 2 << 30}),
+    ],
+)
+def test_limits_that_cannot_fit_the_memory_are_refused(
+    count: str, size: str, values: dict[str, int]
+) -> None:
+    with pytest.raises(ValidationError) as info:
+        load_settings(auth_enabled=False, memory_limit_bytes=2 << 30, **values)
+    message = str(info.value)
+    assert f"{count} x {size}" in message and "1024 MiB of 2048 MiB" in message
