@@ -4,10 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint typecheck layers unit integration clean protos bench
+.PHONY: serve test lint typecheck layers unit integration clean protos bench lock
 
 $(STAMP): pyproject.toml
-	@echo "==> creating $(VENV) and installing fashionserve (PyTorch CPU build included)"
+	@echo "==> creating $(VENV) and installing fashionserve with every extra (PyTorch CPU build included)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
@@ -38,6 +38,18 @@ test: lint typecheck layers
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache
+
+# The images' locks: every package of each image pinned with its hashes, resolved from the
+# pins of pyproject.toml for the images' platform (Linux x86-64, glibc 2.35, Python 3.11);
+# docker/*.Dockerfile install them with --require-hashes. setuptools, the build backend, is
+# locked too: the images build the package without build isolation, so nothing unhashed is
+# downloaded. Run after changing a dependency; tests/unit/test_dependencies.py checks the pins.
+BUILD_BACKEND := setuptools==80.9.0
+LOCK := $(BIN)/uv pip compile --quiet --generate-hashes --python-version 3.11 \
+	--python-platform x86_64-manylinux_2_35 --custom-compile-command "make lock"
+lock: $(STAMP)
+	echo "$(BUILD_BACKEND)" | $(LOCK) pyproject.toml - -o docker/gateway.lock
+	echo "$(BUILD_BACKEND)" | $(LOCK) pyproject.toml --extra triton - -o docker/triton.lock
 
 # Regenerates the Python code of the gRPC contract; tests check it is up to date.
 protos: $(STAMP)

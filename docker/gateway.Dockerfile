@@ -1,18 +1,27 @@
 # syntax=docker/dockerfile:1
 # The gateway image: `fashionserve gateway` on a slim Python 3.11, running as uid 10001,
-# with no compiler, no pip and no source tree in the final stage. Build from the repo root:
+# with no compiler, no pip and no source tree in the final stage. It carries the package's
+# base dependencies only: no Triton, ONNX Runtime or matplotlib (pyproject.toml's extras).
+# Build from the repo root:
 #
 #   docker build -f docker/gateway.Dockerfile -t REGISTRY/fashionserve/gateway:0.1.0 .
 #
-# Dependencies are the exact pins of pyproject.toml; the base image is pinned by tag (add
-# @sha256:... to PYTHON_IMAGE to pin its bytes too).
-ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
+# Every Python package comes from docker/gateway.lock (`make lock`) and is checked against
+# its hashes; the base image is pinned by digest. The digest is the tag's in the comment:
+# update both together.
+# python:3.11.11-slim-bookworm
+ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm@sha256:081075da77b2b55c23c088251026fb69a7b2bf92471e491ff5fd75c192fd38e5
 
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 RUN python -m venv /opt/fashionserve
+# The locked dependencies first (a layer that changes only with the lock). --no-deps: the
+# lock is the whole list, so nothing unhashed can come in; setuptools (the build backend)
+# is in it too, for the build without isolation below.
+COPY docker/gateway.lock ./
+RUN /opt/fashionserve/bin/pip install --no-cache-dir --require-hashes --no-deps -r gateway.lock
 # Only what the package build reads (see .dockerignore for what never enters the context).
 COPY pyproject.toml README.md ./
 COPY fashionserve/ fashionserve/
@@ -22,9 +31,9 @@ COPY protos/ protos/
 COPY export/ export/
 COPY model_repository/ model_repository/
 COPY loadtest/ loadtest/
-# The plain package, no extras: serving needs no PyTorch. pip byte-compiles what it
-# installs, which matters because the container's root file system is read-only.
-RUN /opt/fashionserve/bin/pip install --no-cache-dir . \
+# The package itself, on the locked packages. pip byte-compiles what it installs, which
+# matters because the container's root file system is read-only.
+RUN /opt/fashionserve/bin/pip install --no-cache-dir --no-deps --no-build-isolation . \
     && /opt/fashionserve/bin/pip uninstall --yes pip setuptools
 
 FROM ${PYTHON_IMAGE}

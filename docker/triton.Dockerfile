@@ -1,10 +1,17 @@
 # syntax=docker/dockerfile:1
 # The Triton image: NGC's tritonserver 24.10 (Triton 2.51, the release nvidia-pytriton 0.7.0
 # bundles) plus what the python-backend models (preprocess, crop, the python-ort runners)
-# import: the fashionserve package without extras, in a Python 3.11 virtual environment.
-# Build from the repo root:
+# import: the fashionserve package with its `triton` extra (ONNX Runtime, nvidia-pytriton), in
+# a Python 3.11 virtual environment. Build from the repo root, with the digest of NGC's tag:
 #
-#   docker build -f docker/triton.Dockerfile -t REGISTRY/fashionserve/triton:0.1.0 .
+#   docker buildx imagetools inspect nvcr.io/nvidia/tritonserver:24.10-py3   # Digest: sha256:...
+#   docker build -f docker/triton.Dockerfile --build-arg TRITON_DIGEST=sha256:... \
+#     -t REGISTRY/fashionserve/triton:0.1.0 .
+#
+# Every image is pinned by digest: uv's here (tag in the comment), NGC's at build time
+# (TRITON_DIGEST has no default, so an unpinned build stops at the first FROM). Every Python
+# package comes from docker/triton.lock (`make lock`) and is checked against its hashes; uv
+# checks the Python it downloads against the checksums built into that pinned uv.
 #
 # Why a second Python: the NGC image's python3 is 3.10, and fashionserve needs 3.11. Its
 # python backend runs models in a stub process linked against one libpython; nvidia-pytriton
@@ -12,12 +19,14 @@
 # it. Python 3.11 itself comes from python-build-standalone (relocatable, self-contained,
 # with a shared libpython), installed by uv.
 ARG TRITON_IMAGE=nvcr.io/nvidia/tritonserver:24.10-py3
-ARG UV_IMAGE=ghcr.io/astral-sh/uv:0.5.11
+ARG TRITON_DIGEST
+# ghcr.io/astral-sh/uv:0.5.11
+ARG UV_IMAGE=ghcr.io/astral-sh/uv:0.5.11@sha256:0ac957607303916420297a4c9c213bb33fbd3c888f9cd7f4f7273596ebf42b85
 ARG PYTHON_VERSION=3.11.11
 
 FROM ${UV_IMAGE} AS uv
 
-FROM ${TRITON_IMAGE} AS build
+FROM ${TRITON_IMAGE}@${TRITON_DIGEST} AS build
 ARG PYTHON_VERSION
 COPY --from=uv /uv /usr/local/bin/uv
 ENV UV_PYTHON_INSTALL_DIR=/opt/python \
@@ -28,6 +37,11 @@ ENV UV_PYTHON_INSTALL_DIR=/opt/python \
 RUN uv python install "${PYTHON_VERSION}" \
     && uv venv --python "${PYTHON_VERSION}" /opt/fashionserve
 WORKDIR /src
+# The locked dependencies (setuptools, the build backend, included), then the package on
+# them without build isolation: nothing unhashed is downloaded.
+COPY docker/triton.lock ./
+RUN uv pip install --python /opt/fashionserve/bin/python --require-hashes --no-deps \
+        -r triton.lock
 COPY pyproject.toml README.md ./
 COPY fashionserve/ fashionserve/
 COPY gateway/ gateway/
@@ -36,11 +50,9 @@ COPY protos/ protos/
 COPY export/ export/
 COPY model_repository/ model_repository/
 COPY loadtest/ loadtest/
-# The plain package, no extras (no PyTorch): numpy, pillow, onnxruntime, the taxonomy and
-# imaging code, and nvidia-pytriton for its python-backend stub.
-RUN uv pip install --python /opt/fashionserve/bin/python --no-cache .
+RUN uv pip install --python /opt/fashionserve/bin/python --no-deps --no-build-isolation .
 
-FROM ${TRITON_IMAGE}
+FROM ${TRITON_IMAGE}@${TRITON_DIGEST}
 COPY --from=build /opt/python /opt/python
 COPY --from=build /opt/fashionserve /opt/fashionserve
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
