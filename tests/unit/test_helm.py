@@ -6,12 +6,18 @@ npm is available. Every manifest rendered from the default values and from each
 ``helm/fashionserve/ci/*.yaml`` file is validated against the strict Kubernetes JSON schemas
 (shipped by kubernetes-validate) of the oldest release the chart supports and of the newest
 one the package knows, and checked for what a platform team relies on: resources, probes,
-non-root pods, pinned images, stable selectors, a NetworkPolicy that lets only the gateway
-reach Triton, graceful termination. The Dockerfiles are linted with hadolint.
+non-root pods, pinned images, stable selectors, NetworkPolicies that let only the gateway
+reach Triton and let each pod call only what it needs, TLS with probes that still check
+health, Triton's administrative APIs behind a secret header, graceful termination. The
+Dockerfiles are linted with hadolint and their base images pinned by digest.
+
+TLS is on by default and needs a Secret name: "default" renders the chart's defaults plus
+that one value (``TLS_SECRET``).
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -35,11 +41,13 @@ RENDERS = ["default", *CI_NAMES]
 RELEASE = "fs"
 NAMESPACE = "fashion"
 DOCKERFILES = [REPO / "docker" / "gateway.Dockerfile", REPO / "docker" / "triton.Dockerfile"]
+# The one value the defaults lack: the gateway's TLS Secret (TLS is on by default).
+TLS_SECRET = ("--set", "gateway.tls.secretName=fashionserve-gateway-tls")
 
 # The chart's floor (Chart.yaml kubeVersion: native gRPC probes are GA in 1.27).
 OLDEST_KUBERNETES = "1.27.0"
 # Kinds whose schema is a CRD's, not Kubernetes': checked field by field below instead.
-CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("cert-manager.io/v1", "Certificate")}
 STABLE_SELECTOR_KEYS = {
     "app.kubernetes.io/name",
     "app.kubernetes.io/instance",
@@ -84,8 +92,9 @@ def render(helm: str) -> Render:
     @cache
     def _render(name: str, *extra: str) -> tuple[Manifest, ...]:
         args = ["template", RELEASE, str(CHART), "--namespace", NAMESPACE]
-        if name != "default":
-            args += ["-f", str(CHART / "ci" / f"{name}.yaml")]
+        args += (
+            list(TLS_SECRET) if name == "default" else ["-f", str(CHART / "ci" / f"{name}.yaml")]
+        )
         proc = run_helm(helm, *args, *extra)
         assert proc.returncode == 0, f"helm template {name} {extra} failed:\n{proc.stderr}"
         return tuple(d for d in yaml.safe_load_all(proc.stdout) if d)
@@ -97,8 +106,11 @@ def render(helm: str) -> Render:
 
 
 def template_error(helm: str, *args: str) -> str:
-    """The error of a ``helm template`` that must fail."""
-    proc = run_helm(helm, "template", RELEASE, str(CHART), "--namespace", NAMESPACE, *args)
+    """The error of a ``helm template`` that must fail (the defaults plus ``TLS_SECRET``,
+    which ``args`` may override)."""
+    proc = run_helm(
+        helm, "template", RELEASE, str(CHART), "--namespace", NAMESPACE, *TLS_SECRET, *args
+    )
     assert proc.returncode != 0, f"helm template {args} was accepted:\n{proc.stdout[:2000]}"
     return proc.stderr
 
@@ -225,8 +237,7 @@ def test_helm_installed_from_the_pinned_release(helm: str) -> None:
 @pytest.mark.parametrize("strict", [False, True], ids=["lint", "lint-strict"])
 def test_helm_lint(helm: str, name: str, strict: bool) -> None:
     args = ["lint", str(CHART), "--namespace", NAMESPACE]
-    if name != "default":
-        args += ["-f", str(CHART / "ci" / f"{name}.yaml")]
+    args += list(TLS_SECRET) if name == "default" else ["-f", str(CHART / "ci" / f"{name}.yaml")]
     if strict:
         args.append("--strict")
     proc = run_helm(helm, *args)
@@ -247,6 +258,7 @@ def test_default_values_render_every_component(render: Render) -> None:
         ("NetworkPolicy", "gateway"),
         ("Deployment", "triton"),
         ("Service", "triton"),
+        ("Secret", "triton"),
         ("PodDisruptionBudget", "triton"),
         ("ServiceAccount", "triton"),
         ("NetworkPolicy", "triton"),
@@ -331,15 +343,17 @@ def test_images_are_pinned_by_tag(render: Render, name: str) -> None:
 def test_probes(render: Render, name: str) -> None:
     manifests = render(name)
     gw = one(manifests, "Deployment", "gateway")["spec"]["template"]["spec"]["containers"][0]
-    grpc_port = next(p["containerPort"] for p in gw["ports"] if p["name"] == "grpc")
+    health_port = next(p["containerPort"] for p in gw["ports"] if p["name"] == "health")
+    assert gateway_config(manifests)["health_port"] == health_port
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert probe in gw, f"gateway has no {probe}"
-    # Readiness asks the gRPC health service whether the analysis service can serve.
-    assert gw["readinessProbe"]["grpc"]["port"] == grpc_port
+    # Readiness asks the gRPC health service whether the analysis service can serve, on the
+    # plaintext health-only port, whether or not the gRPC port has TLS.
+    assert gw["readinessProbe"]["grpc"]["port"] == health_port
     assert gw["readinessProbe"]["grpc"]["service"] == "fashion.v1.FashionAnalysisService"
     for probe in ("startupProbe", "livenessProbe"):
         action = gw[probe].get("grpc", {}).get("port") or gw[probe]["tcpSocket"]["port"]
-        assert action in (grpc_port, "grpc"), f"gateway {probe}: {gw[probe]}"
+        assert action in (health_port, "health"), f"gateway {probe}: {gw[probe]}"
 
     tr = one(manifests, "Deployment", "triton")["spec"]["template"]["spec"]["containers"][0]
     assert tr["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
@@ -420,7 +434,7 @@ def test_only_the_gateway_reaches_triton(render: Render, name: str) -> None:
     assert len(policies) == 1, "exactly one NetworkPolicy must select the Triton pods"
     policy = policies[0]["spec"]
     assert not matches(policy["podSelector"]["matchLabels"], gateway_labels)
-    assert policy["policyTypes"] == ["Ingress"]
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
     scrape_peers = yaml.safe_load((CHART / "values.yaml").read_text())["networkPolicy"]
     if name != "default":
         overrides = yaml.safe_load((CHART / "ci" / f"{name}.yaml").read_text())
@@ -489,6 +503,7 @@ def test_gateway_config_is_accepted_by_the_gateway(render: Render, name: str) ->
     assert mount["mountPath"] == "/etc/fashionserve/gateway.yaml"
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert settings.listen_address == f"0.0.0.0:{ports['grpc']}"
+    assert settings.health_port == ports["health"]
     # Triton's address is its headless Service, on the gRPC port, resolved to every pod.
     service = one(manifests, "Service", "triton")
     [target] = settings.triton_urls
@@ -530,7 +545,7 @@ def test_chart_made_secret_holds_the_key_file(render: Render, tmp_path: Path) ->
 
 def test_existing_secret_replaces_the_chart_secret(render: Render) -> None:
     manifests = render("existing-secret")
-    assert not find(manifests, "Secret")
+    assert not find(manifests, "Secret", "gateway")
     pod = one(manifests, "Deployment", "gateway")["spec"]["template"]["spec"]
     volume = next(v for v in pod["volumes"] if v["name"] == "auth")
     assert volume["secret"]["secretName"] == "fashionserve-auth"
@@ -571,7 +586,7 @@ def test_jwks_comes_from_the_secret(render: Render, args: list[str], secret_name
     assert volume["secret"]["secretName"] == secret_name
     paths = {f"/etc/fashionserve/secrets/{i['path']}" for i in volume["secret"]["items"]}
     assert gateway_config(manifests)["jwks_file"] in paths
-    for secret in find(manifests, "Secret"):
+    for secret in find(manifests, "Secret", "gateway"):
         assert json.loads(secret["stringData"]["jwks.json"]) == {"keys": []}
 
 
@@ -638,7 +653,8 @@ def test_service_monitors_scrape_named_metrics_ports(render: Render) -> None:
     )
     assert gateway_config(manifests)["metrics_port"] == metrics_port
     policy = one(manifests, "NetworkPolicy", "gateway")["spec"]
-    assert [r["ports"] for r in policy["ingress"] if r.get("from") and r["ports"]] == [
+    scrapers = yaml.safe_load((CHART / "ci" / "gpu-tensorrt.yaml").read_text())["networkPolicy"]
+    assert [r["ports"] for r in policy["ingress"] if r["from"] == scrapers["metricsFrom"]] == [
         [{"port": metrics_port, "protocol": "TCP"}]
     ]
     monitors = find(manifests, "ServiceMonitor")
@@ -670,7 +686,7 @@ def test_object_storage_repositories(render: Render) -> None:
     gcs = one(render("object-storage-gcs"), "Deployment", "triton")["spec"]["template"]["spec"]
     container = gcs["containers"][0]
     assert arg_value(container["args"], "--model-repository").startswith("gs://")
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
     mount = next(m for m in container["volumeMounts"] if m["name"] == "gcs-credentials")
     volume = next(v for v in gcs["volumes"] if v["name"] == "gcs-credentials")
     key = volume["secret"]["items"][0]["path"]
@@ -786,8 +802,6 @@ def test_tls_and_quotas_reach_the_gateway_settings(render: Render) -> None:
         "--set",
         "gateway.tls.enabled=true,gateway.tls.secretName=gw-tls,gateway.tls.requireClientCert=true",
         "--set",
-        "gateway.readinessProbe.type=tcpSocket",
-        "--set",
         "gateway.config.tenant_quotas.checkout.images_per_second=2000",
     )
     settings = GatewaySettings(**gateway_config(manifests))
@@ -821,6 +835,8 @@ def test_tls_and_quotas_reach_the_gateway_settings(render: Render) -> None:
         (["--set", "gateway.config.tenant_quota.images_per_second=0"], "images_per_second"),
         (["--set", "gateway.config.otlp_traces_endpoint=collector:4317"], "otlp_traces_endpoint"),
         (["--set", "gateway.resources.limits=null"], "limits"),
+        (["--set-json", 'triton.restrictedApis.grpc=["admin"]'], "restrictedApis"),
+        (["--set", "gateway.tls.certManager.issuerRef.kind=Vault"], "issuerRef"),
         (
             ["--set-json", 'gateway.auth.apiKeys=[{"id":"dev","hash":"dev.secret-in-clear"}]'],
             "hash",
@@ -845,10 +861,24 @@ def test_values_violating_the_schema_are_refused(
         (["--set", "modelRepository.source=objectStorage"], "objectStorage.url"),
         (["--kube-version", "1.26.0"], "kubeVersion"),
         (["--set-json", 'gateway.auth.jwks="{}"'], "jwt_issuer and gateway.config.jwt_audience"),
-        (["--set", "gateway.tls.enabled=true"], "gateway.tls.secretName"),
+        (["--set", "gateway.tls.secretName="], "gateway.tls.secretName"),
         (
-            ["--set", "gateway.tls.enabled=true,gateway.tls.secretName=tls"],
-            "set gateway.readinessProbe.type=tcpSocket",
+            ["--set", "gateway.tls.enabled=false,gateway.tls.certManager.enabled=true"],
+            "set gateway.tls.enabled=true",
+        ),
+        (["--set", "gateway.tls.certManager.enabled=true"], "issuerRef.name"),
+        (
+            ["--set", "gateway.config.otlp_traces_endpoint=http://otel.observability:4317"],
+            "networkPolicy.otlpTo",
+        ),
+        (
+            [
+                "-f",
+                str(CHART / "ci" / "object-storage-s3.yaml"),
+                "--set-json",
+                "networkPolicy.tritonEgress=[]",
+            ],
+            "networkPolicy.tritonEgress",
         ),
     ],
 )
@@ -909,13 +939,21 @@ def test_hadolint_catches_an_unpinned_image(tmp_path: Path) -> None:
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_dockerfile_images_are_pinned_and_run_non_root(dockerfile: Path) -> None:
     text = dockerfile.read_text()
-    args = dict(re.findall(r"^ARG (\w+)=(\S+)$", text, re.MULTILINE))
+    defaults = dict(re.findall(r"^ARG (\w+)=(\S+)$", text, re.MULTILINE))
+    # An ARG without a default must be given at build time: `docker build` stops otherwise.
+    required = set(re.findall(r"^ARG (\w+)$", text, re.MULTILINE))
     stages = re.findall(r"^FROM (\S+)", text, re.MULTILINE)
     assert stages
     for ref in stages:
-        image = args.get(ref.strip("${}"), ref)
-        last = image.split("@", 1)[0].rsplit("/", 1)[-1]
+        image = re.sub(r"\$\{(\w+)\}", lambda m: defaults.get(m[1], m[0]), ref)
+        name, _, digest = image.partition("@")
+        last = name.rsplit("/", 1)[-1]
+        # The tag says which release; the digest pins its bytes (a tag can be pushed again).
         assert ":" in last and not last.endswith(":latest"), f"{dockerfile.name}: {image}"
+        given_at_build = re.fullmatch(r"\$\{(\w+)\}", digest)
+        assert re.fullmatch(r"sha256:[0-9a-f]{64}", digest) or (
+            given_at_build and given_at_build[1] in required
+        ), f"{dockerfile.name}: {image} is not pinned by digest"
     final_stage = text[text.rindex("\nFROM ") :]
     users = re.findall(r"^USER (\S+)", final_stage, re.MULTILINE)
     assert users, f"{dockerfile.name}: the final stage must set a USER"
@@ -1012,3 +1050,213 @@ def test_bulk_pods_may_call_a_gateway_closed_to_others(render: Render) -> None:
 )
 def test_inconsistent_bulk_values_are_refused(helm: str, args: list[str], complaint: str) -> None:
     assert complaint in template_error(helm, *args)
+
+
+# ------------------------------------------------------- TLS, egress, Triton's admin APIs
+def test_tls_is_on_by_default_probes_use_the_health_port_reflection_is_off(
+    render: Render,
+) -> None:
+    from fashionserve.gateway.settings import GatewaySettings
+
+    manifests = render("default")
+    settings = GatewaySettings(**gateway_config(manifests))
+    pod = one(manifests, "Deployment", "gateway")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    volume = next(v for v in pod["volumes"] if v["name"] == "tls")
+    assert volume["secret"]["secretName"] == TLS_SECRET[1].split("=", 1)[1]
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "tls")
+    assert "subPath" not in mount, "a subPath mount never sees a renewed certificate"
+    assert str(settings.tls_cert_file) == f"{mount['mountPath']}/tls.crt"
+    assert str(settings.tls_key_file) == f"{mount['mountPath']}/tls.key"
+    # The probes stay native gRPC health checks: on the plaintext health-only port.
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert settings.health_port == ports["health"] != ports["grpc"]
+    assert container["readinessProbe"]["grpc"]["port"] == ports["health"]
+    # The health port is for the kubelet alone: not in the Service, no NetworkPolicy rule.
+    service = one(manifests, "Service", "gateway")["spec"]
+    assert {p["targetPort"] for p in service["ports"]} == {"grpc"}
+    policy = one(manifests, "NetworkPolicy", "gateway")["spec"]
+    opened = {p["port"] for rule in policy["ingress"] for p in rule["ports"]}
+    assert ports["health"] not in opened and "health" not in opened
+    assert not find(manifests, "Certificate")
+    # Reflection shows the API to anyone without credentials: off in the chart.
+    assert settings.reflection_enabled is False
+
+
+def test_the_chart_refuses_tls_without_a_secret(helm: str) -> None:
+    error = template_error(helm, "--set", "gateway.tls.secretName=")
+    assert "gateway.tls.enabled (the default) needs gateway.tls.secretName" in error
+    assert "certManager" in error
+    # Plaintext is a choice made explicitly.
+    run = run_helm(helm, "template", RELEASE, str(CHART), "--set", "gateway.tls.enabled=false")
+    assert run.returncode == 0, run.stderr
+
+
+def test_cert_manager_issues_the_certificate_the_gateway_mounts(render: Render) -> None:
+    manifests = render("gpu-tensorrt")
+    certificate = one(manifests, "Certificate", "gateway")
+    assert certificate["apiVersion"] == "cert-manager.io/v1"
+    spec = certificate["spec"]
+    assert spec["issuerRef"] == {
+        "name": "internal-ca",
+        "kind": "ClusterIssuer",
+        "group": "cert-manager.io",
+    }
+    pod = one(manifests, "Deployment", "gateway")["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "tls")
+    assert volume["secret"]["secretName"] == spec["secretName"]
+    service = one(manifests, "Service", "gateway")["metadata"]["name"]
+    assert f"{service}.{NAMESPACE}.svc.cluster.local" in spec["dnsNames"]
+    assert service in spec["dnsNames"] and "fashion.internal.example.com" in spec["dnsNames"]
+    assert spec["usages"] == ["server auth", "digital signature", "key encipherment"]
+    assert spec["privateKey"]["rotationPolicy"] == "Always"
+    # Renewal comes well before expiry.
+    hours = {k: int(spec[k].removesuffix("h")) for k in ("duration", "renewBefore")}
+    assert 0 < hours["renewBefore"] < hours["duration"]
+
+
+@pytest.mark.parametrize("name", RENDERS)
+def test_triton_admin_apis_need_a_header_from_a_secret(render: Render, name: str) -> None:
+    manifests = render(name)
+    triton = one(manifests, "Deployment", "triton")["spec"]["template"]["spec"]["containers"][0]
+    grpc_flag = arg_value(triton["args"], "--grpc-restricted-protocol")
+    http_flag = arg_value(triton["args"], "--http-restricted-api")
+    for flag in (grpc_flag, http_flag):
+        apis, header = flag.split(":", 1)
+        assert {"shared-memory", "statistics", "trace", "logging"} <= set(apis.split(","))
+        # What the gateway calls stays open to it (health, model config, inference).
+        assert not {"health", "metadata", "inference", "model-config"} & set(apis.split(","))
+        # The value comes from the environment, which the kubelet fills from a Secret.
+        assert header == "admin-key=$(TRITON_ADMIN_KEY)"
+    assert "model-repository" in http_flag.split(":")[0].split(",")
+    env = {e["name"]: e for e in triton["env"]}
+    ref = env["TRITON_ADMIN_KEY"]["valueFrom"]["secretKeyRef"]
+    [secret] = [
+        s for s in find(manifests, "Secret", "triton") if s["metadata"]["name"] == ref["name"]
+    ]
+    assert len(base64.b64decode(secret["data"][ref["key"]])) >= 32
+
+
+def test_triton_admin_header_from_an_existing_secret(render: Render) -> None:
+    manifests = render(
+        "default",
+        "--set",
+        "triton.restrictedApis.existingSecret=triton-admin,triton.restrictedApis.secretKey=k",
+    )
+    assert not find(manifests, "Secret", "triton")
+    triton = one(manifests, "Deployment", "triton")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in triton["env"]}
+    assert env["TRITON_ADMIN_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "triton-admin",
+        "key": "k",
+    }
+
+
+def egress_ports(rule: Manifest) -> set[tuple[int, str]]:
+    """The (port, protocol) pairs an egress rule opens."""
+    return {(p["port"], p["protocol"]) for p in rule["ports"]}
+
+
+DNS = {(53, "UDP"), (53, "TCP")}
+
+
+@pytest.mark.parametrize("name", RENDERS)
+def test_egress_is_limited_to_what_each_pod_calls(render: Render, name: str) -> None:
+    manifests = render(name)
+    triton_labels = one(manifests, "Deployment", "triton")["spec"]["template"]["metadata"]["labels"]
+    triton_grpc = one(manifests, "Service", "triton")["spec"]["ports"]
+    triton_port = next(p["port"] for p in triton_grpc if p["name"] == "grpc")
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["networkPolicy"]
+    if name != "default":
+        values = {
+            **values,
+            **yaml.safe_load((CHART / "ci" / f"{name}.yaml").read_text()).get("networkPolicy", {}),
+        }
+
+    gateway = one(manifests, "NetworkPolicy", "gateway")["spec"]
+    assert "Egress" in gateway["policyTypes"]
+    for rule in gateway["egress"]:
+        assert rule.get("to") and rule.get("ports"), f"an egress rule open to all: {rule}"
+    to_triton, dns, *others = gateway["egress"]
+    assert len(to_triton["to"]) == 1 and set(to_triton["to"][0]) == {"podSelector"}
+    assert matches(to_triton["to"][0]["podSelector"]["matchLabels"], triton_labels)
+    assert egress_ports(to_triton) == {(triton_port, "TCP")}
+    assert dns["to"] == values["dnsTo"] and egress_ports(dns) == DNS
+    assert others == [], "no trace collector is set in these values"
+
+    triton = one(manifests, "NetworkPolicy", "triton")["spec"]
+    assert "Egress" in triton["policyTypes"]
+    dns, *extra = triton["egress"]
+    assert dns["to"] == values["dnsTo"] and egress_ports(dns) == DNS
+    assert extra == values["tritonEgress"]
+
+
+def test_gateway_may_reach_the_trace_collector(render: Render) -> None:
+    collector = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "obs"}}}]
+    manifests = render(
+        "default",
+        "--set",
+        "gateway.config.otlp_traces_endpoint=http://otel.obs:4317",
+        "--set-json",
+        f"networkPolicy.otlpTo={json.dumps(collector)}",
+    )
+    *_, otlp = one(manifests, "NetworkPolicy", "gateway")["spec"]["egress"]
+    assert otlp["to"] == collector and egress_ports(otlp) == {(4317, "TCP")}
+    for manifest in manifests:
+        if (manifest["apiVersion"], manifest["kind"]) not in CRD_KINDS:
+            assert not schemas(OLDEST_KUBERNETES).errors(manifest), manifest["kind"]
+
+
+def test_gateway_ingress_is_closed_unless_peers_are_listed(render: Render) -> None:
+    default = one(render("default"), "NetworkPolicy", "gateway")["spec"]
+    [grpc_rule] = default["ingress"]
+    # Labelled namespaces and labelled pods only: never an empty (all-admitting) peer.
+    assert grpc_rule["from"] == [
+        {"namespaceSelector": {"matchLabels": {"fashionserve.io/client": "true"}}},
+        {"podSelector": {"matchLabels": {"fashionserve.io/client": "true"}}},
+    ]
+    closed = render("default", "--set-json", "networkPolicy.gatewayIngressFrom=[]")
+    assert one(closed, "NetworkPolicy", "gateway")["spec"]["ingress"] == []
+    for manifest in closed:
+        assert not schemas(OLDEST_KUBERNETES).errors(manifest), manifest["kind"]
+
+
+def test_bulk_pods_send_their_key_over_tls_only(render: Render) -> None:
+    manifests = render("bulk-job")
+    pod = one(manifests, "Job", "bulk")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert "--tls" in container["args"]
+    ca = arg_value(container["args"], "--ca")
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "gateway-ca")
+    volume = next(v for v in pod["volumes"] if v["name"] == "gateway-ca")
+    # The gateway's TLS Secret, but only its CA certificate: never its private key.
+    assert volume["secret"]["secretName"] == "fashionserve-gateway-tls"
+    assert volume["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
+    assert ca == f"{mount['mountPath']}/ca.crt"
+    plain = one(render("bulk-job", "--set", "gateway.tls.enabled=false"), "Job", "bulk")["spec"][
+        "template"
+    ]["spec"]
+    assert "--tls" not in plain["containers"][0]["args"]
+    assert not any(v["name"] == "gateway-ca" for v in plain["volumes"])
+
+
+@pytest.mark.parametrize(("calls", "fits"), [(16, True), (17, False)])
+def test_call_limits_must_fit_the_gateway_memory(
+    helm: str, render: Render, calls: int, fits: bool
+) -> None:
+    from fashionserve.gateway.settings import GatewaySettings
+
+    # A 2Gi limit: callers' messages may take 1 GiB, 16 of max_message_bytes' 64 MiB. The
+    # chart refuses what the gateway would refuse at start (a pod in a crash loop).
+    default = gateway_config(render("default"))
+    assert default["memory_limit_bytes"] == 2 * 1024**3
+    assert "max_concurrent_rpcs" not in default, "null: derived from the memory"
+    assert GatewaySettings(**default).max_concurrent_rpcs == 16
+    args = ("--set", f"gateway.config.max_concurrent_rpcs={calls}")
+    if fits:
+        assert GatewaySettings(**gateway_config(render("default", *args))).max_concurrent_rpcs == 16
+    else:
+        error = template_error(helm, *args)
+        assert "must fit half of gateway.resources.limits.memory (2Gi)" in error, error
+        with pytest.raises(ValueError, match="max_concurrent_rpcs"):
+            GatewaySettings(**{**default, "max_concurrent_rpcs": calls})

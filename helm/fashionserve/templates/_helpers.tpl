@@ -131,6 +131,16 @@ one address per ready Triton pod, so a gRPC client with round_robin spreads batc
 {{- printf "%s.%s.svc.%s:%d" (include "fashionserve.triton.fullname" .) .Release.Namespace .Values.clusterDomain (int .Values.triton.ports.grpc) -}}
 {{- end -}}
 
+{{/* The gateway's TLS Secret: the one named, or the one the chart's Certificate writes. */}}
+{{- define "fashionserve.gateway.tlsSecretName" -}}
+{{- default (printf "%s-tls" (include "fashionserve.gateway.fullname" .)) .Values.gateway.tls.secretName -}}
+{{- end -}}
+
+{{/* The Secret holding the value of Triton's admin header (existing, or the chart's). */}}
+{{- define "fashionserve.triton.adminSecretName" -}}
+{{- default (printf "%s-admin" (include "fashionserve.triton.fullname" .)) .Values.triton.restrictedApis.existingSecret -}}
+{{- end -}}
+
 {{/* The PVC that holds the model repository. */}}
 {{- define "fashionserve.modelRepository.claimName" -}}
 {{- default (printf "%s-models" (include "fashionserve.fullname" .)) .Values.modelRepository.pvc.existingClaim -}}
@@ -152,7 +162,15 @@ mount paths, the grace period).
 */}}
 {{- define "fashionserve.gateway.configFile" -}}
 {{- $cfg := deepCopy .Values.gateway.config -}}
-{{- $_ := set $cfg "listen_address" (printf "0.0.0.0:%d" (int .Values.gateway.ports.grpc)) -}}
+{{- /* null: the gateway's own default (for some, derived from its memory or CPUs). */ -}}
+{{- range $key, $value := .Values.gateway.config -}}
+{{- if kindIs "invalid" $value -}}
+{{- $_ := unset $cfg $key -}}
+{{- end -}}
+{{- end -}}
+{{- $_ := set $cfg "memory_limit_bytes" (include "fashionserve.bytes" .Values.gateway.resources.limits.memory | int64) -}}
+{{- $_ = set $cfg "listen_address" (printf "0.0.0.0:%d" (int .Values.gateway.ports.grpc)) -}}
+{{- $_ = set $cfg "health_port" (int .Values.gateway.ports.health) -}}
 {{- /* dns:///: every ready Triton pod behind the headless Service is an endpoint. */ -}}
 {{- $_ = set $cfg "triton_urls" (list (printf "dns:///%s" (include "fashionserve.triton.grpcAddress" .))) -}}
 {{- if .Values.gateway.metrics.enabled -}}
@@ -180,6 +198,23 @@ mount paths, the grace period).
 {{- end -}}
 
 {{/*
+A Kubernetes memory quantity ("2Gi", "512Mi", "1G", "1073741824") in bytes.
+Usage: include "fashionserve.bytes" .Values.gateway.resources.limits.memory | int64
+*/}}
+{{- define "fashionserve.bytes" -}}
+{{- $quantity := toString . -}}
+{{- $number := $quantity -}}
+{{- $unit := 1 -}}
+{{- range $suffix, $size := dict "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 "k" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 -}}
+{{- if hasSuffix $suffix $quantity -}}
+{{- $number = trimSuffix $suffix $quantity -}}
+{{- $unit = $size -}}
+{{- end -}}
+{{- end -}}
+{{- mulf (float64 $number) $unit | int64 -}}
+{{- end -}}
+
+{{/*
 Container resources with the GPU count added to both requests and limits (for extended
 resources Kubernetes requires the two to be equal).
 Usage: include "fashionserve.gpuResources" (dict "resources" .Values.triton.resources "gpus" 1 "resourceName" "nvidia.com/gpu")
@@ -195,4 +230,19 @@ Usage: include "fashionserve.gpuResources" (dict "resources" .Values.triton.reso
 {{- $_ = set $res "limits" $limits -}}
 {{- end -}}
 {{- toYaml $res -}}
+{{- end -}}
+
+{{/*
+The egress rule for DNS lookups (networkPolicy.dnsTo, port 53 over UDP and TCP), shared by the
+gateway's and Triton's NetworkPolicies.
+*/}}
+{{- define "fashionserve.networkPolicy.dnsRule" -}}
+# DNS lookups (the gateway resolves Triton's headless Service; Triton an object store's name).
+- to:
+    {{- toYaml .Values.networkPolicy.dnsTo | nindent 4 }}
+  ports:
+    - port: 53
+      protocol: UDP
+    - port: 53
+      protocol: TCP
 {{- end -}}

@@ -29,15 +29,31 @@ names the values to fix. Included once, at the top of gateway-configmap.yaml (al
 {{- if and $gw.auth.enabled (include "fashionserve.gateway.jwksKey" .) (not (and $gw.config.jwt_issuer $gw.config.jwt_audience)) -}}
 {{- fail "a JWKS is configured (gateway.auth.jwks or existingSecret.jwksKey): set gateway.config.jwt_issuer and gateway.config.jwt_audience, the claims every token must carry" -}}
 {{- end -}}
-{{- if and $gw.tls.enabled (not $gw.tls.secretName) -}}
-{{- fail "gateway.tls.enabled needs gateway.tls.secretName (a kubernetes.io/tls Secret with tls.crt and tls.key, and ca.crt for requireClientCert)" -}}
+{{- if and $gw.tls.enabled (not $gw.tls.secretName) (not $gw.tls.certManager.enabled) -}}
+{{- fail "gateway.tls.enabled (the default) needs gateway.tls.secretName (a kubernetes.io/tls Secret with tls.crt and tls.key, and ca.crt for requireClientCert) or gateway.tls.certManager.enabled with its issuerRef; gateway.tls.enabled=false only on a private test cluster" -}}
 {{- end -}}
-{{- if $gw.tls.enabled -}}
-{{- range $name := list "startupProbe" "readinessProbe" "livenessProbe" -}}
-{{- if eq (index $gw $name).type "grpc" -}}
-{{- fail (printf "gateway.tls.enabled: the kubelet's gRPC probes cannot speak TLS; set gateway.%s.type=tcpSocket" $name) -}}
+{{- if and $gw.tls.certManager.enabled (not $gw.tls.enabled) -}}
+{{- fail "gateway.tls.certManager.enabled issues a certificate the gateway would not use: set gateway.tls.enabled=true" -}}
+{{- end -}}
+{{- if and $gw.tls.enabled $gw.tls.certManager.enabled (not $gw.tls.certManager.issuerRef.name) -}}
+{{- fail "gateway.tls.certManager.enabled needs gateway.tls.certManager.issuerRef.name (the Issuer or ClusterIssuer that signs the certificate)" -}}
+{{- end -}}
+{{- /* The gateway's own rule (memory.CALLER_SHARE): received messages, and apart admitted
+images, may each take half of its memory. Checked here too, so that a pod does not crash-loop. */ -}}
+{{- $callerBudget := div (include "fashionserve.bytes" $gw.resources.limits.memory | int64) 2 -}}
+{{- range $pair := list (list "max_concurrent_rpcs" "max_message_bytes") (list "max_images_in_flight" "max_image_bytes") -}}
+{{- $count := index $gw.config (first $pair) -}}
+{{- $size := index $gw.config (last $pair) -}}
+{{- if and $count (gt (mul $count $size) $callerBudget) -}}
+{{- fail (printf "gateway.config.%s x %s (%d x %d bytes) must fit half of gateway.resources.limits.memory (%v): lower one of them, raise the limit, or leave %s null to fit it" (first $pair) (last $pair) (int64 $count) (int64 $size) $gw.resources.limits.memory (first $pair)) -}}
 {{- end -}}
 {{- end -}}
+{{- $np := .Values.networkPolicy -}}
+{{- if and $np.enabled $gw.config.otlp_traces_endpoint (not $np.otlpTo) -}}
+{{- fail "gateway.config.otlp_traces_endpoint with networkPolicy.enabled: set networkPolicy.otlpTo to the collector's pods, or the NetworkPolicy blocks the traces" -}}
+{{- end -}}
+{{- if and $np.enabled (eq .Values.modelRepository.source "objectStorage") (not $np.tritonEgress) -}}
+{{- fail "modelRepository.source=objectStorage with networkPolicy.enabled: set networkPolicy.tritonEgress to let Triton reach the store, e.g. [{ports: [{port: 443, protocol: TCP}]}]" -}}
 {{- end -}}
 {{- $bulk := .Values.bulk -}}
 {{- if and $bulk.enabled (not (and $bulk.input.source $bulk.output.existingClaim $bulk.output.directory $bulk.apiKey.secretName)) -}}
