@@ -4,7 +4,11 @@ A request goes down one line: servicer (protobuf in and out) -> analyzer (domain
 batched inference (awaited) -> endpoint pool -> Triton transport. By file:
 
 * ``settings.py``: the one validated settings model (environment, YAML file, flags);
-* ``server.py``: the grpc.aio server with health, reflection and the interceptors;
+* ``memory.py``: the process's memory, which the limits on callers are derived from;
+* ``server.py``: the grpc.aio server with health, reflection and the interceptors, and
+  the health-only server of ``health_port``;
+* ``call_budget.py``: calls open at once, in budgets by kind (service, checks, anonymous
+  streams);
 * ``auth/``: who is calling: API keys, bearer tokens, TLS and the auth interceptor;
 * ``errors.py``: the interceptor that maps error kinds to gRPC statuses (one table);
 * ``handlers.py``: the gRPC handler wrapping the interceptors share;
@@ -13,7 +17,7 @@ batched inference (awaited) -> endpoint pool -> Triton transport. By file:
 * ``core.py``: the analyzer: validate, admit, infer, decode, free of gRPC;
 * ``failures.py``: the gateway's domain errors (a transport-free kind each);
 * ``validation.py``: header-only checks of each image and of the request options;
-* ``quota.py``: admission: per-tenant rate and concurrency limits, queue shedding;
+* ``quota.py``: admission: per-tenant rate, concurrency and stream limits, queue shedding;
 * ``results.py``: taxonomy decoding of the ensemble's outputs into per-garment results;
 * ``inference.py``: the batched inference path (micro-batcher to endpoint pool);
 * ``batcher.py``: micro-batching of concurrent requests into one backend call;

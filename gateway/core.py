@@ -24,7 +24,7 @@ from fashionserve.errors import Error, ErrorKind
 from fashionserve.gateway import __version__
 from fashionserve.gateway.auth.identity import LOCAL_IDENTITY, current_identity, require_scope
 from fashionserve.gateway.batcher import bounded_map
-from fashionserve.gateway.failures import Unavailable, as_error
+from fashionserve.gateway.failures import ResourceExhausted, Unavailable, as_error
 from fashionserve.gateway.inference import BatchedInference
 from fashionserve.gateway.monitor import ServingMonitor
 from fashionserve.gateway.quota import Admission
@@ -107,6 +107,35 @@ class ServingInfo:
     taxonomy_hash: str
     limits: Limits
     gateway_version: str
+
+
+class IdleLimit:
+    """Stops reading a stream whose caller sends nothing for ``seconds`` while a request is
+    awaited; :attr:`exceeded` is then the error to end the call with, once the requests read
+    are answered. Time the gateway spends not reading (flow control) does not count."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.exceeded: ResourceExhausted | None = None
+
+    async def read(self, items: AsyncIterator[StreamItem]) -> AsyncIterator[StreamItem]:
+        """``items`` until they end or one is awaited for longer than ``seconds``."""
+        iterator = aiter(items)
+        while True:
+            try:
+                async with asyncio.timeout(self.seconds):
+                    item = await anext(iterator)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                self.exceeded = ResourceExhausted(
+                    "STREAM_IDLE",
+                    f"no request came for {self.seconds:g} s; open a new stream when there "
+                    "is work to send",
+                    {"streamIdleTimeoutSeconds": f"{self.seconds:g}"},
+                )
+                return
+            yield item
 
 
 def _tenant() -> str:
@@ -220,11 +249,15 @@ class Analyzer:
         (STREAM_TOO_LONG): past ``max_stream_requests`` reading stops and the requests read
         are answered first; past ``max_stream_duration_seconds`` the call ends at once.
         ``emit`` (the write to the caller) runs inside the duration limit, so a caller that
-        stops reading answers cannot hold the call open either.
+        stops reading answers cannot hold the call open either. A caller that sends nothing
+        for ``stream_idle_timeout_seconds`` while a request is awaited has its stream
+        ended the same way, after its answers (STREAM_IDLE). A tenant has at most
+        ``max_streams_per_tenant`` streams open (TENANT_STREAM_LIMITED).
         """
         limit = StreamLimit(
             self.settings.max_stream_requests, self.settings.max_stream_duration_seconds
         )
+        idle = IdleLimit(self.settings.stream_idle_timeout_seconds)
 
         async def answer(item: StreamItem) -> StreamOutcome:
             try:
@@ -236,16 +269,21 @@ class Analyzer:
                 return StreamOutcome(item.request_id, err)
             return StreamOutcome(item.request_id, result)
 
-        async with (
-            limit.deadline(),
-            contextlib.aclosing(
-                bounded_map(limit.read(items), answer, self.settings.max_stream_in_flight)
-            ) as outcomes,
-        ):
-            async for outcome in outcomes:
-                await emit(outcome)
+        with self.admission.open_stream(_tenant()):
+            async with (
+                limit.deadline(),
+                contextlib.aclosing(
+                    bounded_map(
+                        limit.read(idle.read(items)), answer, self.settings.max_stream_in_flight
+                    )
+                ) as outcomes,
+            ):
+                async for outcome in outcomes:
+                    await emit(outcome)
         if limit.exceeded is not None:
             raise limit.exceeded
+        if idle.exceeded is not None:
+            raise idle.exceeded
 
     async def _analyze_safe(
         self, image: bytes, options: ValidatedOptions, deadline: float | None

@@ -2,8 +2,9 @@
 
 An interceptor of ``grpc.aio`` gets the call's handler and returns one: :func:`wrap_handler`
 makes a copy that runs code before the behaviour, around it, or on its errors, for all four
-RPC shapes; :func:`guard_requests` makes a request that does not parse an error the error
-interceptor maps like any other; :func:`metadata_value` reads the caller's metadata.
+RPC shapes; :func:`refusing_handler` refuses a call without reading its request;
+:func:`guard_requests` makes a request that does not parse an error the error interceptor
+maps like any other; :func:`metadata_value` reads the caller's metadata.
 """
 
 from __future__ import annotations
@@ -106,6 +107,35 @@ def guard_requests(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
             response_serializer=handler.response_serializer,
         )
     return handler
+
+
+def refusing_handler(
+    handler: grpc.RpcMethodHandler,
+    refuse: Callable[[grpc.aio.ServicerContext], Awaitable[None]],
+) -> grpc.RpcMethodHandler:
+    """A handler for ``handler``'s method that ends the call with ``refuse(context)``, which
+    must raise (an error, or ``context.abort``), without reading the request.
+
+    grpc.aio receives and parses a unary request in full before it calls the behaviour, so
+    refusing inside the method's own handler would still cost the whole message (up to
+    ``max_message_bytes``) and answer a malformed one with its parse error. This handler
+    takes the requests as a stream it never reads: gRPC then holds no more of the body than
+    the HTTP/2 flow-control window, and the call ends as soon as ``refuse`` raises.
+    """
+
+    async def refused(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
+        del requests  # never read
+        await refuse(context)
+        raise AssertionError("refuse() returned instead of ending the call")
+
+    if handler.response_streaming:
+        # A coroutine, not a generator: gRPC's reader/writer form of a streaming behaviour.
+        return grpc.stream_stream_rpc_method_handler(
+            refused, response_serializer=handler.response_serializer
+        )
+    return grpc.stream_unary_rpc_method_handler(
+        refused, response_serializer=handler.response_serializer
+    )
 
 
 def wrap_handler(

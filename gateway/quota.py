@@ -8,7 +8,10 @@ Per tenant (``tenant_quota``, with ``tenant_quotas`` overrides):
 
 * a token bucket: ``burst_images`` tokens, refilled at ``images_per_second``; a call of n
   images takes n tokens (TENANT_RATE_LIMITED when there are fewer);
-* ``max_concurrent_images`` admitted and not yet answered (TENANT_CONCURRENCY_LIMITED).
+* ``max_concurrent_images`` admitted and not yet answered (TENANT_CONCURRENCY_LIMITED);
+* ``max_streams_per_tenant`` StreamAnalyze calls open at once (TENANT_STREAM_LIMITED): a
+  stream holds a call slot while it waits for requests, so a tenant's open streams, idle or
+  not, must not take every slot of ``max_concurrent_rpcs``.
 
 For the whole gateway: ``max_images_in_flight`` admitted and not yet answered, and
 ``max_queued_images`` waiting in the batcher for a batch slot (GATEWAY_OVERLOADED).
@@ -77,6 +80,7 @@ class _Tenant:
     quota: TenantQuota
     bucket: TokenBucket
     in_flight: int = 0
+    streams: int = 0
 
 
 class Admission:
@@ -112,7 +116,11 @@ class Admission:
         return state
 
     def _prune(self, now: float) -> None:
-        idle = [n for n, t in self._tenants.items() if not t.in_flight and t.bucket.full(now)]
+        idle = [
+            n
+            for n, t in self._tenants.items()
+            if not t.in_flight and not t.streams and t.bucket.full(now)
+        ]
         for name in idle:
             del self._tenants[name]
 
@@ -202,3 +210,23 @@ class Admission:
             self.in_flight -= images
             took = self._clock() - now
             self._mean_call_seconds += _EWMA_WEIGHT * (took - self._mean_call_seconds)
+
+    @contextmanager
+    def open_stream(self, tenant: str) -> Iterator[None]:
+        """Hold one of ``tenant``'s ``max_streams_per_tenant`` stream slots for the ``with``
+        block, or raise RESOURCE_EXHAUSTED (TENANT_STREAM_LIMITED) at once."""
+        state = self._tenant(tenant, self._clock())
+        limit = self.settings.max_streams_per_tenant
+        if state.streams >= limit:
+            log.info("refused a stream of tenant %s: %d open, the limit", tenant, state.streams)
+            raise ResourceExhausted(
+                "TENANT_STREAM_LIMITED",
+                f"tenant {tenant!r} has {state.streams} streams open, its limit is {limit}; "
+                "send more requests on the streams it has",
+                {"tenant": tenant, "limit": "max_streams_per_tenant", "maxStreams": limit},
+            )
+        state.streams += 1
+        try:
+            yield
+        finally:
+            state.streams -= 1

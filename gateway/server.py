@@ -5,10 +5,18 @@ port 0 in tests); ``serve(settings)`` runs it until SIGINT/SIGTERM and shuts dow
 gracefully: health turns NOT_SERVING, new calls are refused, calls in flight get
 ``shutdown_grace_seconds`` to finish, then the batcher and the Triton channel close.
 
-Health (``grpc.health.v1`` on the same port): the services ``""`` and
-``fashion.v1.FashionAnalysisService`` are SERVING while at least one Triton endpoint is
-ready with a served tagger whose taxonomy hash equals the gateway's; a background task
-re-checks every endpoint every ``health_check_interval_seconds``.
+Health (``grpc.health.v1`` on the main port, and alone on ``health_port`` when it is set):
+the services ``""`` and ``fashion.v1.FashionAnalysisService`` are SERVING while at least one
+Triton endpoint is ready with a served tagger whose taxonomy hash equals the gateway's; a
+background task re-checks every endpoint every ``health_check_interval_seconds``. The health
+port is a second grpc.aio server on the same event loop, plaintext and with call budgets of
+its own, so that no caller of the main port can starve the readiness probe.
+
+Connections (both ports): HTTP/2 streams per connection are capped, silent connections are
+pinged and closed when the ping goes unanswered, clients that ping too often are
+disconnected, and idle or old connections are closed (the settings
+:func:`connection_options` reads). Calls open at once are counted by
+:class:`~fashionserve.gateway.call_budget.CallBudgetInterceptor`.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from fashionserve.errors import Error
 from fashionserve.gateway import __version__
 from fashionserve.gateway.auth.interceptor import Authenticator, AuthInterceptor
 from fashionserve.gateway.auth.tls import server_credentials
+from fashionserve.gateway.call_budget import CallBudgetInterceptor
 from fashionserve.gateway.core import Analyzer
 from fashionserve.gateway.endpoints import EndpointPool, RetryBudget
 from fashionserve.gateway.errors import ErrorInterceptor
@@ -56,8 +65,9 @@ HEALTH_SERVICES = ("", SERVICE_NAME)
 
 class GatewayServer:
     """The running parts of one gateway: the grpc.aio server (:attr:`grpc_server`), the
-    analyzer with its batched inference path, the Triton endpoint pool, the serving monitor
-    and the telemetry
+    health server (:attr:`health_server` on :attr:`health_port`, when ``health_port`` is
+    set), the analyzer with its batched inference path, the Triton endpoint pool, the
+    serving monitor and the telemetry
     (``/metrics`` on :attr:`metrics_port` once started, when ``metrics_port`` is set)."""
 
     def __init__(
@@ -69,9 +79,13 @@ class GatewayServer:
         pool: EndpointPool,
         health_servicer: health.aio.HealthServicer,
         port: int,
+        health_server: grpc.aio.Server | None = None,
+        health_port: int | None = None,
     ) -> None:
         self.settings = settings
         self.grpc_server = grpc_server
+        self.health_server = health_server
+        self.health_port = health_port
         self.analyzer = analyzer
         self.monitor = monitor
         self.pool = pool
@@ -93,6 +107,8 @@ class GatewayServer:
                 self.settings.bind_host, self.settings.metrics_port
             )
         self.analyzer.start()
+        if self.health_server is not None:
+            await self.health_server.start()
         await self.grpc_server.start()
         self._monitor_task = asyncio.get_running_loop().create_task(
             self.monitor.run(), name="serving-monitor"
@@ -107,6 +123,8 @@ class GatewayServer:
                 await self._monitor_task
         await self.health.enter_graceful_shutdown()
         await self.grpc_server.stop(grace)
+        if self.health_server is not None:  # answered NOT_SERVING through the grace period
+            await self.health_server.stop(0)
         await self.analyzer.close()
         await self.pool.close()
         metrics = self.telemetry.metrics
@@ -160,6 +178,8 @@ async def create_server(
             settings.triton_retry_budget_ratio, settings.triton_retry_budget_burst
         ),
         dns_refresh_seconds=settings.triton_dns_refresh_seconds,
+        eject_after_timeouts=settings.triton_eject_after_timeouts,
+        canary_backoff_seconds=settings.triton_canary_backoff_seconds,
     )
     health_servicer = health.aio.HealthServicer()
     for service in HEALTH_SERVICES:  # NOT_SERVING until the monitor has seen Triton ready
@@ -184,41 +204,89 @@ async def create_server(
 
     server = grpc.aio.server(
         # TelemetryInterceptor outermost, to see every call's final status; then
-        # ErrorInterceptor, which maps what AuthInterceptor raises.
+        # ErrorInterceptor, which maps what AuthInterceptor raises; CallBudgetInterceptor
+        # before AuthInterceptor, so that a call past its budget is not even authenticated.
         interceptors=[
             TelemetryInterceptor(telemetry),
             ErrorInterceptor(on_reported=lambda err: telemetry.count_rejection(err.reason)),
+            CallBudgetInterceptor(settings),
             AuthInterceptor(authenticator),
         ],
-        # Past this gRPC answers RESOURCE_EXHAUSTED itself: with the message size limit it
-        # bounds what callers can make the gateway hold in memory.
-        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
-            # Without this a second gateway on the same port would start and silently
-            # share the port (gRPC sets SO_REUSEPORT by default on Linux).
-            ("grpc.so_reuseport", 0),
+            *connection_options(settings),
         ],
     )
     pb_grpc.add_FashionAnalysisServiceServicer_to_server(FashionAnalysisServicer(analyzer), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    if settings.reflection_enabled:
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+    health_server: grpc.aio.Server | None = None
+    health_port: int | None = None
+    try:
+        port = _listen(server, settings.listen_address, credentials)
+        if settings.health_port is not None:
+            # Health alone, plaintext (probes send no credentials and reveal nothing), with
+            # call budgets of its own; the same servicer, so both ports tell the same.
+            health_server = grpc.aio.server(
+                interceptors=[CallBudgetInterceptor(settings)],
+                options=connection_options(settings),
+            )
+            health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+            health_port = _listen(health_server, f"{settings.bind_host}:{settings.health_port}")
+    except OSError:
+        await pool.close()
+        raise
+    gateway = GatewayServer(
+        settings, server, analyzer, monitor, pool, health_servicer, port, health_server, health_port
     )
+    return gateway, port
+
+
+def connection_options(settings: GatewaySettings) -> list[tuple[str, int]]:
+    """gRPC server options that bound connections: streams per connection, keepalive
+    (dead peers are reaped, clients that ping too often are refused), idle and age limits."""
+
+    def ms(seconds: float) -> int:
+        return round(seconds * 1000)
+
+    return [
+        ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
+        ("grpc.keepalive_time_ms", ms(settings.keepalive_time_seconds)),
+        ("grpc.keepalive_timeout_ms", ms(settings.keepalive_timeout_seconds)),
+        # Client pings on a connection without calls are accepted at the interval below
+        # (otherwise gRPC allows one every two hours); idle connections are closed anyway.
+        ("grpc.keepalive_permit_without_calls", 1),
+        (
+            "grpc.http2.min_recv_ping_interval_without_data_ms",
+            ms(settings.min_client_ping_interval_seconds),
+        ),
+        ("grpc.max_connection_idle_ms", ms(settings.max_connection_idle_seconds)),
+        ("grpc.max_connection_age_ms", ms(settings.max_connection_age_seconds)),
+        ("grpc.max_connection_age_grace_ms", ms(settings.max_connection_age_grace_seconds)),
+        # Without this a second gateway on the same port would start and silently share
+        # the port (gRPC sets SO_REUSEPORT by default on Linux).
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def _listen(
+    server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None = None
+) -> int:
+    """Bind ``server`` to ``address`` (TLS with ``credentials``); returns the port."""
     try:
         if credentials is None:
-            port = server.add_insecure_port(settings.listen_address)
+            port = server.add_insecure_port(address)
         else:
-            port = server.add_secure_port(settings.listen_address, credentials)
+            port = server.add_secure_port(address, credentials)
     except RuntimeError as exc:
-        await pool.close()
-        raise OSError(f"cannot listen on {settings.listen_address}: {exc}") from exc
+        raise OSError(f"cannot listen on {address}: {exc}") from exc
     if port == 0:
-        await pool.close()
-        raise OSError(f"cannot listen on {settings.listen_address} (in use?)")
-    gateway = GatewayServer(settings, server, analyzer, monitor, pool, health_servicer, port)
-    return gateway, port
+        raise OSError(f"cannot listen on {address} (in use?)")
+    return port
 
 
 # ------------------------------------------------------------------------ logging
@@ -263,11 +331,12 @@ async def serve_async(
     gateway, _ = await create_server(settings)
     await gateway.start()
     log.info(
-        "fashionserve gateway %s listening on %s (Triton %s, auth %s)",
+        "fashionserve gateway %s listening on %s (Triton %s, auth %s, health port %s)",
         __version__,
         gateway.address,
         ", ".join(settings.triton_urls),
         "on" if settings.auth_enabled else "OFF",
+        gateway.health_port or "off",
     )
     if on_ready is not None:
         on_ready(gateway)
@@ -288,9 +357,9 @@ async def serve_async(
 def serve(settings: GatewaySettings, ready_file: Path | None = None) -> int:
     """Blocking entry point of ``fashionserve gateway``; returns the exit code.
 
-    With ``ready_file``, writes ``{"address": "HOST:PORT", "port": N, "metrics_port": M}``
-    there once listening (for scripts and tests that bind port 0; ``metrics_port`` is null
-    when metrics are off).
+    With ``ready_file``, writes ``{"address": "HOST:PORT", "port": N, "metrics_port": M,
+    "health_port": H}`` there once listening (for scripts and tests that bind port 0;
+    ``metrics_port`` and ``health_port`` are null when off).
     """
 
     def on_ready(gateway: GatewayServer) -> None:
@@ -300,6 +369,7 @@ def serve(settings: GatewaySettings, ready_file: Path | None = None) -> int:
                 "address": gateway.address,
                 "port": gateway.port,
                 "metrics_port": gateway.metrics_port,
+                "health_port": gateway.health_port,
             }
             tmp.write_text(json.dumps(ready))
             tmp.replace(ready_file)

@@ -2,10 +2,11 @@
 
 :class:`Authenticator` turns a call's metadata into an :class:`Identity`; a call carrying
 both an API key and a token is refused (which one counts would be a guess).
-:class:`AuthInterceptor` rejects a call before the servicer runs and puts the caller's
-identity in :data:`~fashionserve.gateway.auth.identity.identity_var` for the rest of the
-call. Health checks and reflection need no credentials (probes and tools cannot send one;
-neither reveals anything secret). Each denial is logged with the key id, token subject or
+:class:`AuthInterceptor` rejects a call from its metadata alone, before its request is read,
+and otherwise puts the caller's identity in
+:data:`~fashionserve.gateway.auth.identity.identity_var` for the rest of the call. Health
+checks and reflection need no credentials (probes and tools cannot send one; neither
+reveals anything secret). Each denial is logged with the key id, token subject or
 tenant; secrets and tokens never are.
 
 (grpc ``examples/python/auth/async_customized_auth_server.py``.)
@@ -27,7 +28,7 @@ from fashionserve.gateway.auth.identity import (
 from fashionserve.gateway.auth.keys import API_KEY_HEADER, KeyStore
 from fashionserve.gateway.auth.tokens import AUTHORIZATION_HEADER, TokenVerifier, token_error
 from fashionserve.gateway.failures import PermissionDenied, Unauthenticated, request_id_var
-from fashionserve.gateway.handlers import SERVICE_PREFIX, metadata_value, wrap_handler
+from fashionserve.gateway.handlers import SERVICE_PREFIX, metadata_value, refusing_handler
 from fashionserve.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -161,6 +162,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             async def reject(context: grpc.aio.ServicerContext) -> None:
                 raise rejection
 
-            # The handler is replaced by one that fails before the servicer is called.
-            return wrap_handler(handler, before=reject)
+            # Refused before a byte of the request is read: a caller without valid
+            # credentials costs no more than its headers, whatever body it sends.
+            return refusing_handler(handler, reject)
         return handler

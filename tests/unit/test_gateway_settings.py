@@ -184,11 +184,15 @@ def test_memory_defaults_to_the_container_limit_else_the_machine() -> None:
     [
         ("max_concurrent_rpcs", "max_message_bytes", {"max_concurrent_rpcs": 1024}),
         ("max_images_in_flight", "max_image_bytes", {"max_images_in_flight": 1024}),
-        ("max_concurrent_rpcs", "max_message_bytes", {"max_message_bytes": 2 << 30}),
+        (
+            "max_concurrent_rpcs",
+            "max_message_bytes",
+            {"max_message_bytes": 512 << 20, "max_concurrent_rpcs": 3},
+        ),
     ],
 )
 def test_limits_that_cannot_fit_the_memory_are_refused(
-    count: str, size: str, values: dict[str, int]
+    count: str, size: str, values: dict[str, Any]
 ) -> None:
     with pytest.raises(ValidationError) as info:
         load_settings(auth_enabled=False, memory_limit_bytes=2 << 30, **values)
