@@ -303,7 +303,15 @@ class GatewaySettings(BaseSettings):
     jwt_tenant_claim: str = Field(
         "tenant",
         min_length=1,
-        description="Claim naming the caller's tenant; a token without it is refused.",
+        description="Claim naming the caller's tenant; a token without it, or whose tenant "
+        "is not 1-64 of A-Z a-z 0-9 . _ -, is refused.",
+    )
+    jwt_max_lifetime_seconds: float = Field(
+        86400.0,
+        gt=0,
+        description="Longest lifetime of a bearer token ('exp' minus 'iat', or minus now "
+        "without 'iat'); a longer-lived token is refused, so a stolen one is not good for "
+        "years.",
     )
     tls_cert_file: Path | None = Field(
         None, description="PEM server certificate (chain): serve TLS. Needs tls_key_file."

@@ -14,7 +14,13 @@ from fashionserve.gateway.failures import PermissionDenied
 
 SCOPES: tuple[str, ...] = ("analyze", "embed", "admin")
 """``analyze``: the analysis RPCs; ``embed``: embeddings in results; ``admin``: reserved."""
-_LOGGABLE = re.compile(r"^[A-Za-z0-9_.@:/+-]{1,128}$")
+TENANT = re.compile(r"[A-Za-z0-9._-]{1,64}")
+"""What a tenant name may be, from a key file or a token: it becomes a log field and a
+Prometheus label value, so it can neither forge a log line nor grow without bound."""
+UNKNOWN_KEY_ID = "<unknown>"
+"""Logged in place of a key id that names no key: what a caller sends there may be a
+secret pasted in the wrong place."""
+_LOGGABLE = re.compile(r"[A-Za-z0-9_.@:/+-]{1,128}")
 
 
 @dataclass(frozen=True)
@@ -57,4 +63,4 @@ def loggable(value: object) -> str:
     """``value`` if it is a short plain identifier, else ``?``: caller-supplied text goes
     into logs only when it cannot forge a line or smuggle a secret-sized blob."""
     text = str(value)
-    return text if _LOGGABLE.match(text) else "?"
+    return text if _LOGGABLE.fullmatch(text) else "?"

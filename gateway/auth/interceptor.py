@@ -6,8 +6,8 @@ both an API key and a token is refused (which one counts would be a guess).
 and otherwise puts the caller's identity in
 :data:`~fashionserve.gateway.auth.identity.identity_var` for the rest of the call. Health
 checks and reflection need no credentials (probes and tools cannot send one; neither
-reveals anything secret). Each denial is logged with the key id, token subject or
-tenant; secrets and tokens never are.
+reveals anything secret). Each denial is logged with the key id (only one that names a
+known key), token subject or tenant; secrets and tokens never are.
 
 (grpc ``examples/python/auth/async_customized_auth_server.py``.)
 """
@@ -65,6 +65,7 @@ class Authenticator:
                 audience=settings.jwt_audience,
                 leeway=settings.jwt_leeway_seconds,
                 tenant_claim=settings.jwt_tenant_claim,
+                max_lifetime=settings.jwt_max_lifetime_seconds,
             )
         return cls(keys, tokens)
 

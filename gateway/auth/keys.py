@@ -7,6 +7,11 @@ holds only a salted hash of each secret::
       - {id: dev, tenant: default, scopes: [analyze, embed, admin],
          hash: "sha256$<salt_hex>$<digest_hex>"}   # digest = sha256(salt + secret)
 
+Every field is required and checked when the file is read: an entry without scopes or a
+tenant, or with a malformed hash, refuses the whole file with its line named (at start the
+gateway does not start; on a live reload the previous file stays in force), rather than
+granting every scope, joining a shared quota, or failing that key's calls later.
+
 Secrets are 256-bit random strings, so one round of salted SHA-256 is enough (no
 password-style stretching is needed against guessing) and comparisons use
 ``hmac.compare_digest``. :func:`create_key` backs ``fashionserve keys create``;
@@ -30,7 +35,7 @@ from typing import Any
 import yaml
 
 from fashionserve.errors import InvalidInput
-from fashionserve.gateway.auth.identity import SCOPES, Identity, loggable
+from fashionserve.gateway.auth.identity import SCOPES, TENANT, UNKNOWN_KEY_ID, Identity
 from fashionserve.gateway.auth.watched import WatchedFile
 from fashionserve.gateway.failures import Unauthenticated
 
@@ -38,7 +43,8 @@ API_KEY_HEADER = "x-api-key"
 HASH_SCHEME = "sha256"
 # Longer keys are refused unread: no legitimate key comes near this.
 _MAX_API_KEY_CHARS = 256
-_KEY_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_KEY_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_HASH = re.compile(rf"{HASH_SCHEME}\$(?:[0-9a-f]{{2}})+\$[0-9a-f]{{64}}")
 _SALT_BYTES = 16
 _SECRET_BYTES = 32  # 256 bits
 
@@ -84,42 +90,65 @@ class KeyRecord:
 
 
 def read_keys_file(path: Path) -> list[KeyRecord]:
-    """Parse and validate a key file; a missing file raises :class:`KeyFileError`."""
+    """Parse and validate a key file; a missing file raises :class:`KeyFileError`.
+
+    Every entry must name its key id, its tenant, a non-empty list of known scopes and a
+    well-formed hash: nothing is defaulted, so a forgotten field refuses the file (naming
+    the entry and its line) instead of granting every scope or a shared tenant.
+    """
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text()
     except OSError as exc:
         raise KeyFileError(f"cannot read API key file {path}: {exc.strerror}") from exc
+    try:
+        loader = yaml.SafeLoader(text)
+        try:
+            root = loader.get_single_node()
+            data: Any = loader.construct_document(root) if root is not None else None
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         raise KeyFileError(f"API key file {path} is not valid YAML: {exc}") from exc
     data = data or {}
     if not isinstance(data, dict) or not isinstance(data.get("keys", []), list):
         raise KeyFileError(f"API key file {path}: expected a mapping with a 'keys' list")
+    lines = _entry_lines(root)
     records: list[KeyRecord] = []
     problems: list[str] = []
     for i, entry in enumerate(data.get("keys") or []):
-        here = f"keys[{i}]"
+        here = f"keys[{i}] (line {lines[i]})" if i < len(lines) else f"keys[{i}]"
+        found = len(problems)
         if not isinstance(entry, dict):
             problems.append(f"{here}: expected a mapping")
             continue
-        key_id, tenant = entry.get("id"), entry.get("tenant", "default")
-        scopes, hashed = entry.get("scopes", list(SCOPES)), entry.get("hash")
-        if not isinstance(key_id, str) or not _KEY_ID.match(key_id):
-            problems.append(f"{here}.id: expected 1-64 of A-Z a-z 0-9 _ -")
+        key_id, tenant = entry.get("id"), entry.get("tenant")
+        scopes, hashed = entry.get("scopes", []), entry.get("hash")
+        if not isinstance(key_id, str) or not _KEY_ID.fullmatch(key_id):
+            problems.append(f"{here} id: expected 1-64 of A-Z a-z 0-9 _ -")
             continue
         if any(r.id == key_id for r in records):
-            problems.append(f"{here}.id: duplicate key id {key_id!r}")
-        if not isinstance(tenant, str) or not tenant:
-            problems.append(f"{here}.tenant: expected a non-empty string")
-        if not isinstance(scopes, list) or any(s not in SCOPES for s in scopes):
-            problems.append(f"{here}.scopes: expected a list of {list(SCOPES)}")
-            scopes = []
-        if not isinstance(hashed, str) or hashed.count("$") != 2:
-            problems.append(f"{here}.hash: expected 'sha256$<salt_hex>$<digest_hex>'")
-            continue
-        records.append(KeyRecord(key_id, str(tenant), frozenset(scopes), hashed))
+            problems.append(f"{here} id: duplicate key id {key_id!r}")
+        if not isinstance(tenant, str) or not TENANT.fullmatch(tenant):
+            problems.append(f"{here} tenant: expected 1-64 of A-Z a-z 0-9 . _ -")
+        if not isinstance(scopes, list) or not scopes or any(s not in SCOPES for s in scopes):
+            problems.append(f"{here} scopes: expected a non-empty list of {list(SCOPES)}")
+        if not isinstance(hashed, str) or not _HASH.fullmatch(hashed):
+            problems.append(f"{here} hash: expected 'sha256$<salt_hex>$<64 hex digits>'")
+        if len(problems) == found:
+            records.append(KeyRecord(key_id, str(tenant), frozenset(scopes), str(hashed)))
     if problems:
         raise KeyFileError(f"API key file {path}: " + "; ".join(problems))
     return records
+
+
+def _entry_lines(root: yaml.Node | None) -> list[int]:
+    """The line (1-based) where each entry of the ``keys`` list starts."""
+    if not isinstance(root, yaml.MappingNode):
+        return []
+    for key, value in root.value:
+        if key.value == "keys" and isinstance(value, yaml.SequenceNode):
+            return [item.start_mark.line + 1 for item in value.value]
+    return []
 
 
 def write_keys_file(path: Path, records: Iterable[KeyRecord]) -> None:
@@ -146,12 +175,16 @@ def create_key(
 ) -> str:
     """Create a key, append its hash to the key file (created if missing) and return the
     full key ``<key_id>.<secret>``: the only time the secret exists in clear."""
-    if not _KEY_ID.match(key_id):
+    if not _KEY_ID.fullmatch(key_id):
         raise KeyFileError(f"invalid key id {key_id!r}: use 1-64 of A-Z a-z 0-9 _ -")
+    if not TENANT.fullmatch(tenant):
+        raise KeyFileError(f"invalid tenant {tenant!r}: use 1-64 of A-Z a-z 0-9 . _ -")
     scope_set = frozenset(scopes)
     unknown = sorted(scope_set - set(SCOPES))
     if unknown:
         raise KeyFileError(f"unknown scope(s) {unknown}: choose from {list(SCOPES)}")
+    if not scope_set:
+        raise KeyFileError(f"a key needs at least one scope of {list(SCOPES)}")
     records = read_keys_file(path) if path.exists() else []
     if any(r.id == key_id for r in records):
         raise KeyFileError(f"key id {key_id!r} already exists in {path}")
@@ -203,6 +236,7 @@ class KeyStore(WatchedFile):
             raise Unauthenticated(
                 "API_KEY_INVALID",
                 "the API key is not valid: unknown key id or wrong secret",
-                {"header": API_KEY_HEADER, "keyId": loggable(key_id)},
+                # The id only when it names a key: else it may be a misplaced secret.
+                {"header": API_KEY_HEADER, "keyId": key_id if record else UNKNOWN_KEY_ID},
             )
         return Identity(record.id, record.tenant, record.scopes)

@@ -5,20 +5,24 @@ ES256 (``none`` and HS* are refused, so a public key can never be used as a shar
 by a key of the JWKS, with the configured ``iss`` and ``aud``, an ``exp`` (and ``nbf`` if
 present) checked with ``jwt_leeway_seconds`` of clock skew. Scopes come from ``scope``
 (space-separated) or ``scp`` (a list); the tenant from the claim named by
-``jwt_tenant_claim`` (default ``tenant``), which must be present. The JWKS is re-read when
-it changes.
+``jwt_tenant_claim`` (default ``tenant``), which must be present and a plain name
+(:data:`~fashionserve.gateway.auth.identity.TENANT`: it becomes a log field and a metric
+label). The time claims must be numbers (not numeric strings), and a token may live at
+most ``jwt_max_lifetime_seconds`` (``exp`` minus ``iat``, or minus now without ``iat``),
+so that a token minted to last for years is refused. The JWKS is re-read when it changes.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import jwt
 
 from fashionserve.errors import InvalidInput
-from fashionserve.gateway.auth.identity import SCOPES, Identity, loggable
+from fashionserve.gateway.auth.identity import SCOPES, TENANT, UNKNOWN_KEY_ID, Identity, loggable
 from fashionserve.gateway.auth.watched import WatchedFile
 from fashionserve.gateway.failures import Unauthenticated
 
@@ -27,6 +31,8 @@ JWT_ALGORITHMS = ("RS256", "ES256")
 """The only signature algorithms accepted: asymmetric, so the JWKS holds no secret."""
 # Longer tokens are refused unread: no legitimate token comes near this.
 _MAX_TOKEN_CHARS = 8192
+# The NumericDate claims (RFC 7519): PyJWT takes "1700000000" (a string) for a number.
+_TIME_CLAIMS = ("exp", "nbf", "iat")
 
 
 class JwksError(InvalidInput):
@@ -95,12 +101,20 @@ class TokenVerifier(WatchedFile):
     error = JwksError
 
     def __init__(
-        self, path: Path, *, issuer: str, audience: str, leeway: float, tenant_claim: str
+        self,
+        path: Path,
+        *,
+        issuer: str,
+        audience: str,
+        leeway: float,
+        tenant_claim: str,
+        max_lifetime: float,
     ) -> None:
         self.issuer = issuer
         self.audience = audience
         self.leeway = leeway
         self.tenant_claim = tenant_claim
+        self.max_lifetime = max_lifetime
         self._keys: dict[str, jwt.PyJWK] = {}
         super().__init__(path)
 
@@ -122,16 +136,18 @@ class TokenVerifier(WatchedFile):
         except jwt.PyJWTError:
             raise token_error("TOKEN_MALFORMED", "the bearer token is not a JWT") from None
         kid, alg = header.get("kid", ""), header.get("alg")
-        where = {"kid": loggable(kid)} if kid else {}
+        key = self._keys.get(kid) if isinstance(kid, str) else None
+        if key is None and not kid and len(self._keys) == 1:
+            key = next(iter(self._keys.values()))
+        # The kid only when it names a key of the JWKS: else it is caller text, possibly
+        # a secret sent in the wrong place.
+        where = {"kid": kid if key is not None else UNKNOWN_KEY_ID} if kid else {}
         if alg not in JWT_ALGORITHMS:
             raise token_error(
                 "TOKEN_ALGORITHM_REFUSED",
                 f"token algorithm {loggable(alg)!r} is refused; accepted: {', '.join(JWT_ALGORITHMS)}",
                 where,
             )
-        key = self._keys.get(kid) if isinstance(kid, str) else None
-        if key is None and not kid and len(self._keys) == 1:
-            key = next(iter(self._keys.values()))
         if key is None:
             raise token_error("TOKEN_KEY_UNKNOWN", "no key of the JWKS has the token's kid", where)
         try:
@@ -147,14 +163,40 @@ class TokenVerifier(WatchedFile):
         except jwt.PyJWTError as exc:
             raise self._refusal(exc, token, key, where) from None
         subject = loggable(claims.get("sub", "-"))
+        named = {**where, "subject": subject}
         tenant = claims.get(self.tenant_claim)
-        if not isinstance(tenant, str) or not tenant:
+        if tenant is None or tenant == "":
             raise token_error(
                 "TOKEN_CLAIM_MISSING",
                 f"the token lacks the {self.tenant_claim!r} claim naming the tenant",
-                {**where, "subject": subject},
+                named,
             )
+        if not isinstance(tenant, str) or not TENANT.fullmatch(tenant):
+            raise token_error(
+                "TOKEN_CLAIM_INVALID",
+                f"the token's {self.tenant_claim!r} claim is not a tenant name "
+                "(1-64 of A-Z a-z 0-9 . _ -)",
+                named,
+            )
+        self._check_times(claims, {**named, "tenant": tenant})
         return Identity(f"jwt:{subject}", tenant, _scopes_of(claims))
+
+    def _check_times(self, claims: dict[str, Any], named: dict[str, str]) -> None:
+        """Refuse time claims that are not numbers and a lifetime over the bound."""
+        for claim in _TIME_CLAIMS:
+            value = claims.get(claim)
+            if claim in claims and (isinstance(value, bool) or not isinstance(value, int | float)):
+                raise token_error(
+                    "TOKEN_CLAIM_INVALID", f"the token's {claim!r} claim is not a number", named
+                )
+        issued = claims.get("iat", time.time())
+        if claims["exp"] - issued > self.max_lifetime:
+            raise token_error(
+                "TOKEN_LIFETIME_TOO_LONG",
+                f"the token lives longer than the {self.max_lifetime:.0f} s this gateway "
+                "accepts (jwt_max_lifetime_seconds)",
+                named,
+            )
 
     def _refusal(
         self, exc: jwt.PyJWTError, token: str, key: jwt.PyJWK, where: dict[str, str]

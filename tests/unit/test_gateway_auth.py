@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
 from fashionserve.cli import main as cli_main
+from fashionserve.gateway.auth.identity import UNKNOWN_KEY_ID
 from fashionserve.gateway.auth.keys import (
     KeyFileError,
     KeyStore,
@@ -81,6 +82,7 @@ def test_create_key_stores_only_a_hash_readable_by_owner(tmp_path: Path) -> None
         ("dev", ["analyze"], "already exists"),
         ("bad.id", ["analyze"], "invalid key id"),
         ("new", ["root"], "unknown scope"),
+        ("new", [], "at least one scope"),
     ],
 )
 def test_create_key_refusals(tmp_path: Path, key_id: str, scopes: list[str], message: str) -> None:
@@ -88,6 +90,8 @@ def test_create_key_refusals(tmp_path: Path, key_id: str, scopes: list[str], mes
     create_key(path, "dev")
     with pytest.raises(KeyFileError, match=message):
         create_key(path, key_id, scopes=scopes)
+    with pytest.raises(KeyFileError, match="invalid tenant"):
+        create_key(path, "new", tenant="acme\nforged")
 
 
 def test_keys_create_command_prints_the_key_once(
@@ -143,6 +147,62 @@ def test_invalid_key_file_is_refused_at_start(tmp_path: Path) -> None:
         KeyStore(path)
     with pytest.raises(KeyFileError, match="cannot read"):
         KeyStore(tmp_path / "missing.yaml")
+
+
+GOOD_HASH = hash_secret("s3cret")
+
+
+@pytest.mark.parametrize(
+    ("entry", "problem"),
+    [
+        (f"{{id: b, tenant: acme, hash: '{GOOD_HASH}'}}", "scopes"),  # not every scope
+        (f"{{id: b, tenant: acme, scopes: [], hash: '{GOOD_HASH}'}}", "scopes"),
+        (f"{{id: b, tenant: acme, scopes: [root], hash: '{GOOD_HASH}'}}", "scopes"),
+        (f"{{id: b, scopes: [analyze], hash: '{GOOD_HASH}'}}", "tenant"),  # no shared quota
+        (f"{{id: b, tenant: 'a b', scopes: [analyze], hash: '{GOOD_HASH}'}}", "tenant"),
+        ("{id: b, tenant: acme, scopes: [analyze], hash: 'sha256$00$zz'}", "hash"),
+        ("{id: b, tenant: acme, scopes: [analyze], hash: 'sha256$0011$abc'}", "hash"),
+        (f"{{id: b, tenant: acme, scopes: [analyze], hash: '{GOOD_HASH}é'}}", "hash"),
+        (f"{{id: b, tenant: acme, scopes: [analyze], hash: 'md5{GOOD_HASH[6:]}'}}", "hash"),
+    ],
+)
+def test_a_key_file_entry_that_would_fail_open_refuses_the_file_naming_its_line(
+    tmp_path: Path, entry: str, problem: str
+) -> None:
+    path = tmp_path / "keys.yaml"
+    good = f"{{id: a, tenant: acme, scopes: [analyze], hash: '{GOOD_HASH}'}}"
+    path.write_text(f"# keys\nkeys:\n  - {good}\n  - {entry}\n")
+    with pytest.raises(KeyFileError, match=rf"keys\[1\] \(line 4\) {problem}:"):
+        read_keys_file(path)
+    with pytest.raises(KeyFileError, match="line 4"):
+        KeyStore(path)  # at start: the gateway does not start
+
+
+def test_a_bad_key_file_on_reload_keeps_the_previous_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "keys.yaml"
+    key = create_key(path, "dev")
+    store = KeyStore(path)
+    path.write_text(path.read_text().replace("tenant: default", "tenant: ''"))
+    store._checked = 0.0  # the file's mtime is checked at most once a second
+    with caplog.at_level(logging.ERROR):
+        assert store.authenticate(key).tenant == "default"
+    assert "invalid; keeping the previous one" in caplog.text
+    assert "tenant" in caplog.text
+
+
+def test_only_a_known_key_id_is_named_in_a_refusal(tmp_path: Path) -> None:
+    path = tmp_path / "keys.yaml"
+    create_key(path, "dev")
+    store = KeyStore(path)
+    with pytest.raises(Unauthenticated) as info:
+        store.authenticate("dev.wrong-secret")
+    assert info.value.metadata["keyId"] == "dev"
+    # A secret pasted where the id goes (before the first dot) is never repeated.
+    with pytest.raises(Unauthenticated) as info:
+        store.authenticate("TopSecretValue42.more")
+    assert info.value.metadata["keyId"] == UNKNOWN_KEY_ID
 
 
 # ------------------------------------------------------------------ the server
@@ -206,6 +266,27 @@ async def test_server_refuses_missing_and_wrong_keys_before_the_servicer(
             assert taxonomy.version
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert key.partition(".")[2] not in logged and "not-the-secret" not in logged
+
+
+@aio
+async def test_a_secret_sent_as_the_key_id_never_reaches_the_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    keys = tmp_path / "keys.yaml"
+    create_key(keys, "dev")
+    secret = "Sup3rS3cretPastedInTheIdPosition"
+    with caplog.at_level(logging.DEBUG):
+        async with gateway(api_keys_file=keys) as channel:
+            stub = pb_grpc.FashionAnalysisServiceStub(channel)
+            for presented in (f"{secret}.rest", "dev.wrong"):
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await stub.GetTaxonomy(
+                        pb.GetTaxonomyRequest(), metadata=(("x-api-key", presented),)
+                    )
+                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert secret not in logged
+    assert f"keyId={UNKNOWN_KEY_ID}" in logged and "keyId=dev" in logged
 
 
 @aio
