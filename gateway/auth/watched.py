@@ -1,4 +1,5 @@
-"""A credentials file re-read when it changes: key rotation without a restart."""
+"""Credentials files re-read when they change: key and certificate rotation without a
+restart."""
 
 from __future__ import annotations
 
@@ -15,39 +16,46 @@ _RELOAD_CHECK_SECONDS = 1.0
 
 
 class WatchedFile:
-    """A file re-read when its modification time or size changes. A file that became
-    invalid or vanished is reported and ignored: what was loaded stays in force."""
+    """A file (or files read together, such as a certificate and its key) re-read when a
+    modification time or size changes. Files that became invalid or vanished are reported
+    and ignored: what was loaded stays in force."""
 
     what = "file"
     error: type[Error] = Error
     """What a problem with the file raises (at start) or is logged as (later)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *more: Path) -> None:
         self.path = path
-        self._stamp: tuple[int, int] | None = None
+        self.paths = (path, *more)
+        self._stamp: tuple[tuple[int, int], ...] | None = None
         self._checked = 0.0
         self.reload_if_changed(force=True)
 
     def _load(self) -> int:
-        """Parse the file and take its contents into use; return how many entries."""
+        """Parse the files and take their contents into use; return how many entries."""
         raise NotImplementedError
 
-    def maybe_reload(self) -> None:
-        """Check the file at most every ``_RELOAD_CHECK_SECONDS`` (called per request)."""
+    def maybe_reload(self) -> bool:
+        """Check the files at most every ``_RELOAD_CHECK_SECONDS`` (called per request or
+        connection); whether they were re-read."""
         if time.monotonic() - self._checked > _RELOAD_CHECK_SECONDS:
-            self.reload_if_changed()
+            return self.reload_if_changed()
+        return False
 
     def reload_if_changed(self, force: bool = False) -> bool:
-        """Re-read the file if it changed; at start (``force``) any problem raises."""
+        """Re-read the files if one changed; at start (``force``) any problem raises."""
         self._checked = time.monotonic()
-        try:
-            st = self.path.stat()
-        except OSError as exc:
-            if force:
-                raise self.error(f"cannot read {self.what} {self.path}: {exc.strerror}") from exc
-            log.error("%s %s is gone; keeping what was loaded", self.what, self.path)
-            return False
-        stamp = (st.st_mtime_ns, st.st_size)
+        stamps = []
+        for path in self.paths:
+            try:
+                st = path.stat()
+            except OSError as exc:
+                if force:
+                    raise self.error(f"cannot read {self.what} {path}: {exc.strerror}") from exc
+                log.error("%s %s is gone; keeping what was loaded", self.what, path)
+                return False
+            stamps.append((st.st_mtime_ns, st.st_size))
+        stamp = tuple(stamps)
         if stamp == self._stamp and not force:
             return False
         try:
