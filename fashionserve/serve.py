@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from fashionserve.triton import TritonServer
 
 DEV_KEY_ID = "dev"
+API_KEY_ENV = "FASHIONSERVE_API_KEY"  # what `fashionserve analyze` reads the key from
 READY_TIMEOUT = 300.0  # seconds for Triton to load every model and the gateway to report it
 
 
@@ -365,7 +366,8 @@ async def _serve_gateway(
                 json.dumps({"address": address, "api_key": api_key}).encode(),
                 mode=0o600,
             )
-        print(_ready_line(address, api_key, sample, time.monotonic() - started), flush=True)
+        ready = _ready_line(address, api_key, wd.key_file, sample, time.monotonic() - started)
+        print(ready, flush=True)
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=1.0)
@@ -402,9 +404,11 @@ async def _wait_serving(
     return False
 
 
-def _ready_line(address: str, api_key: str, sample: Path, seconds: float) -> str:
-    try_it = shlex.join(
-        [_command_name(), "analyze", _rel(sample), "--gateway", address, "--api-key", api_key]
+def _ready_line(address: str, api_key: str, key_file: Path, sample: Path, seconds: float) -> str:
+    # The hint passes the key in the environment, read from its file: on the command line
+    # `ps` and the shell's history would see it.
+    try_it = f'{API_KEY_ENV}="$(cat {shlex.quote(_rel(key_file))})" ' + shlex.join(
+        [_command_name(), "analyze", _rel(sample), "--gateway", address]
     )
     return (
         f"fashionserve ready in {seconds:.0f}s: gateway {address}, API key {api_key}; "

@@ -190,7 +190,11 @@ def test_first_start_prints_one_ready_line(first: Stack) -> None:
     assert len(lines) == 1, first.output()
     line = lines[0]
     assert first.address in line and first.api_key in line
-    assert re.search(r"analyze \S+sample\.jpg --gateway \S+ --api-key \S+", line), line
+    # The hint reads the key from its file into the environment: never on a command line.
+    key = r'FASHIONSERVE_API_KEY="\$\(cat \S+dev-api-key\)"'
+    hint = key + r" \S+ analyze \S+sample\.jpg --gateway \S+"
+    assert re.search(hint, line), line
+    assert "--api-key" not in line
     assert re.fullmatch(r"127\.0\.0\.1:\d+", first.address)
     # Progress went to stderr, numbered.
     assert "[1/4]" in first.stderr.read_text()
