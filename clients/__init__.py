@@ -4,6 +4,9 @@
   methods, ``analyze``, ``batch_analyze``, ``stream_analyze``, ``get_taxonomy`` and
   ``get_serving_info``, returning the typed results of :mod:`fashionserve.clients.types`;
 * :class:`FashionServeError`: every failed call, with its status code, reason and metadata;
+* :class:`ChannelSecurity`: TLS (optionally mutual) or plaintext, as the clients' keyword
+  arguments say; :class:`ClientSetupError` when a client would send credentials in
+  plaintext to another machine;
 * :class:`RetryPolicy`: how UNAVAILABLE is retried.
 
 The package imports grpc only when one of these names is first used, so that commands
@@ -17,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from fashionserve.clients.aio_client import AsyncFashionClient
-    from fashionserve.clients.errors import FashionServeError
+    from fashionserve.clients.errors import ClientSetupError, FashionServeError
     from fashionserve.clients.retry import RetryPolicy
+    from fashionserve.clients.security import ChannelSecurity
     from fashionserve.clients.sync_client import FashionClient
     from fashionserve.clients.types import (
         AnalyzeOptions,
@@ -42,6 +46,8 @@ _MODULES: dict[str, str] = {
     "AsyncFashionClient": "fashionserve.clients.aio_client",
     "BatchEntry": "fashionserve.clients.types",
     "Box": "fashionserve.clients.types",
+    "ChannelSecurity": "fashionserve.clients.security",
+    "ClientSetupError": "fashionserve.clients.errors",
     "FashionClient": "fashionserve.clients.sync_client",
     "FashionServeError": "fashionserve.clients.errors",
     "GarmentResult": "fashionserve.clients.types",
@@ -63,6 +69,8 @@ __all__ = [
     "AsyncFashionClient",
     "BatchEntry",
     "Box",
+    "ChannelSecurity",
+    "ClientSetupError",
     "FashionClient",
     "FashionServeError",
     "GarmentResult",

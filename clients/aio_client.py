@@ -13,6 +13,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -32,6 +33,7 @@ from fashionserve.clients._call import (
 )
 from fashionserve.clients.errors import FashionServeError
 from fashionserve.clients.retry import RetryPolicy
+from fashionserve.clients.security import ChannelSecurity
 from fashionserve.clients.types import (
     AnalyzeOptions,
     BatchEntry,
@@ -68,6 +70,11 @@ class AsyncFashionClient:
         timeout: float | None = DEFAULT_TIMEOUT,
         retries: int = 3,
         retry_policy: RetryPolicy | None = None,
+        tls: bool = False,
+        ca_file: str | os.PathLike[str] | None = None,
+        cert_file: str | os.PathLike[str] | None = None,
+        key_file: str | os.PathLike[str] | None = None,
+        allow_plaintext_credentials: bool = False,
         credentials: grpc.ChannelCredentials | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
@@ -75,6 +82,11 @@ class AsyncFashionClient:
         self.timeout = timeout
         self.retry_policy = retry_policy or RetryPolicy.with_retries(retries)
         self._metadata = call_metadata(api_key, bearer_token)
+        if credentials is None:
+            security = ChannelSecurity(
+                tls, ca_file, cert_file, key_file, allow_plaintext_credentials
+            )
+            credentials = security.credentials(address, sends_secret=bool(self._metadata))
         options = channel_options(max_message_bytes)
         self._channel = (
             grpc.aio.secure_channel(address, credentials, options=options)

@@ -1,4 +1,5 @@
-"""The one error type callers catch: :class:`FashionServeError`.
+"""The errors of the client library: :class:`FashionServeError`, the one a failed call
+raises, and :class:`ClientSetupError`, raised when a client is created as it must not be.
 
 The gateway returns every error as a ``google.rpc.Status`` with exactly one
 ``google.rpc.ErrorInfo`` (domain ``fashionserve``, an UPPER_SNAKE reason, lowerCamel
@@ -95,3 +96,9 @@ class FashionServeError(Exception):
             attempts=attempts,
             retry_delay=retry_delay,
         )
+
+
+class ClientSetupError(ValueError):
+    """A client cannot be created as asked, before any call: it would send an API key or a
+    bearer token in plaintext to a machine other than this one, or a TLS file cannot be
+    read."""

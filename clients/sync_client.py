@@ -12,6 +12,7 @@ Example::
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
@@ -31,6 +32,7 @@ from fashionserve.clients._call import (
 )
 from fashionserve.clients.errors import FashionServeError
 from fashionserve.clients.retry import RetryPolicy
+from fashionserve.clients.security import ChannelSecurity
 from fashionserve.clients.types import (
     AnalyzeOptions,
     BatchEntry,
@@ -62,7 +64,14 @@ class FashionClient:
         retries: how many times a call that failed with UNAVAILABLE is retried, with
             exponential backoff and jitter, within its deadline.
         retry_policy: a full policy instead of ``retries``.
-        credentials: channel credentials for TLS; ``None`` is a plaintext channel.
+        tls: connect with TLS, verifying the gateway against the system's roots or
+            ``ca_file`` (a PEM CA bundle); any of the files below implies it.
+        cert_file, key_file: a PEM client certificate and its key, for mutual TLS.
+        allow_plaintext_credentials: without TLS, an API key or a token is sent only to a
+            loopback address (``127.0.0.0/8``, ``::1``, ``localhost``): elsewhere the client
+            refuses to be created (:class:`~clients.errors.ClientSetupError`) unless this
+            is set.
+        credentials: channel credentials of your own, instead of the TLS options above.
         max_message_bytes: the largest message sent or received (both gRPC defaults, 4 MiB,
             are raised to the gateway's default, 64 MiB).
 
@@ -79,6 +88,11 @@ class FashionClient:
         timeout: float | None = DEFAULT_TIMEOUT,
         retries: int = 3,
         retry_policy: RetryPolicy | None = None,
+        tls: bool = False,
+        ca_file: str | os.PathLike[str] | None = None,
+        cert_file: str | os.PathLike[str] | None = None,
+        key_file: str | os.PathLike[str] | None = None,
+        allow_plaintext_credentials: bool = False,
         credentials: grpc.ChannelCredentials | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
@@ -86,6 +100,11 @@ class FashionClient:
         self.timeout = timeout
         self.retry_policy = retry_policy or RetryPolicy.with_retries(retries)
         self._metadata = call_metadata(api_key, bearer_token)
+        if credentials is None:
+            security = ChannelSecurity(
+                tls, ca_file, cert_file, key_file, allow_plaintext_credentials
+            )
+            credentials = security.credentials(address, sends_secret=bool(self._metadata))
         options = channel_options(max_message_bytes)
         self._channel = (
             grpc.secure_channel(address, credentials, options=options)

@@ -26,7 +26,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +39,7 @@ from fashionserve.taxonomy import Decoded, ScoredLabel, Taxonomy, load_taxonomy
 if TYPE_CHECKING:
     import tritonclient.grpc as grpcclient
 
+    from fashionserve.clients.security import ChannelSecurity
     from fashionserve.clients.types import GarmentResult
 
 InferFn = Callable[[list[bytes]], list[list[Any]]]
@@ -309,19 +310,29 @@ def decoded_garment(g: GarmentResult, roots: Sequence[str]) -> DecodedGarment:
 
 
 def gateway_backend(
-    address: str, api_key: str | None, timeout: float = 300.0
+    address: str,
+    api_key: str | None,
+    timeout: float = 300.0,
+    security: ChannelSecurity | None = None,
 ) -> tuple[InferFn, dict[str, str]]:
     """``(infer, served)`` for evaluating through the gateway at ``address``, a caller of
-    the public API (the client library).
+    the public API (the client library), over the channel ``security`` says (default:
+    plaintext).
 
     ``served`` mirrors the ensemble parameters the Triton backend reports (taxonomy
     version and hash, ``max_images_per_request`` = the gateway's BatchAnalyze limit,
     model versions); ``infer`` sends one ``BatchAnalyze`` call (thread-safe) and raises
     :class:`EvaluationError` naming the image if any image of it fails.
     """
-    from fashionserve.clients import AnalyzeOptions, FashionClient, FashionServeError
+    from fashionserve.clients import (
+        AnalyzeOptions,
+        ChannelSecurity,
+        FashionClient,
+        FashionServeError,
+    )
 
-    client = FashionClient(address, api_key, timeout=timeout)
+    tls = asdict(security or ChannelSecurity())
+    client = FashionClient(address, api_key, timeout=timeout, **tls)
     try:
         info = client.get_serving_info()
         roots = client.get_taxonomy().roots
@@ -363,6 +374,7 @@ def evaluate(
     *,
     gateway: str | None = None,
     api_key: str | None = None,
+    security: ChannelSecurity | None = None,
 ) -> dict[str, Any]:
     """Score the served ensemble on ``data``'s val, query and gallery splits.
 
@@ -372,7 +384,7 @@ def evaluate(
     """
     infer: InferFn
     if gateway is not None:
-        infer, served = gateway_backend(gateway, api_key)
+        infer, served = gateway_backend(gateway, api_key, security=security)
     elif triton is not None:
         client, served = _connect(triton)
 

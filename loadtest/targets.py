@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import grpc
 
+from fashionserve.clients.security import ChannelSecurity
 from fashionserve.ensemble import MODEL_NAME
 from fashionserve.loadtest.defaults import TARGET_KINDS, TargetKind
 from fashionserve.protos.fashion.v1 import analysis_service_pb2 as pb
@@ -34,7 +35,10 @@ CLIENT_ERROR = "CLIENT_ERROR"
 class TargetSpec:
     """Where and how to send requests; picklable, so each generator process opens its own.
 
-    ``api_key`` is ``<key_id>.<secret>`` for the gateway (ignored by the others).
+    ``api_key`` is ``<key_id>.<secret>`` for the gateway (ignored by the others);
+    ``security`` says how the gateway's or the naive server's channel is secured, and
+    refuses (here, before any generator process starts) to send the key in plaintext to
+    another machine unless allowed.
     ``include_embeddings`` asks the gateway and the naive server for embeddings, which
     Triton's ensemble always returns, so every target ships the same work back.
     """
@@ -44,6 +48,10 @@ class TargetSpec:
     api_key: str | None = None
     include_embeddings: bool = True
     model_name: str = MODEL_NAME
+    security: ChannelSecurity = field(default_factory=ChannelSecurity)
+
+    def __post_init__(self) -> None:
+        self.security.check(self.address, sends_secret=bool(self.api_key))
 
     def describe(self) -> dict[str, Any]:
         """JSON-able description for reports (the API key is never included)."""
@@ -51,6 +59,7 @@ class TargetSpec:
             "kind": self.kind,
             "address": self.address,
             "authenticated": bool(self.api_key),
+            "tls": self.security.uses_tls,
             "include_embeddings": self.include_embeddings,
         }
 
@@ -94,12 +103,15 @@ class AnalysisServiceTarget:
     """``FashionAnalysisService.Analyze`` over gRPC: the gateway, or the naive server."""
 
     def __init__(self, spec: TargetSpec, images: Sequence[bytes]) -> None:
-        self._channel = grpc.aio.insecure_channel(
-            spec.address,
-            options=[
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ],
+        limits = [
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ]
+        credentials = spec.security.credentials(spec.address, sends_secret=bool(spec.api_key))
+        self._channel = (
+            grpc.aio.secure_channel(spec.address, credentials, options=limits)
+            if credentials is not None
+            else grpc.aio.insecure_channel(spec.address, options=limits)
         )
         self._stub = pb_grpc.FashionAnalysisServiceStub(self._channel)
         self._metadata: tuple[tuple[str, str], ...] = (

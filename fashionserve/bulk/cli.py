@@ -18,6 +18,7 @@ from typing import Any
 
 from fashionserve.bulk.defaults import CONCURRENCY, PART_ROWS
 from fashionserve.bulk.sources import Shard
+from fashionserve.clients import security
 from fashionserve.errors import Error
 
 # The same environment and default as `fashionserve analyze`.
@@ -60,6 +61,7 @@ def add_commands(subparsers: Any) -> None:
         metavar="KEY",
         help=f"API key, <key_id>.<secret> (env {API_KEY_ENV})",
     )
+    security.add_flags(p)
     p.add_argument(
         "--shard",
         type=_shard,
@@ -120,6 +122,7 @@ def _run(args: argparse.Namespace) -> int:
         output=args.output,
         gateway=args.gateway,
         api_key=args.api_key,
+        security=security.from_flags(args),
         shard=args.shard,
         concurrency=args.concurrency,
         include_embeddings=args.include_embeddings,

@@ -36,7 +36,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -63,7 +63,13 @@ from fashionserve.bulk.output import (
     write_part,
 )
 from fashionserve.bulk.sources import InputItem, Shard, Source
-from fashionserve.clients import AnalyzeOptions, AsyncFashionClient, FashionServeError, RetryPolicy
+from fashionserve.clients import (
+    AnalyzeOptions,
+    AsyncFashionClient,
+    ChannelSecurity,
+    FashionServeError,
+    RetryPolicy,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +100,7 @@ class RunOptions:
     output: Path
     gateway: str
     api_key: str | None = None
+    security: ChannelSecurity = field(default_factory=ChannelSecurity)
     shard: Shard = field(default_factory=Shard)
     concurrency: int = CONCURRENCY
     include_embeddings: bool = False
@@ -159,6 +166,7 @@ class _Run:
             self.options.api_key,
             timeout=CALL_TIMEOUT,
             retry_policy=RETRY_POLICY,
+            **asdict(self.options.security),
         )
         async with client:
             try:

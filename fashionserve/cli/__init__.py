@@ -13,9 +13,10 @@ command registered with :func:`fashionserve.cli.command.add_command`:
 
 A command's handler calls the component that does the work and returns the exit status.
 Errors are caught here, once: an :class:`fashionserve.errors.Error` (every error raised on
-purpose) and a failed call of the client library (its ``FashionServeError``, which stands
-apart: the client library imports nothing of the server) print ``error: <message>`` on
-stderr and exit non-zero. Only argparse is imported before a command runs, so that
+purpose), a client that refused to be created (the client library's ``ClientSetupError``:
+credentials that would go in plaintext to another machine) and a failed call of the client
+library (its ``FashionServeError``; both stand apart: the client library imports nothing of
+the server) print ``error: <message>`` on stderr and exit non-zero. Only argparse is imported before a command runs, so that
 ``fashionserve --help`` stays fast.
 """
 
@@ -28,7 +29,7 @@ from collections.abc import Sequence
 
 from fashionserve.bulk import cli as batch
 from fashionserve.cli import analyze, gateway, loadtest, models, serve
-from fashionserve.clients.errors import FashionServeError
+from fashionserve.clients.errors import ClientSetupError, FashionServeError
 from fashionserve.errors import Error
 
 
@@ -53,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         status: int = args.handler(args)
-    except Error as exc:
+    except (Error, ClientSetupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return int(args.error_status)
     except FashionServeError as exc:  # a call to the gateway failed

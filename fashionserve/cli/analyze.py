@@ -16,11 +16,12 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from fashionserve.cli.command import add_command
+from fashionserve.clients import security
 from fashionserve.errors import InvalidInput
 
 if TYPE_CHECKING:  # grpc is imported only when the command runs
@@ -37,7 +38,8 @@ _MESSAGE_SLACK = 64 * 1024
 
 HINTS = {
     "UNAVAILABLE": f"is the gateway running there? (--gateway or {GATEWAY_ENV}; "
-    "`fashionserve serve` starts one)",
+    "`fashionserve serve` starts one) Does it serve TLS (--tls, --ca) or need a client "
+    "certificate (--cert, --key)?",
     "UNAUTHENTICATED": f"pass a valid key with --api-key or {API_KEY_ENV} (or a token with "
     f"--token or {TOKEN_ENV}) "
     "(`fashionserve serve` prints its development key)",
@@ -69,6 +71,7 @@ def add_commands(subparsers: Any) -> None:
         metavar="JWT",
         help=f"bearer token (JWT) instead of an API key (env {TOKEN_ENV})",
     )
+    security.add_flags(parser)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument(
         "--draw", type=Path, metavar="OUT_DIR", help="save each image with its boxes drawn"
@@ -128,7 +131,11 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInput("pass --api-key or --token, not both")
     outcomes = [_Outcome(path) for path in args.images]
     client = FashionClient(
-        args.gateway, args.api_key, bearer_token=args.token, timeout=args.timeout
+        args.gateway,
+        args.api_key,
+        bearer_token=args.token,
+        timeout=args.timeout,
+        **asdict(security.from_flags(args)),
     )
     with client:
         info = client.get_serving_info()

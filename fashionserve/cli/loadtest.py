@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fashionserve.cli.command import add_command, add_group
+from fashionserve.clients import security
 from fashionserve.loadtest.defaults import DEFAULT_ADDRESSES, TARGET_KINDS
 
 if TYPE_CHECKING:
@@ -67,6 +68,7 @@ def _add_target_flags(p: argparse.ArgumentParser) -> None:
         help="image files or directories (default: rendered synthetic street scenes)",
     )
     g.add_argument("--max-images", type=int, default=32, help="images sent round robin")
+    security.add_flags(p)
 
 
 def _add_load_flags(p: argparse.ArgumentParser, duration: float) -> None:
@@ -140,6 +142,7 @@ def _target_spec(args: argparse.Namespace) -> TargetSpec:
         address=args.address or DEFAULT_ADDRESSES[args.target],
         api_key=args.api_key if args.target == "gateway" else None,
         include_embeddings=not args.no_embeddings,
+        security=security.from_flags(args),
     )
 
 

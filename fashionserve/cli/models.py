@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fashionserve.cli.command import add_command, add_group
+from fashionserve.clients import security
 from fashionserve.ensemble import MODEL_KINDS
 
 
@@ -169,6 +170,7 @@ def add_commands(subparsers: Any) -> None:
         default=os.environ.get("FASHIONSERVE_API_KEY"),
         help="with --gateway (env FASHIONSERVE_API_KEY)",
     )
+    security.add_flags(p)
     p.add_argument("--json-out", type=Path, help="write the figures as JSON")
 
 
@@ -305,5 +307,6 @@ def _evaluate(args: argparse.Namespace) -> int:
         json_out=args.json_out,
         gateway=args.gateway,
         api_key=args.api_key,
+        security=security.from_flags(args),
     )
     return 0

@@ -1,4 +1,5 @@
-"""The client library and ``fashionserve analyze`` against a real gRPC server on port 0.
+"""The client library and ``fashionserve analyze`` against a real gRPC server on port 0,
+and the rule that credentials go in plaintext only to a loopback address.
 
 The server here is a small stand-in written with the generated servicer base: it lets the
 tests make the service fail on purpose (UNAVAILABLE twice, a slow answer, a refused key)
@@ -27,11 +28,13 @@ from fashionserve.cli import main as fashionserve_main
 from fashionserve.clients import (
     AnalyzeOptions,
     AsyncFashionClient,
+    ClientSetupError,
     FashionClient,
     FashionServeError,
     RetryPolicy,
     StreamRequest,
 )
+from fashionserve.clients.security import is_loopback
 from fashionserve.clients.types import (
     batch_entry_from_proto,
     garment_from_proto,
@@ -583,3 +586,79 @@ def test_analyze_cli_reports_a_bad_image_and_exits_nonzero(
 def test_analyze_cli_unreadable_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert fashionserve_main(["analyze", str(tmp_path / "missing.jpg")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ channel security
+REMOTE = "192.0.2.7:50051"
+"""A documentation address (TEST-NET-1): the refusals come before any connection."""
+
+
+@pytest.mark.parametrize(
+    ("address", "loopback"),
+    [
+        ("127.0.0.1:50051", True),
+        ("127.8.9.10:1", True),
+        ("localhost:50051", True),
+        ("LOCALHOST:1", True),
+        ("[::1]:50051", True),
+        ("dns:///localhost:50051", True),
+        ("ipv4:127.0.0.1:50051", True),
+        ("unix:/run/fashionserve.sock", True),
+        (REMOTE, False),
+        ("gateway.fashion.svc:50051", False),
+        ("dns:///gateway:50051", False),
+        ("[2001:db8::1]:50051", False),
+        ("localhost.evil.example:50051", False),
+        ("0.0.0.0:50051", False),
+    ],
+)
+def test_loopback_addresses(address: str, loopback: bool) -> None:
+    assert is_loopback(address) is loopback
+
+
+def test_credentials_go_in_plaintext_only_to_a_loopback_address() -> None:
+    with pytest.raises(ClientSetupError, match=REMOTE) as info:
+        FashionClient(REMOTE, GOOD_KEY)
+    assert "allow_plaintext_credentials=True" in str(info.value)
+    with pytest.raises(ClientSetupError, match=REMOTE):
+        FashionClient(REMOTE, bearer_token="a.b.c")
+    FashionClient(REMOTE, GOOD_KEY, allow_plaintext_credentials=True).close()
+    FashionClient(REMOTE).close()  # nothing secret to send
+    FashionClient(REMOTE, GOOD_KEY, tls=True).close()
+    for local in ("127.0.0.1:1", "localhost:1", "[::1]:1"):
+        FashionClient(local, GOOD_KEY).close()
+
+    async def run() -> None:
+        with pytest.raises(ClientSetupError, match=REMOTE):
+            AsyncFashionClient(REMOTE, GOOD_KEY)
+        await AsyncFashionClient(REMOTE, GOOD_KEY, allow_plaintext_credentials=True).close()
+
+    asyncio.run(run())
+
+
+def test_tls_files_are_checked_when_the_client_is_made(tmp_path: Path) -> None:
+    with pytest.raises(ClientSetupError, match="go together"):
+        FashionClient("127.0.0.1:1", cert_file=tmp_path / "client.pem")
+    with pytest.raises(ClientSetupError, match="cannot read the CA file"):
+        FashionClient("127.0.0.1:1", ca_file=tmp_path / "missing.pem")
+
+
+def test_every_command_that_calls_the_gateway_refuses_plaintext_credentials_elsewhere(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images = _images(tmp_path, 1)
+    remote = ["--gateway", REMOTE, "--api-key", GOOD_KEY]
+    batch = ["--input", str(tmp_path), "--output", str(tmp_path / "out")]
+    commands = {
+        "analyze": (["analyze", *images, *remote], 2),
+        "evaluate": (["evaluate", "--data", str(tmp_path), *remote], 1),
+        "batch run": (["batch", "run", *batch, *remote], 1),
+        "loadtest run": (["loadtest", "run", "--address", REMOTE, "--api-key", GOOD_KEY], 2),
+    }
+    for name, (argv, status) in commands.items():
+        assert fashionserve_main(argv) == status, name
+        err = capsys.readouterr().err
+        assert err.startswith(
+            f"error: refusing to send an API key or token in plaintext to {REMOTE}"
+        )
+        assert "--insecure-plaintext" in err and "--tls" in err, name

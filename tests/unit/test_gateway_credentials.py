@@ -1,4 +1,5 @@
-"""Bearer tokens (JWT against a JWKS), the API-key/token choice, and mutual TLS.
+"""Bearer tokens (JWT against a JWKS), the API-key/token choice, TLS and mutual TLS (with
+the client library, and a certificate renewed while the gateway runs).
 
 Keys and certificates are generated here with ``cryptography``; tokens are signed with
 PyJWT, the same library a caller's identity provider would use. The TLS tests start the
@@ -30,8 +31,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
+from fashionserve.clients import AsyncFashionClient, FashionClient, FashionServeError
+from fashionserve.gateway.auth.identity import UNKNOWN_KEY_ID
 from fashionserve.gateway.auth.interceptor import Authenticator
 from fashionserve.gateway.auth.keys import KeyStore, create_key
+from fashionserve.gateway.auth.tls import TlsFileError
 from fashionserve.gateway.auth.tokens import JwksError, TokenVerifier
 from fashionserve.gateway.failures import Unauthenticated
 from fashionserve.gateway.server import create_server
@@ -116,6 +120,7 @@ def verifier(issuer: Issuer, tmp_path: Path) -> TokenVerifier:
         audience=AUDIENCE,
         leeway=30,
         tenant_claim="tenant",
+        max_lifetime=3600,
     )
 
 
@@ -194,6 +199,49 @@ def test_bad_tokens_are_unauthenticated_with_the_reason(
     assert good not in str(info.value) and good not in str(info.value.metadata)
 
 
+@pytest.mark.parametrize(
+    ("claims", "reason"),
+    [
+        ({"tenant": "acme\nforged log line"}, "TOKEN_CLAIM_INVALID"),
+        ({"tenant": "acme\n"}, "TOKEN_CLAIM_INVALID"),  # a regex "$" would let it pass
+        ({"tenant": "t" * 65}, "TOKEN_CLAIM_INVALID"),  # an unbounded metric label
+        ({"tenant": ["acme"]}, "TOKEN_CLAIM_INVALID"),
+        ({"exp": str(int(time.time()) + 300)}, "TOKEN_CLAIM_INVALID"),  # a numeric string
+        ({"iat": str(int(time.time()))}, "TOKEN_CLAIM_INVALID"),
+        ({"exp": int(time.time()) + 7200}, "TOKEN_LIFETIME_TOO_LONG"),  # over 3600 s from now
+        ({"iat": int(time.time()) - 7000}, "TOKEN_LIFETIME_TOO_LONG"),  # exp - iat over 3600
+        ({"exp": int(time.time()) + 10 * 365 * 86400}, "TOKEN_LIFETIME_TOO_LONG"),
+    ],
+)
+def test_signed_tokens_with_unsafe_claims_are_refused(
+    issuer: Issuer, verifier: TokenVerifier, claims: dict[str, Any], reason: str
+) -> None:
+    with pytest.raises(Unauthenticated) as info:
+        verifier.authenticate(bearer(issuer.token(**claims)))
+    assert info.value.reason == reason
+    assert "\n" not in str(info.value) and "\n" not in str(info.value.metadata)
+    # Inside the bound a token passes, with iat or without.
+    now = int(time.time())
+    verifier.authenticate(bearer(issuer.token(iat=now - 60, exp=now + 3000)))
+    verifier.authenticate(bearer(issuer.token(tenant="team-a.eu_1", exp=now + 3500)))
+    # A subject that could forge a log line is named as "?".
+    assert verifier.authenticate(bearer(issuer.token(sub="svc\n"))).key_id == "jwt:?"
+
+
+def test_an_unknown_kid_is_not_repeated(issuer: Issuer, verifier: TokenVerifier) -> None:
+    payload = {"iss": ISSUER, "aud": AUDIENCE, "tenant": "acme", "exp": int(time.time()) + 60}
+    secret = "Sup3rS3cretInTheKidHeader"
+    token = jwt.encode(payload, issuer.keys["rsa"], "RS256", {"kid": secret})
+    with pytest.raises(Unauthenticated) as info:
+        verifier.authenticate(bearer(token))
+    assert info.value.reason == "TOKEN_KEY_UNKNOWN"
+    assert info.value.metadata["kid"] == UNKNOWN_KEY_ID
+    assert secret not in str(info.value)
+    with pytest.raises(Unauthenticated) as info:
+        verifier.authenticate(bearer(issuer.token(exp=int(time.time()) - 60)))
+    assert info.value.metadata["kid"] == "rsa"  # a kid of the JWKS is named
+
+
 def test_jwks_with_private_symmetric_or_unsupported_keys_is_refused(
     issuer: Issuer, tmp_path: Path
 ) -> None:
@@ -213,7 +261,14 @@ def test_jwks_with_private_symmetric_or_unsupported_keys_is_refused(
     ]:
         path.write_text(json.dumps({"keys": keys}))
         with pytest.raises(JwksError, match=message):
-            TokenVerifier(path, issuer=ISSUER, audience=AUDIENCE, leeway=0, tenant_claim="t")
+            TokenVerifier(
+                path,
+                issuer=ISSUER,
+                audience=AUDIENCE,
+                leeway=0,
+                tenant_claim="t",
+                max_lifetime=3600,
+            )
 
 
 def test_a_rotated_jwks_is_picked_up_without_restart(
@@ -410,8 +465,77 @@ def test_a_tls_key_that_does_not_match_the_certificate_stops_the_start(
     other.write_bytes(pki.client[0])
 
     async def run() -> None:
-        with pytest.raises(OSError, match="is not the key of"):
+        with pytest.raises(TlsFileError, match="is not the key of"):
             async with tls_gateway(tmp_path, pki, tls_key_file=other):
                 pass
 
     asyncio.run(run())
+
+
+def test_the_client_library_speaks_tls_and_mutual_tls(tmp_path: Path, pki: Pki) -> None:
+    client_key, client_cert = pki.root / "client.key", pki.root / "client.pem"
+    client_key.write_bytes(pki.client[0])
+    client_cert.write_bytes(pki.client[1])
+
+    async def run() -> None:
+        async with tls_gateway(tmp_path, pki, tls_client_ca_file=pki.ca) as (port, key):
+            address = f"127.0.0.1:{port}"
+
+            def sync_call(mutual: bool) -> str:
+                client = FashionClient(
+                    address,
+                    key,
+                    retries=0,
+                    ca_file=pki.ca,
+                    cert_file=client_cert if mutual else None,
+                    key_file=client_key if mutual else None,
+                )
+                with client:
+                    return client.get_taxonomy().version
+
+            assert await asyncio.to_thread(sync_call, True)
+            with pytest.raises(FashionServeError) as info:
+                await asyncio.to_thread(sync_call, False)  # no client certificate
+            assert info.value.code == grpc.StatusCode.UNAVAILABLE
+            async with AsyncFashionClient(
+                address, key, ca_file=pki.ca, cert_file=client_cert, key_file=client_key
+            ) as aio_client:
+                assert (await aio_client.get_taxonomy()).version
+
+    asyncio.run(asyncio.wait_for(run(), 60))
+
+
+def test_a_renewed_certificate_is_served_without_a_restart_or_a_dropped_connection(
+    tmp_path: Path, pki: Pki
+) -> None:
+    (tmp_path / "renewed").mkdir()
+    renewed = Pki(tmp_path / "renewed")  # re-issued by another CA: clients tell them apart
+
+    def renew(name: str) -> None:
+        """Replace one file at once, as cert-manager's Secret update does."""
+        staged = pki.root / f".{name}.new"
+        staged.write_bytes((renewed.root / name).read_bytes())
+        os.replace(staged, pki.root / name)
+
+    async def run() -> None:
+        async with tls_gateway(tmp_path, pki) as (port, key):
+            before = pki.channel(port, None)  # a connection opened before the renewal
+            stub = pb_grpc.FashionAnalysisServiceStub(before)
+            metadata = (("x-api-key", key),)
+            await stub.GetTaxonomy(pb.GetTaxonomyRequest(), metadata=metadata, timeout=10)
+            # Half a renewal (a new key, the old certificate) is refused: the certificate
+            # in use stays.
+            renew("server.key")
+            await asyncio.sleep(1.2)  # the files are looked at once a second at most
+            assert isinstance(await taxonomy_over(pki.channel(port, None), key), str)
+            renew("server.pem")
+            await asyncio.sleep(1.2)
+            # New connections get the renewed certificate...
+            assert isinstance(await taxonomy_over(renewed.channel(port, None), key), str)
+            unavailable = grpc.StatusCode.UNAVAILABLE
+            assert await taxonomy_over(pki.channel(port, None), key) == unavailable
+            # ...while the connection opened before keeps serving calls.
+            await stub.GetTaxonomy(pb.GetTaxonomyRequest(), metadata=metadata, timeout=10)
+            await before.close()
+
+    asyncio.run(asyncio.wait_for(run(), 60))
