@@ -171,6 +171,15 @@ class GatewaySettings(BaseSettings):
     max_batches_in_flight: int = Field(
         4, ge=1, le=256, description="Most ensemble calls outstanding at once."
     )
+    memory_limit_bytes: int | None = Field(
+        None,
+        ge=64 * MIB,
+        description="Memory the gateway process may use. Unset: its cgroup's limit (a "
+        "container's), else the machine's memory. Received messages (max_concurrent_rpcs x "
+        "max_message_bytes) and, apart, admitted images (max_images_in_flight x "
+        "max_image_bytes) may each take half of it: those two counts default to what fits, "
+        "and values that do not fit are refused at startup.",
+    )
     max_image_bytes: int = Field(
         20 * MIB,
         ge=1,
@@ -189,15 +198,6 @@ class GatewaySettings(BaseSettings):
         le=100_000,
         description="Most scans (SOS markers) a JPEG may have; a progressive photo has about "
         "ten. Each scan is a full pass over the image, so many nearly empty scans would "
-    memory_limit_bytes: int | None = Field(
-        None,
-        ge=64 * MIB,
-        description="Memory the gateway process may use. Unset: its cgroup's limit (a "
-        "container's), else the machine's memory. Received messages (max_concurrent_rpcs x "
-        "max_message_bytes) and, apart, admitted images (max_images_in_flight x "
-        "max_image_bytes) may each take half of it: those two counts default to what fits, "
-        "and values that do not fit are refused at startup.",
-    )
         "make decoding take minutes (TOO_MANY_SCANS).",
     )
     max_png_chunks: int = Field(
@@ -332,7 +332,7 @@ class GatewaySettings(BaseSettings):
         "{acme: {images_per_second: 2000, burst_images: 4000}}.",
     )
     max_images_in_flight: int = Field(
-        default_factory=lambda data: _fitting(data, "max_message_bytes"),
+        default_factory=lambda data: _fitting(data, "max_image_bytes"),
         ge=1,
         le=1_000_000,
         description="Images being served at once, all tenants together; past it calls get "
@@ -347,7 +347,7 @@ class GatewaySettings(BaseSettings):
         "RESOURCE_EXHAUSTED (GATEWAY_OVERLOADED) at once instead of queueing.",
     )
     max_concurrent_rpcs: int = Field(
-        default_factory=lambda data: _fitting(data, "max_image_bytes"),
+        default_factory=lambda data: _fitting(data, "max_message_bytes"),
         ge=1,
         le=1_000_000,
         description="Calls of the analysis service (a stream counts once) open at once; "
@@ -509,6 +509,19 @@ class GatewaySettings(BaseSettings):
                     f"{name} ({value}) must be at least max_images_per_batch_request "
                     f"({largest}): a batch call of that size could never be admitted"
                 )
+        budget = caller_budget_bytes(self.memory_limit_bytes)
+        for count, size in (
+            ("max_concurrent_rpcs", "max_message_bytes"),
+            ("max_images_in_flight", "max_image_bytes"),
+        ):
+            held = getattr(self, count) * getattr(self, size)
+            if held > budget:
+                raise ValueError(
+                    f"{count} x {size} ({getattr(self, count)} x {getattr(self, size)} bytes = "
+                    f"{held // MIB} MiB) must fit {CALLER_SHARE:.0%} of the gateway's memory "
+                    f"({budget // MIB} MiB of {budget / CALLER_SHARE / MIB:.0f} MiB, "
+                    "memory_limit_bytes or the container's limit): lower one of them"
+                )
         if self.max_message_bytes < self.max_image_bytes:
             raise ValueError(
                 f"max_message_bytes ({self.max_message_bytes}) must be at least "
@@ -562,19 +575,6 @@ def load_settings(config_file: Path | None = None, **flags: Any) -> GatewaySetti
     """Build the settings from the environment, the YAML file, then ``flags``.
 
     ``config_file`` defaults to ``$FASHIONSERVE_GATEWAY_CONFIG``. Flags whose value is
-        budget = caller_budget_bytes(self.memory_limit_bytes)
-        for count, size in (
-            ("max_concurrent_rpcs", "max_message_bytes"),
-            ("max_images_in_flight", "max_image_bytes"),
-        ):
-            held = getattr(self, count) * getattr(self, size)
-            if held > budget:
-                raise ValueError(
-                    f"{count} x {size} ({getattr(self, count)} x {getattr(self, size)} bytes = "
-                    f"{held // MIB} MiB) must fit {CALLER_SHARE:.0%} of the gateway's memory "
-                    f"({budget // MIB} MiB of {budget / CALLER_SHARE / MIB:.0f} MiB, "
-                    "memory_limit_bytes or the container's limit): lower one of them"
-                )
     None are treated as not given. Raises :class:`SettingsError` for an unreadable file and
     ``pydantic.ValidationError`` for invalid values (each names the field).
     """
