@@ -18,7 +18,8 @@ ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP"})
 DEFAULT_MAX_PIXELS = 50_000_000
 
 # Magic numbers of formats we can name when refusing them. Only the accepted formats are
-# ever handed to PIL, and only to their own plugin: other parsers are attack surface.
+# ever handed to PIL, and only to their own plugin (Image.open's `formats`): other parsers
+# are attack surface.
 _UNSUPPORTED_MAGIC: tuple[tuple[bytes, str], ...] = (
     (b"GIF87a", "GIF"),
     (b"GIF89a", "GIF"),
@@ -55,27 +56,30 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     """Decode JPEG, PNG or WebP bytes to an upright RGB ``uint8`` array ``[H, W, 3]``.
 
     EXIF orientation is applied; greyscale, palette, CMYK and 16-bit images are converted
-    to 8-bit RGB; transparent pixels are composited on white. The header is checked
-    against ``max_pixels`` before any pixel is decoded (decompression bombs).
+    to 8-bit RGB; transparent pixels are composited on white. The format is told by its
+    magic number and the bytes go to that format's PIL plugin alone, so a format the
+    gateway refuses is not decoded here either (Triton's preprocess step may be reached
+    by other paths than the gateway). The header is checked against ``max_pixels`` before
+    any pixel is decoded (decompression bombs).
     """
     if not data:
         raise ImageDecodeError("EMPTY_IMAGE", "image is empty (0 bytes)")
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise ImageDecodeError("NOT_AN_IMAGE", "bytes are not a recognised image")
+    if fmt not in ALLOWED_FORMATS:
+        raise ImageDecodeError(
+            "UNSUPPORTED_FORMAT",
+            f"image format {fmt} is not accepted (allowed: {sorted(ALLOWED_FORMATS)})",
+        )
     try:
-        img: Image.Image = Image.open(io.BytesIO(data))
+        img: Image.Image = Image.open(io.BytesIO(data), formats=[fmt])
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError("TOO_MANY_PIXELS", f"image is a decompression bomb: {exc}") from exc
     except Exception as exc:
-        claimed = sniff_format(data)
-        if claimed in ALLOWED_FORMATS:
-            raise ImageDecodeError(
-                "CORRUPT_IMAGE", f"{claimed} header is corrupt or truncated: {exc}"
-            ) from exc
-        raise ImageDecodeError("NOT_AN_IMAGE", f"bytes are not a recognised image: {exc}") from exc
-    if img.format not in ALLOWED_FORMATS:
         raise ImageDecodeError(
-            "UNSUPPORTED_FORMAT",
-            f"image format {img.format} is not accepted (allowed: {sorted(ALLOWED_FORMATS)})",
-        )
+            "CORRUPT_IMAGE", f"{fmt} header is corrupt or truncated: {exc}"
+        ) from exc
     width, height = img.size
     if width * height > max_pixels:
         raise ImageDecodeError(

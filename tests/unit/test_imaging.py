@@ -64,6 +64,10 @@ def test_transparency_is_composited_on_white() -> None:
         (b"this is not an image at all", "NOT_AN_IMAGE"),
         (encode(red_left_half(), "GIF"), "UNSUPPORTED_FORMAT"),
         (encode(red_left_half(), "BMP"), "UNSUPPORTED_FORMAT"),
+        (encode(red_left_half(), "TIFF"), "UNSUPPORTED_FORMAT"),
+        # Formats PIL would open but the pipeline does not name: no parser sees them.
+        (encode(red_left_half(), "PPM"), "NOT_AN_IMAGE"),
+        (encode(red_left_half(), "TGA"), "NOT_AN_IMAGE"),
         (encode(red_left_half(400, 400), "JPEG")[:300], "CORRUPT_IMAGE"),
         (encode(red_left_half(400, 400), "JPEG")[:-400], "CORRUPT_IMAGE"),
     ],
@@ -72,6 +76,22 @@ def test_bad_input_is_named(data: bytes, reason: str) -> None:
     with pytest.raises(ImageDecodeError) as info:
         decode_image(data)
     assert info.value.reason == reason
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_bytes_go_to_their_formats_parser_alone(fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoding (in Triton's preprocess step too) opens an image with the PIL plugin its
+    magic number names, and no other."""
+    opened: list[object] = []
+    open_image = Image.open
+
+    def spy(fp: object, mode: str = "r", formats: object = None) -> Image.Image:
+        opened.append(formats)
+        return open_image(fp, mode, formats)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Image, "open", spy)
+    decode_image(encode(red_left_half(), fmt))
+    assert opened == [[fmt]]
 
 
 def test_pixel_limit_is_checked_before_decoding() -> None:
