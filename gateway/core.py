@@ -2,7 +2,9 @@
 
 :class:`Analyzer` serves the three analysis calls: bytes and :class:`RawOptions` in, an
 :class:`~fashionserve.gateway.results.ImageResult` or a :class:`fashionserve.errors.Error`
-out. Each image is validated, admitted, then awaited from the batched inference path
+out. Each call is admitted, its images checked in the image-check pool
+(:class:`~fashionserve.gateway.image_checks.ImageCheckPool`, off the event loop), then
+awaited from the batched inference path
 (:class:`~fashionserve.gateway.inference.BatchedInference`) and decoded with the taxonomy of
 the tagger that produced it, which the serving monitor keeps track of.
 
@@ -25,6 +27,7 @@ from fashionserve.gateway import __version__
 from fashionserve.gateway.auth.identity import LOCAL_IDENTITY, current_identity, require_scope
 from fashionserve.gateway.batcher import bounded_map
 from fashionserve.gateway.failures import ResourceExhausted, Unavailable, as_error
+from fashionserve.gateway.image_checks import ImageCheckPool, cpu_limit
 from fashionserve.gateway.inference import BatchedInference
 from fashionserve.gateway.monitor import ServingMonitor
 from fashionserve.gateway.quota import Admission
@@ -34,11 +37,10 @@ from fashionserve.gateway.settings import GatewaySettings
 from fashionserve.gateway.telemetry import Telemetry, child_span
 from fashionserve.gateway.validation import (
     ACCEPTED_FORMATS,
+    ImageInfo,
     ImageLimits,
     StreamLimit,
     ValidatedOptions,
-    has_end_marker,
-    inspect_image,
     validate_image_count,
     validate_options,
     validate_request_id,
@@ -53,9 +55,6 @@ FALLBACK_MAX_GARMENTS = 1024
 # Problems of the service rather than of one image: in BatchAnalyze they fail the whole
 # call, so that callers retry it as a whole.
 _WHOLE_CALL_KINDS = frozenset({ErrorKind.UNAVAILABLE, ErrorKind.DEADLINE_EXCEEDED})
-# A whole JPEG or PNG up to this size is checked on the event loop in about 0.2 ms, less
-# than the hop to a worker thread costs.
-INLINE_INSPECT_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -164,6 +163,12 @@ class Analyzer:
             max_image_pixels=settings.max_image_pixels,
             max_jpeg_scans=settings.max_jpeg_scans,
             max_png_chunks=settings.max_png_chunks,
+            max_png_metadata_bytes=settings.max_png_metadata_bytes,
+        )
+        self.image_checks = ImageCheckPool(
+            self.limits,
+            workers=settings.image_check_workers or cpu_limit(),
+            max_queued=settings.max_queued_image_checks,
         )
         self.admission = Admission(settings, queued=lambda: self.inference.queued)
 
@@ -179,6 +184,7 @@ class Analyzer:
     async def close(self) -> None:
         """Stop taking requests and finish the batches in flight."""
         await self.inference.close()
+        self.image_checks.close()
 
     # ------------------------------------------------------------------ options
     def resolve_options(self, raw: RawOptions) -> ValidatedOptions:
@@ -206,7 +212,9 @@ class Analyzer:
         """
         options = self.resolve_options(raw)
         with self.admission.admit(_tenant(), 1):
-            await self._inspect(image)
+            (checked,) = await self._check([image])
+            if isinstance(checked, Error):
+                raise checked
             await self.monitor.require_serving()
             return await self._infer(image, options, deadline)
 
@@ -216,15 +224,19 @@ class Analyzer:
         """Analyze several images; one outcome per image, in order.
 
         An image's own problem (bad bytes, refused by the ensemble) is that entry's error.
-        A problem of the service (not serving, Triton unreachable, too slow) fails the
-        whole call, so that callers retry it as a whole.
+        A problem of the service (not serving, Triton unreachable, too slow, no room to
+        check every image) fails the whole call, so that callers retry it as a whole.
         """
         validate_image_count(len(images), self.settings.max_images_per_batch_request)
         options = self.resolve_options(raw)
         with self.admission.admit(_tenant(), len(images)):
             await self.monitor.require_serving()
+            checked = await self._check(images)
             outcomes = await asyncio.gather(
-                *(self._analyze_safe(i, options, deadline) for i in images)
+                *(
+                    self._infer_checked(image, info, options, deadline)
+                    for image, info in zip(images, checked, strict=True)
+                )
             )
         for outcome in outcomes:
             if isinstance(outcome, Error) and outcome.kind in _WHOLE_CALL_KINDS:
@@ -285,28 +297,26 @@ class Analyzer:
         if idle.exceeded is not None:
             raise idle.exceeded
 
-    async def _analyze_safe(
-        self, image: bytes, options: ValidatedOptions, deadline: float | None
+    async def _infer_checked(
+        self,
+        image: bytes,
+        checked: ImageInfo | Error,
+        options: ValidatedOptions,
+        deadline: float | None,
     ) -> ImageResult | Error:
+        if isinstance(checked, Error):
+            return checked
         try:
-            await self._inspect(image)
             return await self._infer(image, options, deadline)
         except Exception as exc:
             return as_error(exc)
 
-    async def _inspect(self, image: bytes) -> None:
-        # Anything but a small image with its end marker goes to a worker thread: telling a
-        # truncated JPEG from one with trailing data means a reduced decode (0.1 s for a
-        # 17 MB photo), which must not stall the event loop that serves every other call;
-        # PIL releases the GIL while it decodes.
-        if len(image) <= INLINE_INSPECT_BYTES and has_end_marker(image):
-            self._inspect_now(image)
-        else:
-            await asyncio.to_thread(self._inspect_now, image)
-
-    def _inspect_now(self, image: bytes) -> None:
+    async def _check(self, images: Sequence[bytes]) -> list[ImageInfo | Error]:
+        """Each image's checks, in the image-check pool: they are work a caller controls
+        (a crafted JPEG can take 0.2 s to tell whole from cut), which must not stall the
+        event loop that serves every other call."""
         with child_span(self.tracer, "validate"):
-            inspect_image(image, self.limits)
+            return await self.image_checks.check(images)
 
     async def _infer(
         self, image: bytes, options: ValidatedOptions, deadline: float | None

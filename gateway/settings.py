@@ -208,6 +208,32 @@ class GatewaySettings(BaseSettings):
         "chunks). Chunks are parsed one by one, so millions of empty ones would stall the "
         "gateway for seconds (TOO_MANY_CHUNKS).",
     )
+    max_png_metadata_bytes: int = Field(
+        4 * MIB,
+        ge=1,
+        le=GRPC_MAX_MESSAGE_BYTES,
+        description="Most metadata a PNG may carry: its ancillary chunks (text, colour "
+        "profile, EXIF...), compressed ones counted inflated and inflated no further than "
+        "this. A few kilobytes of compressed text can inflate to gigabytes when the image "
+        "is opened (METADATA_TOO_LARGE).",
+    )
+    image_check_workers: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="Threads of the pool that checks images (format, header, structure), "
+        "off the event loop and apart from asyncio's default executor (DNS lookups); "
+        "unset: the CPU limit (the cgroup's cpu.max quota, else the CPUs the process may "
+        "run on).",
+    )
+    max_queued_image_checks: int = Field(
+        256,
+        ge=1,
+        le=1_000_000,
+        description="Images waiting for an image-check thread, all tenants together; past "
+        "it calls get RESOURCE_EXHAUSTED (IMAGE_CHECKS_BUSY) at once, with a retry delay, "
+        "so images that are slow to check queue a bounded amount of work.",
+    )
     max_message_bytes: int = Field(
         64 * MIB,
         ge=MIB,
@@ -498,6 +524,7 @@ class GatewaySettings(BaseSettings):
         largest = self.max_images_per_batch_request
         bounds = {"max_images_in_flight": self.max_images_in_flight}
         bounds["max_queued_images"] = self.max_queued_images
+        bounds["max_queued_image_checks"] = self.max_queued_image_checks
         for tenant in ("", *self.tenant_quotas):
             quota = self.quota_for(tenant) if tenant else self.tenant_quota
             where = f"tenant_quotas.{tenant}" if tenant else "tenant_quota"

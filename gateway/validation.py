@@ -3,20 +3,26 @@
 Images are checked from their bytes and header only, never fully decoded here (decoding is
 the preprocess step's job, on Triton): the size in bytes, the format by its magic number
 against the allow-list, the dimensions from the header against the pixel limit
-(decompression bombs are refused before a pixel is decoded), and a cheap truncation check
-(a WebP must hold the bytes its RIFF header announces, a JPEG must end with its EOI marker,
-a PNG with IEND; a JPEG or PNG that does not is decoded here at 1/8 scale, or its chunks
-verified, to tell a truncated file from one with trailing data). Damage that only a full
-decode can see is reported by Triton's preprocess step and mapped back to the image.
+(decompression bombs are refused before a pixel is decoded), and a truncation check that
+knows each format's ending: a WebP must hold the bytes its RIFF header announces, a JPEG
+must end with its EOI marker, a PNG with its IEND chunk. A JPEG or PNG that does not is
+decoded here at 1/8 scale, or its chunks verified, to tell a truncated file from one with
+trailing data. Damage that only a full decode can see is reported by Triton's preprocess
+step and mapped back to the image. :func:`inspect_image` is caller-controlled work, so the
+gateway runs it in its image-check pool (:mod:`fashionserve.gateway.image_checks`), never
+on the event loop.
 
 Parsers do work in proportion to structure, not bytes, so structure is limited too, before
-any parser runs: a JPEG's scans (each a pass over the whole image) and a PNG's chunks.
+any parser runs: a JPEG's scans (each a pass over the whole image), a PNG's chunks, and a
+PNG's metadata (ancillary chunks, compressed text counted at its inflated size, inflated
+no further than the limit).
 
 Every failure is an :class:`~fashionserve.gateway.failures.InvalidArgument` whose reason names the
 problem: EMPTY_IMAGE, IMAGE_TOO_LARGE, NOT_AN_IMAGE, UNSUPPORTED_FORMAT, TOO_MANY_PIXELS,
-TOO_MANY_SCANS, TOO_MANY_CHUNKS, CORRUPT_IMAGE, INVALID_OPTION, INVALID_REQUEST_ID,
-NO_IMAGES, TOO_MANY_IMAGES; a stream past its length limits (:class:`StreamLimit`) ends
-with :class:`~fashionserve.gateway.failures.ResourceExhausted` STREAM_TOO_LONG.
+TOO_MANY_SCANS, TOO_MANY_CHUNKS, METADATA_TOO_LARGE, CORRUPT_IMAGE, INVALID_OPTION,
+INVALID_REQUEST_ID, NO_IMAGES, TOO_MANY_IMAGES; a stream past its length limits
+(:class:`StreamLimit`) ends with :class:`~fashionserve.gateway.failures.ResourceExhausted`
+STREAM_TOO_LONG.
 
 The options a caller sent become :class:`ValidatedOptions` (zero values resolved): not the
 client library's ``AnalyzeOptions``, which is what a caller sends.
@@ -33,6 +39,7 @@ import contextlib
 import io
 import math
 import warnings
+import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TypeVar
@@ -49,6 +56,12 @@ ACCEPTED_FORMATS: tuple[str, ...] = tuple(sorted(ALLOWED_FORMATS))
 
 MAX_REQUEST_ID_CHARS = 128
 
+_JPEG_EOI = b"\xff\xd9"
+_PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the whole chunk: no data, then its CRC
+# PNG chunks whose content is zlib-compressed (text, international text, ICC profile).
+_PNG_COMPRESSED = frozenset({b"zTXt", b"iTXt", b"iCCP"})
+_PNG_FRAME_DATA = b"fdAT"  # an APNG frame's pixels: ancillary, but image data, not metadata
+
 
 @dataclass(frozen=True)
 class ImageLimits:
@@ -58,6 +71,7 @@ class ImageLimits:
     max_image_pixels: int
     max_jpeg_scans: int
     max_png_chunks: int
+    max_png_metadata_bytes: int
 
 
 @dataclass(frozen=True)
@@ -101,15 +115,13 @@ def inspect_image(data: bytes, limits: ImageLimits) -> ImageInfo:
     if fmt == "JPEG":
         _check_jpeg_scans(data, limits.max_jpeg_scans)
     elif fmt == "PNG":
-        _check_png_chunks(data, limits.max_png_chunks)
-    elif fmt == "WEBP":
-        # The RIFF header says how long the file is: a shorter one was cut (checked before
-        # PIL, whose WebP plugin sets up a decoder when it opens the file).
-        declared = int.from_bytes(data[4:8], "little") + 8
-        if declared > size:
-            raise _truncated(
-                fmt, ValueError(f"the RIFF header declares {declared} bytes, {size} present")
-            )
+        _check_png_chunks(data, limits.max_png_chunks, limits.max_png_metadata_bytes)
+    elif fmt == "WEBP" and not ends_whole(data, fmt):
+        # A WebP shorter than its RIFF header says was cut (checked before PIL, whose WebP
+        # plugin sets up a decoder when it opens the file).
+        raise _truncated(
+            fmt, ValueError(f"the RIFF header declares {_riff_size(data)} bytes, {size} present")
+        )
     try:
         with warnings.catch_warnings():
             # Our own pixel limit applies below; PIL's bomb warning would only be noise.
@@ -157,16 +169,41 @@ def _check_jpeg_scans(data: bytes, max_scans: int) -> None:
         )
 
 
-def _check_png_chunks(data: bytes, max_chunks: int) -> None:
-    """Refuse a PNG made of more chunks than ``max_chunks``, walking at most that many
-    chunk headers. PIL parses chunks one by one in Python: a file of millions of empty
-    chunks would keep the gateway busy for seconds."""
-    pos, count, size = 8, 0, len(data)
+def _check_png_chunks(data: bytes, max_chunks: int, max_metadata_bytes: int) -> None:
+    """Refuse a PNG made of more chunks than ``max_chunks``, or carrying more metadata than
+    ``max_metadata_bytes``, walking at most ``max_chunks`` chunk headers. PIL parses chunks
+    one by one in Python: a file of millions of empty chunks would keep the gateway busy for
+    seconds.
+
+    Metadata is every ancillary chunk (text, colour profile, EXIF, private chunks) but APNG
+    frame data. A compressed one (zTXt, iTXt, iCCP) counts at its inflated size, and is
+    inflated here no further than what is left of the limit: PIL inflates text chunks when
+    it opens a file (here, and in Triton when it decodes), so a few kilobytes of text that
+    inflate to gigabytes would cost that much CPU and memory first.
+    """
+    pos, count, size, metadata = 8, 0, len(data), 0
     while pos + 8 <= size and count <= max_chunks:
         count += 1
-        if data[pos + 4 : pos + 8] == b"IEND":
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        kind = data[pos + 4 : pos + 8]
+        if kind == b"IEND":
             return
-        pos += 12 + int.from_bytes(data[pos : pos + 4], "big")
+        if kind[0] & 0x20 and kind != _PNG_FRAME_DATA:  # bit 5 of the first letter: ancillary
+            held = min(length, size - pos - 8)  # as stored (a cut file holds less)
+            room = max_metadata_bytes - metadata
+            if kind in _PNG_COMPRESSED and held <= room:
+                body = data[pos + 8 : pos + 8 + held]
+                held = max(held, _inflated_size(kind, body, room + 1))
+            metadata += held
+            if metadata > max_metadata_bytes:
+                raise InvalidArgument(
+                    "METADATA_TOO_LARGE",
+                    f"the PNG image carries more than {max_metadata_bytes} bytes of metadata "
+                    "(text, colour profile and other ancillary chunks, compressed ones "
+                    "counted inflated)",
+                    {"format": "PNG", "maxPngMetadataBytes": max_metadata_bytes},
+                )
+        pos += 12 + length
     if count > max_chunks:
         raise InvalidArgument(
             "TOO_MANY_CHUNKS",
@@ -175,40 +212,64 @@ def _check_png_chunks(data: bytes, max_chunks: int) -> None:
         )
 
 
-def _jpeg_ends_whole(data: bytes) -> bool:
-    return data.rstrip(b"\x00").endswith(b"\xff\xd9")  # EOI, bar zero padding
+def _inflated_size(kind: bytes, body: bytes, budget: int) -> int:
+    """The inflated size of a compressed PNG chunk's stream, inflating at most ``budget``
+    bytes (``budget`` >= 1); 0 for a stream PIL would not inflate either."""
+    stream = _compressed_stream(kind, body)
+    if stream is None:
+        return 0
+    try:
+        return len(zlib.decompressobj().decompress(stream, budget))
+    except zlib.error:
+        return 0
 
 
-def _png_ends_whole(data: bytes) -> bool:
-    return b"IEND" in data[-64:]
+def _compressed_stream(kind: bytes, body: bytes) -> bytes | None:
+    """The zlib stream of a zTXt, iTXt or iCCP chunk, as PIL reads it; None if it has none."""
+    _, sep, rest = body.partition(b"\0")  # a keyword or profile name, then NUL
+    if kind != b"iTXt":
+        return rest[1:] if sep else None  # a compression method byte, then the stream
+    # iTXt: compression flag, method, language tag NUL, translated keyword NUL, text.
+    if len(rest) < 2 or rest[0] == 0:
+        return None
+    fields = rest[2:].split(b"\0", 2)
+    return fields[2] if len(fields) == 3 else None
 
 
-def has_end_marker(data: bytes) -> bool:
-    """Whether a JPEG or PNG ends with its end marker, the cheap proof that it is whole
-    (without it, :func:`inspect_image` must decode to tell a cut file from trailing data)."""
-    return _jpeg_ends_whole(data) or _png_ends_whole(data)
+def _riff_size(data: bytes) -> int:
+    """The file size a WebP's RIFF header declares."""
+    return int.from_bytes(data[4:8], "little") + 8
+
+
+def ends_whole(data: bytes, fmt: str) -> bool:
+    """Whether ``data`` ends as a whole file of format ``fmt`` does, the cheap proof that it
+    was not cut: a JPEG with its EOI marker (bar zero padding), a PNG with its IEND chunk, a
+    WebP no earlier than its RIFF header says. Only that format's ending counts (a JPEG
+    ending with a PNG's IEND is not whole)."""
+    if fmt == "JPEG":
+        return data.rstrip(b"\x00").endswith(_JPEG_EOI)
+    if fmt == "PNG":
+        return data.endswith(_PNG_IEND)
+    if fmt == "WEBP":
+        return _riff_size(data) <= len(data)
+    return False
 
 
 def _check_complete(data: bytes, fmt: str, img: Image.Image) -> None:
-    """Refuse a truncated file, cheaply: look at its end first, decode only if in doubt."""
-    if fmt == "JPEG":
-        if _jpeg_ends_whole(data):
-            return
-        # No EOI at the end: either data trails the image (some cameras append a
-        # preview or a video) or the file is cut short. A 1/8-scale decode parses the
-        # whole entropy-coded stream at a fraction of the cost of a full decode.
-        try:
+    """Refuse a truncated JPEG or PNG: look at its end first, decode only if in doubt."""
+    if ends_whole(data, fmt):
+        return
+    try:
+        if fmt == "JPEG":
+            # No EOI at the end: either data trails the image (some cameras append a
+            # preview or a video) or the file is cut short. A 1/8-scale decode parses the
+            # whole entropy-coded stream at a fraction of the cost of a full decode.
             img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
             img.load()
-        except Exception as exc:
-            raise _truncated(fmt, exc) from exc
-    elif fmt == "PNG":
-        if _png_ends_whole(data):
-            return
-        try:
+        elif fmt == "PNG":
             img.verify()  # walks every chunk to IEND checking CRCs; no decompression
-        except Exception as exc:
-            raise _truncated(fmt, exc) from exc
+    except Exception as exc:
+        raise _truncated(fmt, exc) from exc
 
 
 def _truncated(fmt: str, exc: Exception) -> InvalidArgument:

@@ -426,9 +426,12 @@ IMAGE_CASES: dict[str, ImageCase] = {
     "PNG of 80,000 empty chunks": ImageCase(
         png_chunk_spam, Refused(INVALID, "TOO_MANY_CHUNKS", {"maxPngChunks": "10000"})
     ),
-    # PIL refuses a text chunk that inflates past 1 MiB (PngImagePlugin.MAX_TEXT_CHUNK).
+    # Inflated no further than max_png_metadata_bytes (4 MiB), before PIL sees it.
     "PNG text chunk inflating to 64 MiB": ImageCase(
-        png_text_bomb, Refused(INVALID, "CORRUPT_IMAGE", {"format": "PNG"})
+        png_text_bomb,
+        Refused(
+            INVALID, "METADATA_TOO_LARGE", {"format": "PNG", "maxPngMetadataBytes": str(4 * 2**20)}
+        ),
     ),
     # Unusual but valid images: analysed correctly.
     "CMYK JPEG": ImageCase(cmyk_jpeg, Analysed(400, 240, SCENE_RECTS, tolerance=6)),

@@ -18,7 +18,7 @@ from fashionserve.gateway.failures import InvalidArgument, ResourceExhausted
 from fashionserve.gateway.validation import (
     ImageLimits,
     StreamLimit,
-    has_end_marker,
+    ends_whole,
     inspect_image,
     validate_image_count,
     validate_options,
@@ -26,7 +26,11 @@ from fashionserve.gateway.validation import (
 )
 
 LIMITS = ImageLimits(
-    max_image_bytes=2_000_000, max_image_pixels=4_000_000, max_jpeg_scans=100, max_png_chunks=1000
+    max_image_bytes=2_000_000,
+    max_image_pixels=4_000_000,
+    max_jpeg_scans=100,
+    max_png_chunks=1000,
+    max_png_metadata_bytes=100_000,
 )
 
 
@@ -165,13 +169,32 @@ def test_jpeg_cut_just_before_eoi_is_corrupt() -> None:
     assert reason(encode("JPEG", (200, 150))[:-2]) == "CORRUPT_IMAGE"
 
 
-@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
-def test_only_whole_files_count_as_ending_with_their_marker(fmt: str) -> None:
-    # The gateway checks such files on its event loop, the others in a worker thread.
+PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_only_whole_files_count_as_ending_whole(fmt: str) -> None:
+    # A JPEG or PNG that does not end whole is decoded at 1/8 scale, or its chunks
+    # verified, to tell a cut file from trailing data.
     data = encode(fmt, (200, 150))
-    assert has_end_marker(data)
-    assert not has_end_marker(data[:-20])
-    assert not has_end_marker(data + b"trailer" * 100)
+    assert ends_whole(data, fmt)
+    assert not ends_whole(data[:-20], fmt)
+    if fmt != "WEBP":  # data past a WebP's declared size is not read at all
+        assert not ends_whole(data + b"trailer" * 100, fmt)
+
+
+def test_the_end_check_knows_each_format() -> None:
+    """Another format's end marker proves nothing: a cut JPEG ending with a PNG's IEND is
+    not whole, nor is a PNG ending with a JPEG's EOI."""
+    jpeg, png = encode("JPEG", (200, 150)), encode("PNG", (200, 150))
+    assert not ends_whole(jpeg[:-100] + PNG_IEND, "JPEG")
+    assert not ends_whole(png[:-100] + b"\xff\xd9", "PNG")
+    assert ends_whole(jpeg + b"\x00" * 10, "JPEG")  # zero padding after EOI
+
+
+def test_a_cut_jpeg_ending_with_a_png_end_marker_is_corrupt() -> None:
+    data = encode("JPEG", (400, 300), progressive=True)
+    assert reason(data[: len(data) // 2] + PNG_IEND) == "CORRUPT_IMAGE"
 
 
 def test_jpeg_with_garbage_header_is_corrupt() -> None:
@@ -251,6 +274,69 @@ def png_with_chunks(count: int) -> bytes:
     at = data.index(b"IDAT") - 4
     empty = struct.pack(">I", 0) + b"prVt" + struct.pack(">I", zlib.crc32(b"prVt"))
     return data[:at] + empty * count + data[at:]
+
+
+def png_with_chunk(kind: bytes, body: bytes, count: int = 1, after_image: bool = False) -> bytes:
+    """A valid 16 x 16 PNG carrying ``count`` ``kind`` chunks of ``body``, before its image
+    data or after it."""
+    data = encode("PNG", (16, 16))
+    chunk = struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    at = data.index(b"IEND") - 4 if after_image else data.index(b"IDAT") - 4
+    return data[:at] + chunk * count + data[at:]
+
+
+def metadata_refused(data: bytes) -> float:
+    """Check that ``data`` is refused for its metadata; the seconds the check took."""
+    started = time.monotonic()
+    with pytest.raises(InvalidArgument) as info:
+        inspect_image(data, LIMITS)
+    assert (info.value.reason, info.value.metadata) == (
+        "METADATA_TOO_LARGE",
+        {"format": "PNG", "maxPngMetadataBytes": "100000"},
+    )
+    return time.monotonic() - started
+
+
+def test_a_png_text_bomb_is_refused_inflating_no_more_than_the_limit() -> None:
+    # 64 KiB of zTXt that would inflate to 64 MiB: inflated up to the 100 kB limit only.
+    bomb = zlib.compress(b"\x00" * (64 * 1024 * 1024), 9)
+    assert metadata_refused(png_with_chunk(b"zTXt", b"comment\x00\x00" + bomb)) < 0.05
+
+
+@pytest.mark.parametrize(
+    ("kind", "header"),
+    [
+        (b"zTXt", b"k\x00\x00"),  # keyword, compression method
+        (b"iTXt", b"k\x00\x01\x00en\x00k\x00"),  # ..., compressed flag, language, keyword
+        (b"iCCP", b"profile\x00\x00"),
+    ],
+)
+def test_compressed_metadata_counts_inflated_over_all_chunks(kind: bytes, header: bytes) -> None:
+    """Ten chunks of 30 kB once inflated (a few dozen bytes each as stored) pass the 100 kB
+    limit together; three do not."""
+    body = header + zlib.compress(b"a" * 30_000, 9)
+    assert len(body) < 100
+    assert inspect_image(png_with_chunk(kind, body, count=3), LIMITS).format == "PNG"
+    metadata_refused(png_with_chunk(kind, body, count=10))
+
+
+def test_stored_metadata_counts_before_and_after_the_image_data() -> None:
+    text = b"Comment\x00" + b"x" * 60_000
+    assert inspect_image(png_with_chunk(b"tEXt", text), LIMITS).format == "PNG"
+    metadata_refused(png_with_chunk(b"tEXt", text, count=2))
+    metadata_refused(png_with_chunk(b"tEXt", text, count=2, after_image=True))
+    metadata_refused(png_with_chunk(b"prVt", b"\x00" * 200_000))  # private chunks too
+
+
+def test_animation_frames_are_image_data_not_metadata() -> None:
+    frames = [Image.fromarray(np.full((200, 200, 3), c, np.uint8)) for c in (0, 90, 180)]
+    noise = np.random.default_rng(1).integers(0, 255, (200, 200, 3), np.uint8)
+    frames.append(Image.fromarray(noise))  # about 120 kB of frame data
+    buf = io.BytesIO()
+    frames[0].save(buf, "PNG", save_all=True, append_images=frames[1:])
+    data = buf.getvalue()
+    assert b"fdAT" in data and len(data) > LIMITS.max_png_metadata_bytes
+    assert inspect_image(data, LIMITS).format == "PNG"
 
 
 def test_png_chunk_limit() -> None:
