@@ -38,6 +38,7 @@ from fashionserve.triton import TritonServer
 ISSUER = "https://idp.test"
 AUDIENCE = "fashionserve-it"
 RATE = {"throttled": 0.2, "retrying": 0.5}  # images per second; burst 8 for both
+MISPLACED_SECRET = "Sup3rS3cretSentAsTheKeyId"
 NARROW = {"images_per_second": 1000, "burst_images": 1000, "max_concurrent_images": 8}
 
 
@@ -224,6 +225,9 @@ def test_valid_rs256_and_es256_tokens_are_served(
         ("wrong audience", "TOKEN_AUDIENCE_INVALID"),
         ("key and token together", "CREDENTIALS_AMBIGUOUS"),
         ("wrong key secret", "API_KEY_INVALID"),
+        ("a secret where the key id goes", "API_KEY_INVALID"),
+        ("a tenant forging a log line", "TOKEN_CLAIM_INVALID"),
+        ("a token for a year", "TOKEN_LIFETIME_TOO_LONG"),
     ],
 )
 def test_bad_credentials_are_unauthenticated(
@@ -239,6 +243,11 @@ def test_bad_credentials_are_unauthenticated(
             *with_token(secured.token()),
         ),
         "wrong key secret": lambda: with_key("beta.not-the-secret"),
+        "a secret where the key id goes": lambda: with_key(f"{MISPLACED_SECRET}.x"),
+        "a tenant forging a log line": lambda: with_token(
+            secured.token(tenant="roomy\nFORGED denied request")
+        ),
+        "a token for a year": lambda: with_token(secured.token(exp=int(time.time()) + 365 * 86400)),
     }[case]()
     with pytest.raises(grpc.RpcError) as info:
         secured.call("Analyze", pb.AnalyzeRequest(image=pb.Image(data=scene)), metadata)
@@ -282,3 +291,6 @@ def test_the_log_names_who_was_refused_and_holds_no_secret_or_token(secured: Sec
         _, payload, signature = token.split(".")
         assert payload not in log and signature not in log
     assert "not-the-secret" not in log
+    # A key id is logged only when it names a key; a forged tenant never is.
+    assert MISPLACED_SECRET not in log and "API_KEY_INVALID (keyId=<unknown>)" in log
+    assert "FORGED" not in log
