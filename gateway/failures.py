@@ -8,6 +8,10 @@ from the root directly. :class:`fashionserve.gateway.errors.ErrorInterceptor` is
 place that turns a kind into a gRPC status code; inside BatchAnalyze and StreamAnalyze the
 servicer makes the same fields an ``ItemError``.
 
+No message or metadata names an internal address (a Triton's URL, a pod's IP) or quotes
+Triton's own error text: those are logged with the request ids (:data:`request_id_var`,
+:data:`batch_requests_var`) where the failure happens.
+
 Any other exception is a bug: :func:`as_error` logs it with the request id and puts the
 generic INTERNAL error, quoting that id and never the exception text, in its place (so does
 another component's INTERNAL error, such as the batcher's BatchResultMismatch).
@@ -25,6 +29,12 @@ log = logging.getLogger(__name__)
 
 request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
 """The id of the request being served (from ``x-request-id`` or generated); logs quote it."""
+
+batch_requests_var: ContextVar[str] = ContextVar("batch_requests", default="-")
+"""The ids of the requests whose images an ensemble call carries, comma-separated (set for
+the call by the batched inference path). A failed call's details (a Triton's address, its
+own error text) are logged with them, never put in an answer: callers need not learn the
+fleet's layout."""
 
 
 class GatewayError(Error):

@@ -7,7 +7,8 @@ It knows nothing of decoding; it returns each image's raw ensemble output.
 
 One ensemble call serves several requests, so its span ``triton_infer`` is the child of the
 first request's span and links to every request's span; each recorded request gets a
-``batch_wait`` span of its own for its time in the queue.
+``batch_wait`` span of its own for its time in the queue; and the call's failures are
+logged with every request's id.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from opentelemetry import trace
 
 from fashionserve.gateway.batcher import MicroBatcher
 from fashionserve.gateway.endpoints import EndpointPool
+from fashionserve.gateway.failures import batch_requests_var, request_id_var
 from fashionserve.gateway.results import ImageOutput
 from fashionserve.gateway.settings import GatewaySettings
 from fashionserve.gateway.telemetry import Telemetry, link_context
@@ -28,10 +30,11 @@ from fashionserve.gateway.telemetry import Telemetry, link_context
 
 @dataclass(frozen=True)
 class _Job:
-    """One image in the micro-batcher, with the span of the request that sent it (the
+    """One image in the micro-batcher, with the id and span of the request that sent it (the
     batch's span links to it) and when it was queued (wall clock, ns, for its span)."""
 
     image: bytes
+    request_id: str
     span: trace.SpanContext
     queued_ns: int
 
@@ -69,7 +72,9 @@ class BatchedInference:
         """The ensemble's output for ``image``. ``deadline`` (``time.monotonic()`` seconds):
         past it the image is not sent (DEADLINE_EXCEEDED), and the Triton call ends by it.
         Raises UNAVAILABLE (SHUTTING_DOWN) once closing."""
-        job = _Job(image, trace.get_current_span().get_span_context(), time.time_ns())
+        job = _Job(
+            image, request_id_var.get(), trace.get_current_span().get_span_context(), time.time_ns()
+        )
         return await self.batcher.submit(job, deadline)
 
     async def _run_batch(
@@ -77,6 +82,8 @@ class BatchedInference:
     ) -> Sequence[ImageOutput | BaseException]:
         """One ensemble call for a batch, traced and timed, bounded by the batch's latest
         deadline."""
+        # Each batch runs in a task of its own: this is seen by its call only.
+        batch_requests_var.set(",".join(job.request_id for job in jobs))
         metrics = self.telemetry.metrics
         with (
             self._batch_span(jobs),

@@ -11,7 +11,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from fashionserve.gateway.endpoints import EndpointPool
-from fashionserve.gateway.failures import Unavailable
+from fashionserve.gateway.failures import Unavailable, request_id_var
 from fashionserve.gateway.served_state import ServedState
 from fashionserve.taxonomy import Taxonomy
 
@@ -24,8 +24,9 @@ _RECHECK_SECONDS = 0.5
 
 
 class ServingMonitor:
-    """Whether the gateway can serve: at least one Triton endpoint whose served state has
-    no problem (:mod:`fashionserve.gateway.served_state` gives the verdict). :meth:`run`
+    """Whether the gateway can serve: at least one Triton endpoint the pool admits (its
+    served state has no problem, :mod:`fashionserve.gateway.served_state` gives the
+    verdict, and its canary inference passed). :meth:`run`
     re-checks every endpoint every ``interval`` seconds and reports changes to
     ``on_change(serving)``."""
 
@@ -118,13 +119,17 @@ class ServingMonitor:
             await asyncio.sleep(self.interval)
 
     async def require_serving(self) -> None:
-        """Raise UNAVAILABLE unless serving (re-checking at most every half second)."""
+        """Raise UNAVAILABLE unless serving (re-checking at most every half second).
+
+        The caller is told only that; why (which Triton, what it said) is logged with the
+        request id: callers need not learn the fleet's layout."""
         if self.serving:
             return
         if time.monotonic() - self._last_refresh >= _RECHECK_SECONDS and await self.refresh():
             return
         self.check_taxonomy()
-        raise Unavailable("NOT_SERVING", f"the pipeline is not serving: {self.problem}")
+        log.info("request %s refused, not serving: %s", request_id_var.get(), self.problem)
+        raise Unavailable("NOT_SERVING", "the pipeline is not serving; retry later")
 
     def check_taxonomy(self) -> None:
         """Raise UNAVAILABLE (TAXONOMY_MISMATCH) if the served tagger is known to have been

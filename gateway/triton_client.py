@@ -1,5 +1,6 @@
 """The transport: the gateway's calls to the ensemble on one Triton server, over
-``tritonclient.grpc.aio``. Transport failures become the gateway's domain errors here.
+``tritonclient.grpc.aio``. Transport failures become the gateway's domain errors here;
+what Triton said, and where, is logged, never answered.
 
 Two jobs:
 
@@ -41,6 +42,7 @@ from fashionserve.gateway.failures import (
     InternalError,
     InvalidArgument,
     Unavailable,
+    batch_requests_var,
     internal_error,
 )
 from fashionserve.gateway.results import ImageOutput
@@ -54,6 +56,9 @@ IMAGE_REASONS = frozenset(
     {"EMPTY_IMAGE", "NOT_AN_IMAGE", "UNSUPPORTED_FORMAT", "TOO_MANY_PIXELS", "CORRUPT_IMAGE"}
 )
 _STATUS_TIMEOUT = 2.0  # seconds; a readiness probe must not hang the health loop
+INFERENCE_TIMEOUT = "INFERENCE_TIMEOUT"
+"""The reason of a call that was sent and not answered in time (by the request timeout or
+by the caller's shorter deadline): the endpoint pool counts these against the server."""
 
 
 @dataclass(frozen=True)
@@ -202,29 +207,44 @@ class EnsembleClient:
         ]
 
     def _map_error(self, exc: InferenceServerException, n_images: int, timeout: float) -> Exception:
+        """The gateway's error for a failed call. Its message and metadata name neither this
+        server nor Triton's text (callers need not learn the fleet's layout): both are
+        logged here, with the ids of the requests the call carried."""
         text = str(exc.message() or exc)
         status = str(exc.status() or "")
         rejection = ensemble.parse_rejection(text)
         if rejection is not None:
             return _Rejected(rejection, text)
+        error: GatewayError
         if status.endswith("UNAVAILABLE"):
-            return Unavailable(
-                "TRITON_UNAVAILABLE",
-                "the inference server cannot be reached; retry later",
-                {"tritonUrl": self.url},
+            error = Unavailable(
+                "TRITON_UNAVAILABLE", "the inference server cannot be reached; retry later"
             )
-        if status.endswith("DEADLINE_EXCEEDED"):
-            return DeadlineExceeded(
-                "INFERENCE_TIMEOUT",
+        elif status.endswith("DEADLINE_EXCEEDED"):
+            error = DeadlineExceeded(
+                INFERENCE_TIMEOUT,
                 f"the inference server did not answer within {timeout:.3g} s",
                 {"timeoutSeconds": f"{timeout:.3g}"},
             )
-        if "unknown model" in text or "is not ready" in text or "not found" in text:
-            return Unavailable(
+        elif "unknown model" in text or "is not ready" in text or "not found" in text:
+            error = Unavailable(
                 "MODEL_NOT_READY", f"the model {self.model_name} is not loaded; retry later"
             )
-        log.error("ensemble call for %d image(s) failed: %s %s", n_images, status, text)
-        return InternalError("INFERENCE_FAILED", "the inference server failed to run the models")
+        else:
+            error = InternalError(
+                "INFERENCE_FAILED", "the inference server failed to run the models"
+            )
+        log.log(
+            logging.ERROR if isinstance(error, InternalError) else logging.WARNING,
+            "ensemble call to Triton %s for %d image(s) of requests %s failed (%s): %s %s",
+            self.url,
+            n_images,
+            batch_requests_var.get(),
+            error.reason,
+            status,
+            text,
+        )
+        return error
 
     # ------------------------------------------------------------------ status
     async def status(self) -> EnsembleStatus:
@@ -265,5 +285,5 @@ class _Rejected(Exception):
         rej = self.rejection
         if rej.reason in IMAGE_REASONS:
             return InvalidArgument(rej.reason, rej.message or "the image was refused")
-        log.error("the ensemble refused a call: %s", self)
+        log.error("the ensemble refused a call of requests %s: %s", batch_requests_var.get(), self)
         return internal_error()
