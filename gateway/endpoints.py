@@ -6,17 +6,25 @@ either ``host:port`` (one endpoint; gRPC resolves the name itself) or ``dns:///h
 ``triton_dns_refresh_seconds``: a Kubernetes headless Service lists its ready pods that way).
 
 * **Readiness.** :meth:`EndpointPool.describe` probes every endpoint at once
-  (:meth:`EnsembleClient.status`, read by :func:`~fashionserve.gateway.served_state.assess`)
-  and admits those whose served state has no ``problem``: ready, with a tagger whose
-  taxonomy the gateway can decode. The serving monitor calls it, so probes run every
+  (:meth:`EnsembleClient.status`, read by :func:`~fashionserve.gateway.served_state.assess`).
+  An endpoint whose served state has no ``problem`` (ready, with a tagger whose taxonomy the
+  gateway can decode) and that takes no calls yet is admitted only once a **canary** passes:
+  one real inference of a tiny image through the ensemble, since a Triton can pass every
+  status probe while its models hang. Failed canaries are spaced by an exponential backoff
+  (``triton_canary_backoff_seconds``, doubling up to :data:`MAX_CANARY_BACKOFF_SECONDS`).
+  The serving monitor calls :meth:`~EndpointPool.describe`, so probes run every
   ``health_check_interval_seconds``, and reports the verdict of the state it returns.
-* **Pick.** Least outstanding calls, ties taken in turn. Triton servers are rarely equal (GPU
-  types differ, a pod is warming up, one is busy with another tenant): a slow one keeps its
-  calls longer, so least-outstanding sends it less, where round robin would keep queueing on
-  it. The gateway sees every call it makes, so the count is exact.
-* **Ejection.** A call that fails because of the endpoint (UNAVAILABLE, or the configured
-  request timeout ran out) takes the endpoint out at once; it comes back when a probe that
-  started after the failure finds it ready.
+* **Pick.** Least outstanding calls; among equals, the one picked longest ago (round robin
+  among ties, so an endpoint just admitted does not get most first attempts). Triton
+  servers are rarely equal (GPU types differ, a pod is warming up, one is busy with another
+  tenant): a slow one keeps its calls longer, so least-outstanding sends it less, where
+  round robin would keep queueing on it. The gateway sees every call it makes, so the
+  count is exact.
+* **Ejection.** A call that fails because of the endpoint takes it out: UNAVAILABLE at once,
+  and ``triton_eject_after_timeouts`` calls in a row that were sent and not answered in
+  time, whoever set the deadline (a hung Triton looks the same to a caller with a short
+  deadline). It comes back through a canary, the first one ``triton_canary_backoff_seconds``
+  after the ejection.
 * **Retry.** Such a failed call is tried again on another admitted endpoint, at most
   :data:`MAX_ATTEMPTS` in all, only while the batch's deadline leaves time, and only while
   the :class:`RetryBudget` allows: retries stay a fraction of calls, so a fleet in trouble is
@@ -34,21 +42,45 @@ import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from functools import cache
+from io import BytesIO
 
-from fashionserve.gateway.failures import DeadlineExceeded, GatewayError, Unavailable
+from PIL import Image
+
+from fashionserve.gateway.failures import (
+    DeadlineExceeded,
+    GatewayError,
+    Unavailable,
+    batch_requests_var,
+)
 from fashionserve.gateway.results import ImageOutput
 from fashionserve.gateway.served_state import ServedState, assess
 from fashionserve.gateway.settings import DNS_SCHEME
-from fashionserve.gateway.triton_client import EnsembleClient
+from fashionserve.gateway.triton_client import INFERENCE_TIMEOUT, EnsembleClient
 from fashionserve.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
 """Tries of one batch in all (the first and two retries), as gRPC's default retry policy."""
+CANARY_TIMEOUT_SECONDS = 5.0
+"""Longest a canary may take (or ``request_timeout_seconds``, when shorter): a tiny image
+that takes longer finds the server too slow to take calls. The probes of every endpoint
+wait for it, so it also bounds how long one hung server can delay the health checks."""
+MAX_CANARY_BACKOFF_SECONDS = 60.0
+"""The backoff between failed canaries doubles up to this (or the configured first wait)."""
 
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 """``(host, port) -> ["ip:port", ...]``."""
+
+
+@cache
+def canary_image() -> bytes:
+    """The canary's image: a 64x64 grey JPEG, a real image for every step of the ensemble
+    (decoded, letterboxed, run through the detector) that costs a server next to nothing."""
+    buffer = BytesIO()
+    Image.new("RGB", (64, 64), (128, 128, 128)).save(buffer, "JPEG")
+    return buffer.getvalue()
 
 
 def split_target(target: str) -> tuple[str, int, bool]:
@@ -96,17 +128,22 @@ class RetryBudget:
 
 
 class Endpoint:
-    """One Triton server: its client, what the last probe found, and its calls in flight."""
+    """One Triton server: its client, what the last probe found, its calls in flight and
+    the record that ejection and re-admission keep."""
 
-    def __init__(self, address: str, client: EnsembleClient) -> None:
+    def __init__(self, address: str, client: EnsembleClient, canary_backoff: float) -> None:
         self.address = address
         self.client = client
         self.state = ServedState(False, "not checked yet")
         self.problem = "not checked yet"
         self.admitted = False
         self.outstanding = 0
-        # Bumped by each ejection: a probe that began before it must not re-admit.
+        self.timeouts = 0  # calls in a row sent to it and not answered in time
+        # Bumped by each ejection: a probe (and canary) that began before it must not re-admit.
         self.ejections = 0
+        self.next_canary = 0.0  # time.monotonic() before which no canary is sent
+        self.canary_backoff = canary_backoff  # the wait after its next ejection or failed canary
+        self.last_picked = -1  # the pick's sequence number: ties go to the oldest
         self.retired = False  # gone from DNS; closed once its calls are done
 
     @contextlib.contextmanager
@@ -131,6 +168,8 @@ class EndpointPool:
         request_timeout_seconds: float,
         retry_budget: RetryBudget,
         dns_refresh_seconds: float,
+        eject_after_timeouts: int,
+        canary_backoff_seconds: float,
         resolver: Resolver = resolve_dns,
     ) -> None:
         self.targets = tuple(targets)
@@ -138,6 +177,8 @@ class EndpointPool:
         self.request_timeout = request_timeout_seconds
         self.budget = retry_budget
         self.dns_refresh = dns_refresh_seconds
+        self.eject_after_timeouts = eject_after_timeouts
+        self.canary_backoff = canary_backoff_seconds
         self._connect = connect
         self._resolver = resolver
         self._next_resolve = 0.0
@@ -159,7 +200,7 @@ class EndpointPool:
 
     def _add(self, address: str) -> None:
         if address not in self.endpoints:
-            self.endpoints[address] = Endpoint(address, self._connect(address))
+            self.endpoints[address] = Endpoint(address, self._connect(address), self.canary_backoff)
 
     async def close(self) -> None:
         """Close every channel."""
@@ -200,7 +241,7 @@ class EndpointPool:
         """Probe every endpoint, admit those that can serve; the state of one that does.
 
         With none serving: the state of one that is ready but serves another taxonomy (so
-        the caller can say so), else not ready with each endpoint's problem.
+        the caller can say so), else not serving with each endpoint's problem.
         """
         await self._resolve()
         endpoints = list(self.endpoints.values())
@@ -208,7 +249,7 @@ class EndpointPool:
         admitted = [e for e in endpoints if e.admitted]
         if admitted:
             return admitted[0].state
-        mismatched = [e for e in endpoints if e.state.ready]
+        mismatched = [e for e in endpoints if e.state.ready and e.state.problem]
         if mismatched:
             return mismatched[0].state
         if not endpoints:
@@ -220,36 +261,87 @@ class EndpointPool:
         state = assess(await endpoint.client.status(), self.taxonomy)
         if state.max_images_per_request:
             endpoint.client.max_images_per_request = state.max_images_per_request
+        endpoint.state = state
         problem = state.problem
-        endpoint.state, endpoint.problem = state, problem
-        admit = not problem and endpoint.ejections == ejections
-        if admit != endpoint.admitted:
-            if admit:
-                log.info("Triton endpoint %s is serving", endpoint.address)
-            else:
-                log.warning("Triton endpoint %s taken out: %s", endpoint.address, problem)
-        endpoint.admitted = admit
+        if not problem and not endpoint.admitted:
+            problem = await self._canary(endpoint)
+        if endpoint.ejections != ejections:
+            return  # a call failed meanwhile: _eject said why, a later probe decides
+        if problem and endpoint.admitted:
+            log.warning("Triton endpoint %s taken out: %s", endpoint.address, problem)
+        elif not problem and not endpoint.admitted:
+            log.info(
+                "Triton endpoint %s is serving (its canary inference passed)", endpoint.address
+            )
+        endpoint.admitted, endpoint.problem = not problem, problem
 
-    def _eject(self, endpoint: Endpoint, error: GatewayError) -> None:
+    async def _canary(self, endpoint: Endpoint) -> str:
+        """Run the canary on a ready endpoint that takes no calls; "" when it passed, else
+        why the endpoint stays out. Waits out the backoff of the last failed one."""
+        started = time.monotonic()
+        if started < endpoint.next_canary:
+            return "waiting to send a canary inference"
+        deadline = started + min(self.request_timeout, CANARY_TIMEOUT_SECONDS)
+        try:
+            outcome = (await endpoint.client.infer([canary_image()], deadline))[0]
+        except GatewayError as exc:
+            outcome = exc
+        if not isinstance(outcome, GatewayError):
+            endpoint.canary_backoff = self.canary_backoff
+            return ""
+        wait = self._back_off(endpoint)
+        log.warning(
+            "Triton endpoint %s failed its canary inference (%s %s); the next in %.3g s",
+            endpoint.address,
+            outcome.reason,
+            outcome.message,
+            wait,
+        )
+        return f"its canary inference failed: {outcome.reason}"
+
+    def _back_off(self, endpoint: Endpoint) -> float:
+        """Hold the next canary back by the endpoint's backoff, and double it; the wait."""
+        wait = endpoint.canary_backoff
+        endpoint.next_canary = time.monotonic() + wait
+        cap = max(MAX_CANARY_BACKOFF_SECONDS, self.canary_backoff)
+        endpoint.canary_backoff = min(2 * wait, cap)
+        return wait
+
+    def _count_failure(self, endpoint: Endpoint, error: GatewayError) -> None:
+        """Eject on UNAVAILABLE, or on the configured number of timeouts in a row; an
+        answer, even an error, ends a run of timeouts."""
+        if isinstance(error, Unavailable):
+            self._eject(endpoint, f"a call failed: {error.reason}")
+        elif error.reason == INFERENCE_TIMEOUT:
+            endpoint.timeouts += 1
+            if endpoint.timeouts >= self.eject_after_timeouts:
+                self._eject(endpoint, f"{endpoint.timeouts} calls in a row timed out")
+        elif not isinstance(error, DeadlineExceeded):  # not sent: says nothing either way
+            endpoint.timeouts = 0
+
+    def _eject(self, endpoint: Endpoint, why: str) -> None:
         endpoint.ejections += 1
+        endpoint.timeouts = 0
         if endpoint.admitted:
             log.warning(
-                "Triton endpoint %s taken out after a failed call: %s %s",
+                "Triton endpoint %s taken out (requests %s): %s; back once a canary "
+                "inference passes",
                 endpoint.address,
-                error.reason,
-                error.message,
+                batch_requests_var.get(),
+                why,
             )
+            self._back_off(endpoint)
         endpoint.admitted = False
-        endpoint.problem = f"a call failed: {error.reason}"
+        endpoint.problem = why
 
     # ------------------------------------------------------------------ inference
     def _pick(self, tried: set[str]) -> Endpoint | None:
         candidates = [e for e in self.admitted if e.address not in tried]
         if not candidates:
             return None
-        turn = next(self._turn) % len(candidates)
-        rotated = candidates[turn:] + candidates[:turn]  # ties in turn
-        return min(rotated, key=lambda e: e.outstanding)
+        endpoint = min(candidates, key=lambda e: (e.outstanding, e.last_picked))
+        endpoint.last_picked = next(self._turn)
+        return endpoint
 
     async def infer(
         self, images: Sequence[bytes], deadline: float | None = None
@@ -270,17 +362,15 @@ class EndpointPool:
                     "NO_TRITON_SERVING", "no inference server is serving; retry later"
                 )
             tried.add(endpoint.address)
-            started = time.monotonic()
-            # The caller's deadline, when it is the shorter: a timeout then says nothing
-            # about the endpoint.
-            caller_limited = deadline is not None and deadline - started < self.request_timeout
             try:
                 with endpoint.busy():
-                    return await endpoint.client.infer(images, deadline)
-            except (Unavailable, DeadlineExceeded) as exc:
-                if isinstance(exc, Unavailable) or not caller_limited:
-                    self._eject(endpoint, exc)
-                if not self._may_retry(tried, deadline):
+                    outcomes = await endpoint.client.infer(images, deadline)
+                endpoint.timeouts = 0
+                return outcomes
+            except GatewayError as exc:
+                self._count_failure(endpoint, exc)
+                retriable = isinstance(exc, Unavailable | DeadlineExceeded)
+                if not retriable or not self._may_retry(tried, deadline):
                     raise
                 log.info("retrying a batch of %d on another endpoint: %s", len(images), exc.reason)
             finally:

@@ -178,6 +178,8 @@ async def create_server(
             settings.triton_retry_budget_ratio, settings.triton_retry_budget_burst
         ),
         dns_refresh_seconds=settings.triton_dns_refresh_seconds,
+        eject_after_timeouts=settings.triton_eject_after_timeouts,
+        canary_backoff_seconds=settings.triton_canary_backoff_seconds,
     )
     health_servicer = health.aio.HealthServicer()
     for service in HEALTH_SERVICES:  # NOT_SERVING until the monitor has seen Triton ready

@@ -142,6 +142,24 @@ class GatewaySettings(BaseSettings):
         description="Retries allowed beyond triton_retry_budget_ratio when calls are few "
         "(the token bucket's size).",
     )
+    triton_eject_after_timeouts: int = Field(
+        3,
+        ge=1,
+        le=1000,
+        description="A Triton server whose calls time out this many times in a row (the call "
+        "was sent and not answered within request_timeout_seconds or the caller's shorter "
+        "deadline) takes no more calls until a canary inference passes: a hung server that "
+        "still passes the readiness probes is ejected.",
+    )
+    triton_canary_backoff_seconds: float = Field(
+        1.0,
+        gt=0,
+        le=60,
+        description="An ejected Triton server is sent its first canary inference (one tiny "
+        "image through the ensemble) this long after the ejection, and after each failed "
+        "canary the wait doubles, up to a minute: a server that comes back is not re-admitted "
+        "until it really serves, and one that does not is not hammered.",
+    )
     auth_enabled: bool = Field(
         True,
         description="Require an API key (metadata x-api-key) on every analysis call. "

@@ -4,7 +4,9 @@ Real ``tritonserver`` processes serving the conftest's oracle models (the packag
 declared, so the gateway decodes them), a real ``fashionserve gateway`` process, and client
 threads calling it over loopback gRPC with no client-side retries, so that every failure
 the gateway lets through is counted. A Triton is "killed" with SIGKILL to its whole process
-group (Triton and its python-backend stubs), as a node failure or an OOM kill would.
+group (Triton and its python-backend stubs), as a node failure or an OOM kill would, or
+"hung" with SIGSTOP to the server process: it keeps its sockets open and answers nothing.
+No error a caller gets names a Triton or quotes Triton's own text.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from pathlib import Path
 import grpc
 import pytest
 from conftest import SERVICE, Load, Oracle, start_gateway, start_triton
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 
 from fashionserve.protos.fashion.v1 import analysis_service_pb2 as pb
 from fashionserve.triton import TritonServer
@@ -46,6 +50,21 @@ def restart(server: TritonServer, log_dir: Path) -> TritonServer:
         log_file=log_dir / "triton-restarted.log",
         ready_timeout=120,
     ).start()
+
+
+def assert_names_no_triton(details: str, err: grpc.RpcError | None, *servers: TritonServer) -> None:
+    """An error's message and ErrorInfo metadata name no Triton and quote no gRPC or Triton
+    text about it."""
+    said = details
+    status = rpc_status.from_call(err) if err is not None else None
+    for detail in status.details if status is not None else ():
+        info = error_details_pb2.ErrorInfo()
+        detail.Unpack(info)
+        said += f" {dict(info.metadata)}"
+    for server in servers:
+        assert f":{server.grpc_port}" not in said, said
+    for internal in ("127.0.0.1", "localhost", "ipv4", "Connection refused", "Socket closed"):
+        assert internal not in said, said
 
 
 def served(server: TritonServer) -> float:
@@ -96,6 +115,56 @@ def test_two_tritons_one_killed_under_load_no_call_fails(
         gateway.stop()
 
 
+def test_a_hung_triton_is_ejected_after_a_few_timeouts_and_returns_after_a_canary(
+    own_triton: TritonServer, spare_triton: TritonServer, tmp_path: Path, scene: bytes
+) -> None:
+    """Callers' deadlines (0.6 s) far shorter than the gateway's request timeout (30 s): the
+    timeouts still count against the stopped server, and eject it (after two in a row)
+    before its status probe, which waits 2 s for an answer, finds it out."""
+    gateway = start_gateway(
+        [spare_triton.grpc_url, own_triton.grpc_url],
+        tmp_path / "gw",
+        triton_eject_after_timeouts=2,
+        triton_canary_backoff_seconds=0.5,
+    )
+    assert spare_triton.pid is not None
+    try:
+        gateway.wait_health(SERVING)
+        with Load(gateway, scene, timeout=0.6) as load:
+            time.sleep(1.0)
+            assert served(spare_triton) > 0, "both servers take calls"
+            # The server alone: stubs stopped too can find the python backend's shared-memory
+            # locks broken on resume (Triton then aborts with boost's lock_exception).
+            os.kill(spare_triton.pid, signal.SIGSTOP)
+            stopped_at = time.monotonic()
+            time.sleep(5.0)
+            os.kill(spare_triton.pid, signal.SIGCONT)
+            resumed_at = time.monotonic()
+            time.sleep(1.0)  # its calls held at the stop are answered (to no one) by now
+            resumed = served(spare_triton)
+            time.sleep(3.0)
+        failures = load.failures()
+        assert failures, "calls were sent to the stopped server"
+        # At most the calls of two rounds of batches hung on it (each round: every caller).
+        assert len(failures) <= 2 * load.threads, "a few timeouts, then ejected"
+        assert {c.code for c in failures} == {grpc.StatusCode.DEADLINE_EXCEEDED}
+        for call in failures:
+            assert_names_no_triton(call.details, None, spare_triton, own_triton)
+        later = [c for c in load.calls if stopped_at + 3.5 < c.started < resumed_at]
+        assert len(later) >= 5 and all(c.code == grpc.StatusCode.OK for c in later)
+        assert served(spare_triton) > resumed + 1, "back in the pool: its canary, then calls"
+        log = gateway.log.read_text()
+        taken_out = log.index(f"Triton endpoint {spare_triton.grpc_url} taken out")
+        ejection = log[taken_out:].splitlines()[0]
+        assert "2 calls in a row timed out" in ejection, ejection
+        readmitted = f"Triton endpoint {spare_triton.grpc_url} is serving (its canary inference"
+        assert readmitted in log[taken_out:]
+        assert gateway.health() == SERVING
+    finally:
+        os.kill(spare_triton.pid, signal.SIGCONT)
+        gateway.stop()
+
+
 def test_a_dns_name_is_resolved_to_the_servers_behind_it(
     own_triton: TritonServer, tmp_path: Path, scene: bytes
 ) -> None:
@@ -130,6 +199,7 @@ def test_the_only_triton_killed_fails_fast_then_recovers(
                 )
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
             assert time.monotonic() - started < 2.0, "no waiting for the deadline"
+            assert_names_no_triton(info.value.details() or "", info.value, spare_triton)
         gateway.wait_health(NOT_SERVING, timeout=5)
 
         restarted = restart(spare_triton, tmp_path)
@@ -140,6 +210,7 @@ def test_the_only_triton_killed_fails_fast_then_recovers(
                 break
             except grpc.RpcError as err:
                 assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
+                assert_names_no_triton(err.details() or "", err, spare_triton)
                 assert time.monotonic() - back < 5.0, "not serving again within 5 s"
                 time.sleep(0.1)
         gateway.wait_health(SERVING, timeout=5)

@@ -1,4 +1,5 @@
-"""The endpoint pool's policy: readiness, pick, ejection and return, retries, DNS.
+"""The endpoint pool's policy: readiness and canaries, pick, ejection and return, retries,
+DNS; and the serving monitor's refusal, which names no server.
 
 Each Triton server is a scripted stand-in for :class:`fashionserve.gateway.triton_client.EnsembleClient`
 (the unit tier runs no Triton; ``tests/integration/test_gateway_failover.py`` runs the same
@@ -17,10 +18,17 @@ from typing import Any, cast
 import pytest
 from tritonclient.grpc import model_config_pb2
 
-from fashionserve.gateway.endpoints import EndpointPool, RetryBudget, resolve_dns, split_target
+from fashionserve.gateway.endpoints import (
+    EndpointPool,
+    RetryBudget,
+    canary_image,
+    resolve_dns,
+    split_target,
+)
 from fashionserve.gateway.failures import DeadlineExceeded, GatewayError, InternalError, Unavailable
+from fashionserve.gateway.monitor import ServingMonitor
 from fashionserve.gateway.results import ImageOutput
-from fashionserve.gateway.triton_client import EnsembleClient, EnsembleStatus
+from fashionserve.gateway.triton_client import INFERENCE_TIMEOUT, EnsembleClient, EnsembleStatus
 from fashionserve.taxonomy import load_taxonomy
 
 TAXONOMY = load_taxonomy()
@@ -37,7 +45,8 @@ def aio(test: Callable[..., Awaitable[None]]) -> Callable[..., None]:
 
 
 class FakeTriton:
-    """One server: ready or not, its taxonomy, and how its calls go."""
+    """One server: ready or not, its taxonomy, and how its calls go. Like the real client,
+    a call not answered by its deadline raises DEADLINE_EXCEEDED (INFERENCE_TIMEOUT)."""
 
     def __init__(self, address: str) -> None:
         self.url = address
@@ -46,7 +55,8 @@ class FakeTriton:
         self.error: GatewayError | None = None  # raised by every call while set
         self.delay = 0.0
         self.gate: asyncio.Event | None = None  # calls wait for it while set
-        self.calls = 0
+        self.calls = 0  # batches, canaries apart
+        self.canaries = 0
         self.deadlines: list[float | None] = []
         self.closed = False
 
@@ -61,11 +71,18 @@ class FakeTriton:
     async def infer(
         self, images: Sequence[bytes], deadline: float | None = None
     ) -> list[ImageOutput | GatewayError]:
-        self.calls += 1
-        self.deadlines.append(deadline)
-        await asyncio.sleep(self.delay)
-        if self.gate is not None:
-            await self.gate.wait()
+        if list(images) == [canary_image()]:
+            self.canaries += 1
+        else:
+            self.calls += 1
+            self.deadlines.append(deadline)
+        try:
+            async with asyncio.timeout_at(deadline):  # the loop's clock is time.monotonic()
+                await asyncio.sleep(self.delay)
+                if self.gate is not None:
+                    await self.gate.wait()
+        except TimeoutError:
+            raise DeadlineExceeded(INFERENCE_TIMEOUT, "no answer in time") from None
         if self.error is not None:
             raise self.error
         return [ImageOutput(1, 1, []) for _ in images]
@@ -94,6 +111,8 @@ class Fleet:
             request_timeout_seconds=kw.pop("timeout", 5.0),
             retry_budget=RetryBudget(ratio, burst),
             dns_refresh_seconds=kw.pop("dns_refresh", 60.0),
+            eject_after_timeouts=kw.pop("eject_after_timeouts", 3),
+            canary_backoff_seconds=kw.pop("canary_backoff", 0.0),
             **kw,
         )
 
@@ -123,6 +142,25 @@ async def test_calls_go_to_the_server_with_the_fewest_outstanding() -> None:
     assert (busy.calls, idle.calls) == (3, 7)
     gate.set()
     await held
+
+
+@aio
+async def test_ties_go_to_the_server_picked_longest_ago() -> None:
+    fleet = Fleet()
+    pool = fleet.pool(["a:1", "b:1", "c:1"])
+    await pool.describe()
+    a, b, c = fleet.servers.values()
+    a.gate = asyncio.Event()
+    held = asyncio.ensure_future(pool.infer([b"x"]))  # a is busy from now on
+    await asyncio.sleep(0.01)
+    for _ in range(6):  # b and c tie: in turn, not "first in the list"
+        await pool.infer([b"x"])
+    assert (a.calls, b.calls, c.calls) == (1, 3, 3)
+    a.gate.set()
+    await held
+    for _ in range(6):  # all idle again: a, picked longest ago, first, then in turn
+        await pool.infer([b"x"])
+    assert (a.calls, b.calls, c.calls) == (3, 5, 5)
 
 
 @aio
@@ -181,7 +219,87 @@ async def test_retries_stay_within_the_budget() -> None:
 
 
 @aio
-async def test_no_retry_past_the_deadline_and_a_caller_timeout_takes_no_server_out() -> None:
+async def test_calls_that_time_out_in_a_row_eject_the_server_whoever_set_the_deadline() -> None:
+    fleet = Fleet()
+    # No retries: a timed-out call fails, so that the timeouts can be counted.
+    pool = fleet.pool(["a:1", "b:1"], ratio=0, burst=0, timeout=30.0, eject_after_timeouts=3)
+    await pool.describe()
+    a, b = fleet.servers.values()
+    a.gate = asyncio.Event()  # hung: its status probe still passes
+    timed_out = 0
+    for _ in range(10):  # the caller's deadline, far shorter than the request timeout
+        try:
+            await pool.infer([b"x"], deadline=time.monotonic() + 0.02)
+        except DeadlineExceeded as exc:
+            assert exc.reason == INFERENCE_TIMEOUT
+            timed_out += 1
+    assert (timed_out, a.calls, b.calls) == (3, 3, 7)
+    assert [e.address for e in pool.admitted] == ["b:1"]
+    assert "3 calls in a row timed out" in pool.endpoints["a:1"].problem
+
+    fleet2 = Fleet()  # an answer, even an error, ends a run of timeouts
+    pool2 = fleet2.pool(["a:1"], eject_after_timeouts=2)
+    await pool2.describe()
+    only = fleet2.servers["a:1"]
+    only.gate = asyncio.Event()
+    with pytest.raises(DeadlineExceeded):
+        await pool2.infer([b"x"], deadline=time.monotonic() + 0.02)
+    only.gate, only.error = None, InternalError("INFERENCE_FAILED", "the models failed")
+    with pytest.raises(InternalError):
+        await pool2.infer([b"x"])
+    only.gate, only.error = asyncio.Event(), None
+    with pytest.raises(DeadlineExceeded):
+        await pool2.infer([b"x"], deadline=time.monotonic() + 0.02)
+    assert len(pool2.admitted) == 1, "two timeouts, but not in a row"
+
+
+@aio
+async def test_an_ejected_server_returns_only_after_a_canary_passes_with_backoff() -> None:
+    fleet = Fleet()
+    pool = fleet.pool(["a:1", "b:1"], timeout=0.1, canary_backoff=0.3)
+    await pool.describe()
+    a = fleet.servers["a:1"]
+    assert a.canaries == 1, "admitted at start by a canary too"
+    a.error = UNREACHABLE
+    await pool.infer([b"x"])  # a fails, b answers
+    assert [e.address for e in pool.admitted] == ["b:1"]
+    # a is back up but hangs on inference, while its status probe passes.
+    a.error, a.gate = None, asyncio.Event()
+    await pool.describe()
+    assert a.canaries == 1, "no canary within 0.3 s of the ejection"
+    await asyncio.sleep(0.3)
+    await pool.describe()  # its canary times out (the 0.1 s request timeout)
+    assert a.canaries == 2 and "canary inference failed" in pool.endpoints["a:1"].problem
+    await asyncio.sleep(0.2)  # the next waits 0.6 s: not yet
+    await pool.describe()
+    assert a.canaries == 2
+    await asyncio.sleep(0.45)
+    a.gate = None  # a answers again
+    await pool.describe()
+    assert a.canaries == 3
+    assert {e.address for e in pool.admitted} == {"a:1", "b:1"}
+    assert a.calls == 1, "no call but canaries while it was out"
+
+
+@aio
+async def test_a_refusal_names_no_server_and_quotes_no_triton_text() -> None:
+    fleet = Fleet()
+    pool = fleet.pool(["10.1.2.3:8001"])
+    monitor = ServingMonitor(pool, TAXONOMY, interval=60)
+    fleet.servers["10.1.2.3:8001"].ready = False
+    with pytest.raises(Unavailable) as info:
+        await monitor.require_serving()
+    assert info.value.reason == "NOT_SERVING"
+    assert "10.1.2.3" in monitor.problem and "connection refused" in monitor.problem
+    said = f"{info.value.message} {info.value.metadata}"
+    assert "10.1.2.3" not in said and "8001" not in said and "refused" not in said
+    with pytest.raises(Unavailable) as none:
+        await pool.infer([b"x"])
+    assert "10.1.2.3" not in f"{none.value.message} {none.value.metadata}"
+
+
+@aio
+async def test_no_retry_past_the_deadline_and_one_caller_timeout_takes_no_server_out() -> None:
     fleet = Fleet()
     pool = fleet.pool(["a:1", "b:1"], timeout=5.0)
     await pool.describe()
@@ -193,7 +311,7 @@ async def test_no_retry_past_the_deadline_and_a_caller_timeout_takes_no_server_o
         await pool.infer([b"x"], deadline=deadline)
     assert sum(s.calls for s in fleet.servers.values()) == 1
     assert all(d == deadline for s in fleet.servers.values() for d in s.deadlines)
-    assert len(pool.admitted) == 2, "the caller's deadline says nothing about the server"
+    assert len(pool.admitted) == 2, "one timeout is not a run of them"
 
 
 @aio
