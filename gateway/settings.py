@@ -424,11 +424,13 @@ class GatewaySettings(BaseSettings):
         "the API through it, without credentials). Turn off in production.",
     )
     max_streams_per_connection: int = Field(
-        100,
+        1024,
         ge=1,
         le=100_000,
         description="HTTP/2 streams (calls) one connection may have open at once "
-        "(grpc.max_concurrent_streams); the client waits for a free one.",
+        "(grpc.max_concurrent_streams). A client past it waits for a free stream, but a call "
+        "it starts as one closes can be refused (UNAVAILABLE, REFUSED_STREAM) unless it "
+        "retries transparently: keep it above the calls one client keeps in flight.",
     )
     max_streams_per_tenant: int = Field(
         64,

@@ -54,6 +54,9 @@ def gateway(triton: TritonServer, tmp_path_factory: pytest.TempPathFactory) -> I
                 "max_queued_images": 100_000,
                 "max_images_in_flight": 8192,
                 "max_concurrent_rpcs": 8192,
+                # One connection carries every call: more streams than calls, or calls
+                # started as others end are refused (REFUSED_STREAM, UNAVAILABLE).
+                "max_streams_per_connection": 10_000,
                 "tenant_quota": {
                     "images_per_second": 100_000,
                     "burst_images": 100_000,

@@ -146,7 +146,7 @@ def test_unreadable_or_malformed_file(tmp_path: Path) -> None:
 def test_connection_and_stream_defaults_match_the_documented_table() -> None:
     s = load_settings(auth_enabled=False)
     assert s.health_port is None and s.reflection_enabled is True
-    assert (s.max_anonymous_streams, s.max_streams_per_connection) == (16, 100)
+    assert (s.max_anonymous_streams, s.max_streams_per_connection) == (16, 1024)
     assert (s.max_streams_per_tenant, s.stream_idle_timeout_seconds) == (64, 300.0)
     assert (s.keepalive_time_seconds, s.keepalive_timeout_seconds) == (60.0, 20.0)
     assert s.min_client_ping_interval_seconds == 30.0
