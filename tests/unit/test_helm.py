@@ -1260,3 +1260,32 @@ def test_call_limits_must_fit_the_gateway_memory(
         assert "must fit half of gateway.resources.limits.memory (2Gi)" in error, error
         with pytest.raises(ValueError, match="max_concurrent_rpcs"):
             GatewaySettings(**{**default, "max_concurrent_rpcs": calls})
+
+
+# The gateway settings the chart sets from its other values (ports, Secrets, resources), and
+# the one left to the image (the packaged taxonomy).
+CHART_OWNED_SETTINGS = {
+    "listen_address",
+    "health_port",
+    "triton_urls",
+    "metrics_port",
+    "shutdown_grace_seconds",
+    "auth_enabled",
+    "api_keys_file",
+    "jwks_file",
+    "tls_cert_file",
+    "tls_key_file",
+    "tls_client_ca_file",
+    "memory_limit_bytes",
+}
+IMAGE_SETTINGS = {"taxonomy_file"}
+
+
+def test_every_gateway_setting_is_a_chart_value() -> None:
+    from fashionserve.gateway.settings import GatewaySettings
+
+    # A new gateway setting needs a documented value (or a chart-owned rule) here too.
+    tunables = set(yaml.safe_load((CHART / "values.yaml").read_text())["gateway"]["config"])
+    settings = set(GatewaySettings.model_fields)
+    assert settings - CHART_OWNED_SETTINGS - IMAGE_SETTINGS == tunables
+    assert not tunables & CHART_OWNED_SETTINGS
