@@ -841,6 +841,26 @@ def test_tls_and_quotas_reach_the_gateway_settings(render: Render) -> None:
             ["--set-json", 'gateway.auth.apiKeys=[{"id":"dev","hash":"dev.secret-in-clear"}]'],
             "hash",
         ),
+        # The gateway refuses a key file with an entry lacking a tenant or scopes: so does
+        # the chart, before a pod would.
+        (
+            [
+                "--set-json",
+                'gateway.auth.apiKeys=[{"id":"dev","scopes":["analyze"],"hash":"sha256$00$'
+                + "0" * 64
+                + '"}]',
+            ],
+            "tenant",
+        ),
+        (
+            [
+                "--set-json",
+                'gateway.auth.apiKeys=[{"id":"dev","tenant":"t","scopes":[],"hash":"sha256$00$'
+                + "0" * 64
+                + '"}]',
+            ],
+            "scopes",
+        ),
     ],
 )
 def test_values_violating_the_schema_are_refused(
