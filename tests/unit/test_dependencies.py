@@ -20,7 +20,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
-LOCKS: dict[str, list[str]] = {"gateway": [], "triton": ["triton"]}  # lock name -> the extras it installs
+# Each image's lock, and the extras it installs.
+LOCKS: dict[str, list[str]] = {"gateway": [], "triton": ["triton"]}
 
 # Packages the gateway image must not carry, and the modules they would bring.
 NOT_IN_THE_GATEWAY = {
