@@ -22,6 +22,11 @@ from fashionserve.clients.errors import ClientSetupError
 if TYPE_CHECKING:  # grpc is imported when a channel is made: the command line's flags are cheap
     import grpc
 
+GATEWAY_ENV = "FASHIONSERVE_GATEWAY"
+API_KEY_ENV = "FASHIONSERVE_API_KEY"
+DEFAULT_GATEWAY = "127.0.0.1:50051"
+"""Where every command that calls the gateway finds it and its API key by default."""
+
 # Name-resolver prefixes of a gRPC target (https://grpc.github.io/grpc/core/md_doc_naming.html).
 _LOCAL_SCHEMES = ("unix:", "unix-abstract:")
 _NETWORK_SCHEMES = ("dns:///", "ipv4:", "ipv6:")
@@ -118,6 +123,23 @@ def _read(path: str | os.PathLike[str] | None, what: str) -> bytes | None:
         return Path(path).read_bytes()
     except OSError as exc:
         raise ClientSetupError(f"cannot read the {what} file {path}: {exc.strerror}") from exc
+
+
+def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
+    """Add ``--gateway`` and ``--api-key``, defaulting to :data:`GATEWAY_ENV` and
+    :data:`API_KEY_ENV`, to a command that calls the gateway."""
+    parser.add_argument(
+        "--gateway",
+        default=os.environ.get(GATEWAY_ENV, DEFAULT_GATEWAY),
+        metavar="HOST:PORT",
+        help=f"gateway address (env {GATEWAY_ENV}; default {DEFAULT_GATEWAY})",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV),
+        metavar="KEY",
+        help=f"API key, <key_id>.<secret> (env {API_KEY_ENV})",
+    )
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:

@@ -37,6 +37,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from fashionserve.clients.security import API_KEY_ENV  # what `fashionserve analyze` reads
 from fashionserve.ensemble import MODEL_KINDS, MODEL_NAME
 from fashionserve.errors import Error, FailedPrecondition
 from fashionserve.stack import COMMITTED_CHECKPOINTS, Workdir, resolve_checkpoints
@@ -47,7 +48,6 @@ if TYPE_CHECKING:
     from fashionserve.triton import TritonServer
 
 DEV_KEY_ID = "dev"
-API_KEY_ENV = "FASHIONSERVE_API_KEY"  # what `fashionserve analyze` reads the key from
 READY_TIMEOUT = 300.0  # seconds for Triton to load every model and the gateway to report it
 
 

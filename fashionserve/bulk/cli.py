@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -21,10 +20,6 @@ from fashionserve.bulk.sources import Shard
 from fashionserve.clients import security
 from fashionserve.errors import Error
 
-# The same environment and default as `fashionserve analyze`.
-GATEWAY_ENV = "FASHIONSERVE_GATEWAY"
-API_KEY_ENV = "FASHIONSERVE_API_KEY"
-DEFAULT_GATEWAY = "127.0.0.1:50051"
 INTERRUPTED = 130
 
 
@@ -49,18 +44,7 @@ def add_commands(subparsers: Any) -> None:
         "with a uri column and an optional id column; s3:// gs:// need the cloud extra",
     )
     p.add_argument("--output", required=True, type=Path, metavar="DIR", help="output directory")
-    p.add_argument(
-        "--gateway",
-        default=os.environ.get(GATEWAY_ENV, DEFAULT_GATEWAY),
-        metavar="HOST:PORT",
-        help=f"gateway address (env {GATEWAY_ENV}; default {DEFAULT_GATEWAY})",
-    )
-    p.add_argument(
-        "--api-key",
-        default=os.environ.get(API_KEY_ENV),
-        metavar="KEY",
-        help=f"API key, <key_id>.<secret> (env {API_KEY_ENV})",
-    )
+    security.add_gateway_flags(p)
     security.add_flags(p)
     p.add_argument(
         "--shard",

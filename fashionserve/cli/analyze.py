@@ -27,10 +27,9 @@ from fashionserve.errors import InvalidInput
 if TYPE_CHECKING:  # grpc is imported only when the command runs
     from fashionserve.clients.types import GarmentResult, ImageResult, ItemError, ServingInfo
 
-GATEWAY_ENV = "FASHIONSERVE_GATEWAY"
-API_KEY_ENV = "FASHIONSERVE_API_KEY"
+from fashionserve.clients.security import API_KEY_ENV, GATEWAY_ENV
+
 TOKEN_ENV = "FASHIONSERVE_TOKEN"
-DEFAULT_GATEWAY = "127.0.0.1:50051"
 
 # Bytes of a BatchAnalyze message besides the images themselves: field tags, options.
 _MESSAGE_SLACK = 64 * 1024
@@ -53,18 +52,7 @@ def add_commands(subparsers: Any) -> None:
         subparsers, "analyze", run, "analyse images through the gateway", error_status=2
     )
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files")
-    parser.add_argument(
-        "--gateway",
-        default=os.environ.get(GATEWAY_ENV, DEFAULT_GATEWAY),
-        metavar="HOST:PORT",
-        help=f"gateway address (env {GATEWAY_ENV}; default {DEFAULT_GATEWAY})",
-    )
-    parser.add_argument(
-        "--api-key",
-        default=os.environ.get(API_KEY_ENV),
-        metavar="KEY",
-        help=f"API key, <key_id>.<secret> (env {API_KEY_ENV})",
-    )
+    security.add_gateway_flags(parser)
     parser.add_argument(
         "--token",
         default=os.environ.get(TOKEN_ENV),

@@ -17,12 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 from fashionserve.cli.command import add_command, add_group
 from fashionserve.clients import security
+from fashionserve.clients.security import API_KEY_ENV
 from fashionserve.loadtest.defaults import DEFAULT_ADDRESSES, TARGET_KINDS
 
 if TYPE_CHECKING:
     from fashionserve.loadtest.targets import TargetSpec
-
-API_KEY_ENV = "FASHIONSERVE_API_KEY"
 
 
 def _watch_arg(text: str) -> tuple[str, int]:
