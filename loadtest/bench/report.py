@@ -105,7 +105,18 @@ def _git_commit() -> str:
             cwd=source,
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            # What the bench writes itself (this report, its figures) does not make the
+            # measured code dirty.
+            [
+                "git",
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                ".",
+                ":!BENCHMARKS.md",
+                ":!benchmarks",
+            ],
             capture_output=True,
             text=True,
             check=True,
