@@ -27,8 +27,10 @@ import yaml
 
 from fashionserve.errors import InvalidInput
 
-DEFAULT_THRESHOLDS: dict[str, float] = {"category": 0.3, "exclusive": 0.3, "independent": 0.5}
-"""Decision thresholds used for labels that `thresholds` does not name."""
+DEFAULT_THRESHOLDS: dict[str, float] = {"category": 0.5, "exclusive": 0.3, "independent": 0.5}
+"""Decision thresholds used for labels that `thresholds` does not name. A category's is on
+its probability given its parent: 0.5 descends only to a child more likely than all its
+siblings together."""
 
 SegmentKind = Literal["category", "exclusive", "independent"]
 
@@ -172,6 +174,32 @@ class Taxonomy:
         key = label if group is None else f"{group}/{label}"
         return self.thresholds.get(key, DEFAULT_THRESHOLDS[kind])
 
+    def threshold_keys(self) -> list[tuple[str, SegmentKind]]:
+        """Every decision's threshold key and kind: each category (``"shirt"``), parents
+        first in layout order, then each tag label (``"colour/red"``)."""
+        keys: list[tuple[str, SegmentKind]] = []
+        for seg in self.layout:
+            if seg.kind == "category":
+                keys.extend((label, "category") for label in seg.labels)
+            else:
+                keys.extend((f"{seg.owner}/{label}", seg.kind) for label in seg.labels)
+        return keys
+
+    def with_thresholds(self, thresholds: Mapping[str, float]) -> Taxonomy:
+        """This taxonomy deciding with ``thresholds`` (a calibrated set, keyed like the
+        file's ``thresholds``) in place of its own. Its document and hash stay those of the
+        taxonomy: they describe the tagger's logits, which a threshold set does not change.
+        """
+        known = dict(self.threshold_keys())
+        unknown = sorted(set(thresholds) - set(known))
+        if unknown:
+            raise TaxonomyError(
+                "thresholds", [f"{k}: not a category or tag label" for k in unknown]
+            )
+        decided = Taxonomy(self.version, self.nodes, self.roots, self.groups, {}, self._raw)
+        decided.thresholds = {**self.thresholds, **{k: float(v) for k, v in thresholds.items()}}
+        return decided
+
     # -------------------------------------------------------------------- training
     def encode_targets(
         self, category_path: Sequence[str], tags: Mapping[str, str | Sequence[str] | None]
@@ -225,10 +253,13 @@ class Taxonomy:
     def decode(self, logits: np.ndarray, full_tables: bool = False) -> Decoded:
         """Coarse-to-fine decoding of one garment's logits.
 
-        The category descends from the root while the best child's path probability
-        (product of conditionals) reaches its threshold. A tag group is decoded only where
-        it applies to the decoded path; an exclusive group yields at most its best label,
-        an independent group every label that passes its own threshold.
+        The category descends from the root while the best child's conditional
+        probability (given its parent) reaches that child's threshold: each level is one
+        decision, taken only where its parent passed, so a threshold calibrated on the
+        garments that reach a parent means the same at serving time. Each entry of the path
+        reports its path probability (the product of conditionals). A tag group is decoded
+        only where it applies to the decoded path; an exclusive group yields at most its
+        best label, an independent group every label that passes its own threshold.
         """
         tables = self.probabilities(logits)
         path: list[ScoredLabel] = []
@@ -238,9 +269,9 @@ class Taxonomy:
             if not table:
                 break
             best = max(table, key=table.__getitem__)
-            p = p_path * table[best]
-            if p < self.threshold("category", best):
+            if table[best] < self.threshold("category", best):
                 break
+            p = p_path * table[best]
             path.append(ScoredLabel(best, p))
             owner, p_path = best, p
         names = [s.name for s in path]

@@ -103,7 +103,7 @@ def test_exclusive_group_yields_at_most_one_label(taxonomy: Taxonomy) -> None:
 
 def test_unconfident_category_stops_at_the_parent(taxonomy: Taxonomy) -> None:
     # Fairly sure it is full-body (p ~ 0.58), no opinion among dress/jumpsuit/coat: the
-    # path probability of any child (~ 0.19) is under the threshold, so it stops there.
+    # probability of any child given full-body (1/3) is under the threshold, so it stops there.
     g0 = garment(taxonomy, (0, 0, 50, 50), 0.8, 2, {"colour": ["black"]})
     g0.logits[0:3] = [0.0, 0.0, 1.0]
     (g,) = assemble_result(ImageOutput(100, 100, [g0]), taxonomy, options()).garments
