@@ -7,15 +7,24 @@ a build serves the pinned version (``pinned.json``) if any, else the newest (the
 :mod:`fashionserve.repository`).
 
 A change of served version rebuilds the repository with the settings it was built with
-(recorded in the ensemble's config) and, given a Triton address (Triton started with
-``--model-control-mode=explicit``), switches the running server with no failed call:
+(recorded in the ensemble's config) and, given Triton addresses (Tritons started with
+``--model-control-mode=explicit``, all reading this repository), switches the running
+servers with no failed call:
 
-1. the model's config loads the old and the new version side by side; Triton loads the
-   new one while the old keeps serving;
-2. the ensemble's config calls the new version; reloading it is the atomic switch
-   (requests already inside the old ensemble finish on the old version);
+1. the model's config loads the old and the new version side by side; every Triton loads
+   the new one while the old keeps serving;
+2. the ensemble's config calls the new version; reloading it is the atomic switch of one
+   Triton (requests already inside the old ensemble finish on the old version), done on
+   every Triton in turn;
 3. after ``drain_seconds`` (longer than a request takes), the model's config loads only
-   the new version, and Triton unloads the old.
+   the new version, and every Triton unloads the old.
+
+An address ``dns:///host:port`` stands for every address the name resolves to (a
+Kubernetes headless Service lists its ready pods that way), resolved when the rollout
+starts and again at its end: a Triton that appeared meanwhile loads the final configs.
+If a Triton fails step 1 or 2, the ones already changed are put back (configs first, then
+each reloaded) and the rollout stops with an error naming the Triton: every server serves
+the old version again, and :class:`Switch` lists what each one did.
 
 Before any switch the taxonomy compatibility check (:mod:`fashionserve.taxonomy_compat`) compares
 the served version with the new one and refuses removals and renames unless forced.
@@ -25,9 +34,10 @@ from __future__ import annotations
 
 import logging
 import shutil
+import socket
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fashionserve.ensemble import MODEL_KINDS, MODEL_NAME, TAGGER, TAGGER_OUTPUT
@@ -44,6 +54,7 @@ from fashionserve.repository import (
     read_pin,
     recorded_taxonomy,
     served_version,
+    version_to_serve,
     write_pin,
 )
 from fashionserve.taxonomy_compat import TaxonomyChanges, check_compatible
@@ -53,6 +64,9 @@ log = logging.getLogger(__name__)
 # old version is unloaded: more than the gateway's default request timeout would be safest,
 # a few seconds covers the pipeline's own latency.
 DEFAULT_DRAIN_SECONDS = 5.0
+# The gateway's syntax for "every address of this name" (its triton_urls setting); the
+# gateway's resolver is a layer above this one, hence this synchronous twin.
+DNS_SCHEME = "dns:///"
 
 
 @dataclass(frozen=True)
@@ -89,13 +103,14 @@ class VersionInfo:
 
 @dataclass
 class Switch:
-    """What a rollout, pin or rollback did."""
+    """What a rollout, pin or rollback did; ``replicas``: each Triton switched, in order."""
 
     model: str
     old: int | None
     new: int
     changes: TaxonomyChanges | None
     applied_to_triton: bool
+    replicas: tuple[str, ...] = field(default_factory=tuple)
 
 
 def list_versions(repo: Path, model: str) -> list[VersionInfo]:
@@ -126,6 +141,15 @@ def list_versions(repo: Path, model: str) -> list[VersionInfo]:
             )
         )
     return infos
+
+
+def to_serve(repo: Path, model: str) -> int:
+    """The version of ``model`` a build of the repository serves: the pinned one, else the
+    newest (what an engine build must build before a rollout serves it)."""
+    version = version_to_serve(_model_dir(repo, model))
+    if version is None:
+        raise RepositoryError(f"{model} has no published version in {repo}")
+    return version
 
 
 def format_versions(infos: list[VersionInfo]) -> str:
@@ -159,16 +183,20 @@ def rollout(
     *,
     pin: bool = False,
     force: bool = False,
-    triton_url: str | None = None,
+    tritons: Sequence[str] = (),
+    triton_headers: Mapping[str, str] | None = None,
     drain_seconds: float = DEFAULT_DRAIN_SECONDS,
     echo: Callable[[str], None] | None = None,
 ) -> Switch:
     """Serve ``version`` of ``model`` (default: the newest). ``pin`` fixes it (a later
     ``repo build`` keeps it); without ``pin`` any pin is removed, so ``version`` must be
     the newest. Refuses a taxonomy that breaks callers of the served version unless
-    ``force``. With ``triton_url``, switches the running Triton as well (three steps, see
-    the module docstring)."""
+    ``force``. With ``tritons`` (``host:port`` or ``dns:///host:port``), switches every one
+    of those running Tritons as well (three steps, see the module docstring), sending
+    ``triton_headers`` with each load (Triton's restricted-protocol key)."""
     repo = Path(repo)
+    say = echo or (lambda _line: None)
+    headers = dict(triton_headers or {})
     model_dir = _model_dir(repo, model)
     published = published_versions(model_dir)
     newest = max(published, default=None)
@@ -191,10 +219,10 @@ def rollout(
             recorded_taxonomy(model_dir, target),
             force=force,
         )
-        if changes is not None and echo is not None:
-            echo(f"{model} {old} -> {target}, taxonomy:\n{changes.summary()}")
+        if changes is not None:
+            say(f"{model} {old} -> {target}, taxonomy:\n{changes.summary()}")
         shapes = io_changes(repo, model, old, target)
-        if shapes and triton_url is not None:
+        if shapes and tritons:
             # One config serves both versions during a live switch (step 1).
             raise RepositoryError(
                 f"{model} {old} -> {target} changes {'; '.join(shapes)}: the two versions "
@@ -203,18 +231,50 @@ def rollout(
             )
 
     settings = stored_settings(repo)
-    live = triton_url is not None and old is not None and old != target
+    addresses = resolve_tritons(tritons)
+    live = bool(addresses) and old is not None and old != target
     if live:
-        assert triton_url is not None and old is not None
-        _switch_live(repo, model, old, target, settings, triton_url, drain_seconds)
+        assert old is not None
+        _switch_live(repo, model, old, target, settings, addresses, headers, drain_seconds, say)
     write_pin(model_dir, target if pin else None)
     build_repository(repo, settings)
-    if triton_url is not None:
-        # After a live switch: unloads the old version (the ensemble is unchanged since
-        # step 2). Otherwise: loads what the configs now say.
-        _load(triton_url, [model] if live else [model, MODEL_NAME])
+    switched: list[str] = []
+    if tritons:
+        # Resolved again: a Triton that started during the rollout read configs of a step
+        # in between, and loads the final ones as a whole. The others, after a live switch,
+        # only unload the old version (their ensemble is unchanged since step 2).
+        for address in resolve_tritons(tritons):
+            fresh = not live or address not in addresses
+            _load(address, [model, MODEL_NAME] if fresh else [model], headers)
+            what = "loaded the repository's configs" if fresh else f"unloaded {old}"
+            say(f"{address}: {what}; serving {model} {target}")
+            switched.append(address)
     log.info("%s: serving version %s (was %s)%s", model, target, old, " pinned" if pin else "")
-    return Switch(model, old, target, changes, triton_url is not None)
+    return Switch(model, old, target, changes, bool(tritons), tuple(switched))
+
+
+def resolve_tritons(targets: Sequence[str]) -> list[str]:
+    """The Triton addresses ``targets`` stand for: ``host:port`` as it is, and for
+    ``dns:///host:port`` every address the name resolves to now (IPv6 in brackets)."""
+    addresses: list[str] = []
+    for target in targets:
+        found = [target]
+        if target.startswith(DNS_SCHEME):
+            host, _, port = target.removeprefix(DNS_SCHEME).rpartition(":")
+            try:
+                infos = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
+            except (OSError, ValueError) as exc:
+                raise RepositoryError(f"cannot resolve the Tritons of {target}: {exc}") from exc
+            found = sorted(
+                {
+                    f"[{info[4][0]}]:{port}"
+                    if info[0] == socket.AF_INET6
+                    else f"{info[4][0]}:{port}"
+                    for info in infos
+                }
+            )
+        addresses.extend(a for a in found if a not in addresses)
+    return addresses
 
 
 def io_changes(repo: Path, model: str, old: int, new: int) -> list[str]:
@@ -239,7 +299,8 @@ def rollback(
     model: str,
     *,
     force: bool = False,
-    triton_url: str | None = None,
+    tritons: Sequence[str] = (),
+    triton_headers: Mapping[str, str] | None = None,
     drain_seconds: float = DEFAULT_DRAIN_SECONDS,
     echo: Callable[[str], None] | None = None,
 ) -> Switch:
@@ -255,7 +316,8 @@ def rollback(
         max(older),
         pin=True,
         force=force,
-        triton_url=triton_url,
+        tritons=tritons,
+        triton_headers=triton_headers,
         drain_seconds=drain_seconds,
         echo=echo,
     )
@@ -291,27 +353,89 @@ def _switch_live(
     old: int,
     new: int,
     settings: RepositorySettings,
-    triton_url: str,
+    addresses: list[str],
+    headers: dict[str, str],
     drain_seconds: float,
+    say: Callable[[str], None],
 ) -> None:
     current = ensemble_versions(repo)
-    # 1. both versions loaded, the ensemble still calling the old one
-    build_repository(repo, settings, versions={**current, model: old}, also_load={model: [new]})
-    try:
-        _load(triton_url, [model])
-    except RepositoryError:
-        # The new version does not load (Triton keeps serving the old one): put the
-        # configs back as they were, so that a restart serves what runs now.
-        build_repository(repo, settings, versions={**current, model: old})
-        raise
-    # 2. the ensemble calls the new one: the atomic switch
-    build_repository(repo, settings, versions={**current, model: new}, also_load={model: [old]})
-    _load(triton_url, [MODEL_NAME])
-    # 3. requests that entered the old ensemble finish; then the old version goes
+    before, after = {**current, model: old}, {**current, model: new}
+    # 1. both versions loaded everywhere, every ensemble still calling the old one
+    build_repository(repo, settings, versions=before, also_load={model: [new]})
+    done, failure = _load_each(
+        addresses, [model], headers, say, f"{model} {new} loaded beside {old}"
+    )
+    if failure is not None:
+        # Triton keeps serving what it had when a load fails; the configs go back as they
+        # were, and the Tritons that loaded the new version unload it.
+        build_repository(repo, settings, versions=before)
+        undone = _put_back(done, [model], headers, say, f"{model} {new} unloaded")
+        raise RepositoryError(
+            f"{model} {old} -> {new} stopped at step 1 (load beside): {failure}; "
+            f"{undone}; every Triton serves {model} {old}"
+        ) from failure
+    # 2. each ensemble calls the new one: the atomic switch of each Triton, one by one
+    build_repository(repo, settings, versions=after, also_load={model: [old]})
+    done, failure = _load_each(
+        addresses, [MODEL_NAME], headers, say, f"ensemble switched to {model} {new}"
+    )
+    if failure is not None:
+        build_repository(repo, settings, versions=before, also_load={model: [new]})
+        undone = _put_back(done, [MODEL_NAME], headers, say, f"ensemble back on {model} {old}")
+        build_repository(repo, settings, versions=before)
+        unloaded = _put_back(addresses, [model], headers, say, f"{model} {new} unloaded")
+        raise RepositoryError(
+            f"{model} {old} -> {new} stopped at step 2 (switch): {failure}; {undone}; "
+            f"{unloaded}; every Triton serves {model} {old}"
+        ) from failure
+    # 3. requests that entered an old ensemble finish; then the old version goes
     time.sleep(drain_seconds)
 
 
-def _load(triton_url: str, models: list[str]) -> None:
+def _load_each(
+    addresses: list[str],
+    models: list[str],
+    headers: dict[str, str],
+    say: Callable[[str], None],
+    what: str,
+) -> tuple[list[str], RepositoryError | None]:
+    """(Re)load ``models`` on each Triton in turn, stopping at the first that fails: the
+    addresses done, and that failure."""
+    done: list[str] = []
+    for address in addresses:
+        try:
+            _load(address, models, headers)
+        except RepositoryError as exc:
+            say(f"{address}: FAILED: {exc}")
+            return done, exc
+        say(f"{address}: {what}")
+        done.append(address)
+    return done, None
+
+
+def _put_back(
+    addresses: list[str],
+    models: list[str],
+    headers: dict[str, str],
+    say: Callable[[str], None],
+    what: str,
+) -> str:
+    """Reload ``models`` on every one of ``addresses`` with the restored configs, going on
+    past failures; a sentence saying how it went."""
+    failed = []
+    for address in addresses:
+        try:
+            _load(address, models, headers)
+            say(f"{address}: {what}")
+        except RepositoryError as exc:
+            say(f"{address}: FAILED to put back: {exc}")
+            failed.append(address)
+    if failed:
+        return f"put back on {len(addresses) - len(failed)} Triton(s), NOT on {', '.join(failed)}"
+    return f"{what} on the {len(addresses)} Triton(s) already changed"
+
+
+def _load(triton_url: str, models: list[str], headers: dict[str, str]) -> None:
     """(Re)load models in a Triton running with ``--model-control-mode=explicit``."""
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
@@ -319,11 +443,12 @@ def _load(triton_url: str, models: list[str]) -> None:
     client = grpcclient.InferenceServerClient(triton_url)
     try:
         for name in models:
-            client.load_model(name)
+            client.load_model(name, headers=headers or None)
     except InferenceServerException as exc:
         raise RepositoryError(
             f"Triton at {triton_url} did not load {name}: {exc.message() or exc} (it must run "
-            "with --model-control-mode=explicit; the repository already holds the new configs)"
+            "with --model-control-mode=explicit, and with the admin key if its "
+            "model-repository protocol is restricted)"
         ) from exc
     finally:
         client.close()

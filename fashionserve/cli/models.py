@@ -20,6 +20,10 @@ from fashionserve.cli.command import add_command, add_group
 from fashionserve.clients import security
 from fashionserve.ensemble import MODEL_KINDS
 
+# Where `repo versions rollout|pin|rollback --triton-admin-header` reads the key of Triton's
+# restricted model-repository protocol (an environment variable: never on a command line).
+TRITON_ADMIN_KEY_ENV = "FASHIONSERVE_TRITON_ADMIN_KEY"
+
 
 def add_commands(subparsers: Any) -> None:
     """Add the model commands to the ``fashionserve`` command line."""
@@ -125,9 +129,17 @@ def add_commands(subparsers: Any) -> None:
         )
         p.add_argument(
             "--triton",
+            action="append",
             metavar="HOST:PORT",
             help="also switch this running Triton (--model-control-mode=explicit) without "
-            "failing a call",
+            "failing a call; repeatable; dns:///HOST:PORT stands for every address the name "
+            "resolves to (a headless Service: every ready Triton pod)",
+        )
+        p.add_argument(
+            "--triton-admin-header",
+            metavar="HEADER",
+            help="Tritons whose model-repository protocol is restricted: send the header "
+            f"triton-grpc-protocol-HEADER with the value of ${TRITON_ADMIN_KEY_ENV}",
         )
         p.add_argument(
             "--drain-seconds",
@@ -135,6 +147,14 @@ def add_commands(subparsers: Any) -> None:
             default=5.0,
             help="with --triton: time requests on the old version get before it is unloaded",
         )
+    p = add_command(
+        versions,
+        "to-serve",
+        _versions,
+        "print the version a build serves (the pinned one, else the newest)",
+    )
+    p.add_argument("--repository", type=Path, required=True)
+    p.add_argument("--model", required=True, choices=MODEL_KINDS)
     p = add_command(
         versions, "prune", _versions, "remove old versions (never the served or pinned)"
     )
@@ -260,7 +280,21 @@ def _versions(args: argparse.Namespace) -> int:
         removed = v.prune(args.repository, args.model, args.keep)
         print(f"{args.model}: removed {', '.join(map(str, removed)) or 'nothing'}")
         return 0
-    live = {"triton_url": args.triton, "drain_seconds": args.drain_seconds}
+    if args.versions_command == "to-serve":
+        print(v.to_serve(args.repository, args.model))
+        return 0
+    headers = {}
+    if args.triton_admin_header:
+        key = os.environ.get(TRITON_ADMIN_KEY_ENV)
+        if not key:
+            print(f"error: --triton-admin-header needs ${TRITON_ADMIN_KEY_ENV}", file=sys.stderr)
+            return 2
+        headers[f"triton-grpc-protocol-{args.triton_admin_header}"] = key
+    live = {
+        "tritons": args.triton or (),
+        "triton_headers": headers,
+        "drain_seconds": args.drain_seconds,
+    }
     if args.versions_command == "rollback":
         switch = v.rollback(args.repository, args.model, force=args.force, echo=print, **live)
     else:
@@ -273,7 +307,9 @@ def _versions(args: argparse.Namespace) -> int:
             echo=print,
             **live,
         )
-    where = f"; Triton {args.triton} switched" if switch.applied_to_triton else ""
+    where = ""
+    if switch.applied_to_triton:
+        where = f"; {len(switch.replicas)} Triton(s) switched: {', '.join(switch.replicas)}"
     print(f"{switch.model}: serving version {switch.new} (was {switch.old}){where}")
     return 0
 

@@ -132,7 +132,7 @@ def test_a_version_switch_under_load_fails_no_call(stack: Stack, oracle: Oracle)
     with Load(stack.gateway, image) as load:
         while load.ok() < 5:
             time.sleep(0.05)
-        rollout(stack.repo, "tagger", triton_url=stack.triton.grpc_url, drain_seconds=0.5)
+        rollout(stack.repo, "tagger", tritons=[stack.triton.grpc_url], drain_seconds=0.5)
         wait_for(stack.gateway, "2", new.hash)
         taxonomy = stack.gateway.stub.GetTaxonomy(
             pb.GetTaxonomyRequest(), metadata=stack.gateway.auth, timeout=10
@@ -144,7 +144,7 @@ def test_a_version_switch_under_load_fails_no_call(stack: Stack, oracle: Oracle)
 
         # Going back removes "beige": a caller may already count it, so it takes --force.
         rollback(
-            stack.repo, "tagger", force=True, triton_url=stack.triton.grpc_url, drain_seconds=0.5
+            stack.repo, "tagger", force=True, tritons=[stack.triton.grpc_url], drain_seconds=0.5
         )
         wait_for(stack.gateway, "1", old.hash)
         after_rollback = load.ok()

@@ -253,7 +253,7 @@ def test_a_version_with_other_shapes_is_not_switched_live(repo: Path) -> None:
     """During a live switch one config loads both versions: a new embedding size cannot."""
     write_crop_model(repo, "embedder", "embedding", EMBEDDING + 4, version=2)
     with pytest.raises(RepositoryError, match=r"output embedding: \[16\] TYPE_FP32 -> \[20\]"):
-        rollout(repo, "embedder", triton_url="127.0.0.1:1")  # refused before any call
+        rollout(repo, "embedder", tritons=["127.0.0.1:1"])  # refused before any call
     assert list(parse(repo, "embedder").version_policy.specific.versions) == [1]
     rollout(repo, "embedder")  # offline, then a Triton restart, is fine
     assert list(parse(repo, "embedder").version_policy.specific.versions) == [2]
