@@ -63,7 +63,7 @@ def assess(status: EnsembleStatus, taxonomy: Taxonomy) -> ServedState:
     ``taxonomy``."""
     if status.config is None:
         return ServedState(False, status.problem)
-    state = served_state_from_config(status.config, status.loaded)
+    state = served_state_from_config(status.config)
     return replace(state, problem=serving_problem(state, taxonomy))
 
 
@@ -82,14 +82,13 @@ def serving_problem(state: ServedState, taxonomy: Taxonomy) -> str:
     return ""
 
 
-def served_state_from_config(
-    config: Any, loaded: dict[str, list[str]] | None = None
-) -> ServedState:
+def served_state_from_config(config: Any) -> ServedState:
     """Read the facts ``fashionserve repo build`` records in the ensemble's config.
 
-    ``loaded`` (model name -> versions Triton reports READY in its repository index) says
-    which version is actually served; the version recorded at build time is the fallback.
-    An artifact hash is reported only for the version it was recorded for.
+    Each step names the exact version it calls: that one is served. (The repository index
+    is not read: it belongs to Triton's model-repository protocol, which loads models too
+    in explicit mode, so a deployment restricts it to administrators.) An artifact hash is
+    reported only for the version it was recorded for.
     """
     params = {k: v.string_value for k, v in config.parameters.items()}
 
@@ -103,8 +102,8 @@ def served_state_from_config(
     for output in config.output:
         if output.name == ensemble.EMBEDDINGS and len(output.dims) >= 1:
             embedding_dim = max(int(output.dims[-1]), 0)
-    # `repo build` pins each step to an exact version: that is the one served. A step at
-    # -1 (a repository built before pinning) uses the newest loaded version.
+    # A step at -1 (a repository built before steps named their version) calls the newest
+    # loaded version, which the build recorded.
     pinned = {
         s.model_name: str(s.model_version)
         for s in config.ensemble_scheduling.step
@@ -113,9 +112,7 @@ def served_state_from_config(
     models: list[ServedModel] = []
     for name in ensemble.MODEL_KINDS:  # the exported models: their versions are reported
         built = params.get(f"{name}_version", "")
-        versions = (loaded or {}).get(name) or ([built] if built else [])
-        newest = max(versions, key=lambda v: int(v) if v.isdigit() else -1, default="")
-        served = pinned.get(name, newest)
+        served = pinned.get(name, built)
         sha = params.get(f"{name}_sha256", "") if served == built else ""
         models.append(ServedModel(name, served, sha))
     # The recorded taxonomy hash is that of the tagger version the ensemble was built with;

@@ -11,9 +11,9 @@ Two jobs:
   are sent again without it; a refusal that names no image is narrowed down by sending the
   images one by one. So one bad image fails only itself.
 * :meth:`EnsembleClient.status`: what Triton reports, for the health service and
-  GetServingInfo: liveness, the ensemble's readiness and config, and the loaded versions
-  from the repository index (one source of truth, also where the gateway does not share a
-  disk with Triton). :mod:`fashionserve.gateway.served_state` interprets it.
+  GetServingInfo: liveness, the ensemble's readiness and its config, whose steps name the
+  versions served (one source of truth, also where the gateway does not share a disk with
+  Triton). :mod:`fashionserve.gateway.served_state` interprets it.
 
 gRPC's default 4 MiB message limit is too small for a batch of photos: the channel's send
 and receive limits are raised explicitly to fit ``max_batch_size`` images of
@@ -26,7 +26,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -63,13 +63,12 @@ by the caller's shorter deadline): the endpoint pool counts these against the se
 
 @dataclass(frozen=True)
 class EnsembleStatus:
-    """What Triton reports about the ensemble: ``config`` (its model config) and ``loaded``
-    (model name -> versions READY in the repository index) when it is live and ready, else
-    ``problem``, why not. :func:`fashionserve.gateway.served_state.assess` reads it."""
+    """What Triton reports about the ensemble: ``config`` (its model config) when it is
+    live and ready, else ``problem``, why not.
+    :func:`fashionserve.gateway.served_state.assess` reads it."""
 
     problem: str = ""
     config: model_config_pb2.ModelConfig | None = None
-    loaded: dict[str, list[str]] = field(default_factory=dict)
 
 
 def channel_args(max_batch_size: int, max_image_bytes: int) -> list[tuple[str, Any]]:
@@ -261,16 +260,11 @@ class EnsembleClient:
             config = await self._client.get_model_config(
                 self.model_name, client_timeout=_STATUS_TIMEOUT
             )
-            index = await self._client.get_model_repository_index(client_timeout=_STATUS_TIMEOUT)
         except InferenceServerException as exc:
             return EnsembleStatus(f"Triton at {self.url}: {exc.message() or exc}")
         except Exception as exc:  # a probe must never kill the health loop
             return EnsembleStatus(f"Triton at {self.url}: {type(exc).__name__}: {exc}")
-        loaded: dict[str, list[str]] = {}
-        for model in index.models:
-            if model.state == "READY":
-                loaded.setdefault(model.name, []).append(model.version)
-        return EnsembleStatus(config=config.config, loaded=loaded)
+        return EnsembleStatus(config=config.config)
 
 
 class _Rejected(Exception):
