@@ -170,7 +170,11 @@ class Analyzer:
             workers=settings.image_check_workers or cpu_limit(),
             max_queued=settings.max_queued_image_checks,
         )
-        self.admission = Admission(settings, queued=lambda: self.inference.queued)
+        self.admission = Admission(
+            settings,
+            queued=lambda: self.inference.queued,
+            on_backend_error=telemetry.metrics.quota_backend_errors.inc,
+        )
 
     @property
     def taxonomy(self) -> Taxonomy:
@@ -185,6 +189,7 @@ class Analyzer:
         """Stop taking requests and finish the batches in flight."""
         await self.inference.close()
         self.image_checks.close()
+        await self.admission.close()
 
     # ------------------------------------------------------------------ options
     def resolve_options(self, raw: RawOptions) -> ValidatedOptions:
@@ -211,7 +216,7 @@ class Analyzer:
         past it, the image is not sent to Triton, and the Triton call ends by it.
         """
         options = self.resolve_options(raw)
-        with self.admission.admit(_tenant(), 1):
+        async with self.admission.admit(_tenant(), 1):
             (checked,) = await self._check([image])
             if isinstance(checked, Error):
                 raise checked
@@ -229,7 +234,7 @@ class Analyzer:
         """
         validate_image_count(len(images), self.settings.max_images_per_batch_request)
         options = self.resolve_options(raw)
-        with self.admission.admit(_tenant(), len(images)):
+        async with self.admission.admit(_tenant(), len(images)):
             await self.monitor.require_serving()
             checked = await self._check(images)
             outcomes = await asyncio.gather(

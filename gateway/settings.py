@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -375,6 +376,46 @@ class GatewaySettings(BaseSettings):
         description="Per-tenant exceptions to tenant_quota, by tenant name, e.g. "
         "{acme: {images_per_second: 2000, burst_images: 4000}}.",
     )
+    quota_backend_url: str | None = Field(
+        None,
+        max_length=2048,
+        pattern=r"^rediss?://(?:[^:@/\s]*@)?[^:@/\s]+(?::\d{1,5})?(?:/\d{1,5})?$",
+        description="Redis or Valkey server that keeps the tenant quotas (token buckets and "
+        "images in flight) for every gateway replica together, so a tenant's limit does not "
+        "multiply with the replicas: redis://host:port[/db] (plaintext) or rediss://... "
+        "(TLS), a user name allowed, the password never (quota_backend_password_file). "
+        "Unset: each gateway keeps its own quotas in memory. Stream counts and the "
+        "gateway-wide bounds (max_images_in_flight...) stay per replica.",
+    )
+    quota_backend_password_file: Path | None = Field(
+        None,
+        description="File holding the quota backend's password (a mounted secret); read at "
+        "start, never logged. Unset: no password.",
+    )
+    quota_backend_failure_policy: Literal["open", "closed"] = Field(
+        "open",
+        description="What a call gets while the quota backend cannot be reached (an error, or "
+        "no answer within quota_backend_timeout_seconds; the backend is then tried again "
+        "after a second): `open` admits it against this replica's own in-memory quotas (a "
+        "tenant may then get its limit once per replica), `closed` refuses it with "
+        "UNAVAILABLE (QUOTA_BACKEND_UNAVAILABLE). Each failure counts in "
+        "fashionserve_quota_backend_errors_total.",
+    )
+    quota_backend_timeout_seconds: float = Field(
+        0.5,
+        gt=0,
+        le=10,
+        description="Longest a quota decision waits for the backend (connecting included) "
+        "before quota_backend_failure_policy applies.",
+    )
+    quota_backend_lease_seconds: float = Field(
+        30.0,
+        ge=1,
+        le=3600,
+        description="The backend counts a call's images in flight under a lease the gateway "
+        "renews every third of this while the call runs: the images of a gateway that dies "
+        "are freed this long after its last renewal.",
+    )
     max_images_in_flight: int = Field(
         default_factory=lambda data: _fitting(data, "max_image_bytes"),
         ge=1,
@@ -525,6 +566,18 @@ class GatewaySettings(BaseSettings):
             raise ValueError("an address is listed twice")
         return values
 
+    @field_validator("quota_backend_url", mode="before")
+    @classmethod
+    def _no_password_in_url(cls, value: Any) -> Any:
+        # Checked before the pattern, whose error would quote the URL, password and all.
+        if isinstance(value, str) and re.match(r"^[a-z]+://[^@/]*:[^@/]*@", value):
+            raise PydanticCustomError(
+                "password_in_url",
+                "the URL must not carry a password (it would be in the settings and the "
+                "logs): put it in a file named by quota_backend_password_file",
+            )
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> GatewaySettings:
         if self.auth_enabled and self.api_keys_file is None and self.jwks_file is None:
@@ -539,6 +592,8 @@ class GatewaySettings(BaseSettings):
             raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
+        if self.quota_backend_password_file is not None and self.quota_backend_url is None:
+            raise ValueError("quota_backend_password_file is set but quota_backend_url is not")
         # A BatchAnalyze call is admitted whole or not at all, so every bound on images must
         # hold the largest one, or such a call could never pass.
         largest = self.max_images_per_batch_request
@@ -611,6 +666,7 @@ def read_settings_file(path: Path) -> dict[str, Any]:
         "tls_cert_file",
         "tls_key_file",
         "tls_client_ca_file",
+        "quota_backend_password_file",
     ):
         value = data.get(key)
         if isinstance(value, str) and value and not Path(value).is_absolute():

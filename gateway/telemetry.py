@@ -17,7 +17,7 @@ sampling decision.
 
 Metrics (:class:`Metrics`, served on ``metrics_port`` at ``/metrics``): requests by method,
 tenant and status code, request latency, batch size and batch wait, Triton latency, work in
-flight and rejections by reason. Labels are bounded sets: method names, status codes, error
+flight, rejections by reason and failures of the shared quota backend. Labels are bounded sets: method names, status codes, error
 reasons, and tenants, which come from the configured keys; never request ids.
 
 Logs. :class:`RequestContextFilter` adds the request id, the tenant and the trace and span
@@ -154,6 +154,12 @@ class Metrics:
             "Errors reported to callers, by reason (the ErrorInfo reason): whole calls, and "
             "single images of BatchAnalyze and StreamAnalyze.",
             ["reason"],
+            registry=r,
+        )
+        self.quota_backend_errors = Counter(
+            "fashionserve_quota_backend_errors",
+            "Failed or unanswered calls to the shared quota backend (quota_backend_url); "
+            "quota_backend_failure_policy decides what the calls concerned get.",
             registry=r,
         )
 

@@ -1,8 +1,12 @@
 """Per-tenant quotas and overload bounds (fashionserve.gateway.quota) on a fake clock, the RetryInfo they
-send, and the client honouring it."""
+send, and the client honouring it. The in-process store; the shared one (a real Valkey
+server) is in test_quota_backend.py."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -15,7 +19,8 @@ from fashionserve.clients.retry import RetryPolicy
 from fashionserve.errors import ErrorKind
 from fashionserve.gateway.errors import to_rpc_status
 from fashionserve.gateway.failures import GatewayError, ResourceExhausted
-from fashionserve.gateway.quota import _PRUNE_AT, Admission
+from fashionserve.gateway.quota import Admission
+from fashionserve.gateway.quota_store import _PRUNE_AT
 from fashionserve.gateway.settings import GatewaySettings, load_settings
 
 
@@ -36,19 +41,31 @@ def settings(**overrides: Any) -> GatewaySettings:
     return load_settings(**{**base, **overrides})
 
 
-def refusal(admission: Admission, tenant: str, images: int) -> ResourceExhausted:
-    with pytest.raises(ResourceExhausted) as info, admission.admit(tenant, images):
-        pass
+def aio(test: Callable[..., Awaitable[None]]) -> Callable[..., None]:
+    """Run an async test in a fresh event loop (no pytest plugin needed)."""
+
+    @functools.wraps(test)
+    def run(*args: Any, **kwargs: Any) -> None:
+        asyncio.run(asyncio.wait_for(test(*args, **kwargs), timeout=60))
+
+    return run
+
+
+async def refusal(admission: Admission, tenant: str, images: int) -> ResourceExhausted:
+    with pytest.raises(ResourceExhausted) as info:
+        async with admission.admit(tenant, images):
+            pass
     return info.value
 
 
-def test_a_tenant_over_its_rate_is_refused_with_the_time_its_bucket_needs() -> None:
+@aio
+async def test_a_tenant_over_its_rate_is_refused_with_the_time_its_bucket_needs() -> None:
     clock = Clock()
     admission = Admission(settings(), queued=lambda: 0, clock=clock)
     for _ in range(4):  # the burst
-        with admission.admit("acme", 1):
+        async with admission.admit("acme", 1):
             pass
-    err = refusal(admission, "acme", 1)
+    err = await refusal(admission, "acme", 1)
     assert err.kind == ErrorKind.RESOURCE_EXHAUSTED
     assert err.reason == "TENANT_RATE_LIMITED"
     assert err.retry_delay == pytest.approx(0.1)  # 1 image at 10/s
@@ -59,57 +76,61 @@ def test_a_tenant_over_its_rate_is_refused_with_the_time_its_bucket_needs() -> N
         "retryDelayMs": "100",
     }
     # Another tenant is untouched.
-    with admission.admit("other", 4):
+    async with admission.admit("other", 4):
         pass
     # Waiting the suggested delay is enough.
     clock.now += err.retry_delay or 0
-    with admission.admit("acme", 1):
+    async with admission.admit("acme", 1):
         pass
 
 
-def test_a_batch_costs_one_token_per_image_and_a_refusal_costs_nothing() -> None:
+@aio
+async def test_a_batch_costs_one_token_per_image_and_a_refusal_costs_nothing() -> None:
     clock = Clock()
     admission = Admission(settings(), queued=lambda: 0, clock=clock)
-    with admission.admit("acme", 3):
+    async with admission.admit("acme", 3):
         pass
-    err = refusal(admission, "acme", 2)  # 1 token left
+    err = await refusal(admission, "acme", 2)  # 1 token left
     assert err.retry_delay == pytest.approx(0.1)
     clock.now += 0.1
-    with admission.admit("acme", 2):  # the refused call spent nothing
+    async with admission.admit("acme", 2):  # the refused call spent nothing
         pass
 
 
-def test_concurrency_is_limited_per_tenant_and_released_when_calls_end() -> None:
+@aio
+async def test_concurrency_is_limited_per_tenant_and_released_when_calls_end() -> None:
     low = settings(tenant_quota={"max_concurrent_images": 5, "burst_images": 100})
     admission = Admission(low, queued=lambda: 0, clock=Clock())
-    with admission.admit("acme", 4):
-        err = refusal(admission, "acme", 2)
+    async with admission.admit("acme", 4):
+        err = await refusal(admission, "acme", 2)
         assert err.reason == "TENANT_CONCURRENCY_LIMITED"
         assert err.retry_delay is not None and err.retry_delay > 0
-        with admission.admit("other", 4):  # per tenant
+        async with admission.admit("other", 4):  # per tenant
             pass
-    with admission.admit("acme", 4), admission.admit("acme", 1):
+    async with admission.admit("acme", 4), admission.admit("acme", 1):
         pass
     assert admission.in_flight == 0
 
 
-def test_global_bounds_refuse_every_tenant_at_once() -> None:
+@aio
+async def test_global_bounds_refuse_every_tenant_at_once() -> None:
     queued = [0]
     admission = Admission(
         settings(max_images_in_flight=5, max_queued_images=4),
         queued=lambda: queued[0],
         clock=Clock(),
     )
-    with admission.admit("a", 4):
-        err = refusal(admission, "b", 2)
+    async with admission.admit("a", 4):
+        err = await refusal(admission, "b", 2)
         assert (err.reason, err.metadata["limit"]) == ("GATEWAY_OVERLOADED", "max_images_in_flight")
     queued[0] = 3
-    err = refusal(admission, "b", 2)
+    err = await refusal(admission, "b", 2)
     assert (err.reason, err.metadata["limit"]) == ("GATEWAY_OVERLOADED", "max_queued_images")
     assert err.retry_delay is not None and err.retry_delay > 0
 
 
-def test_per_tenant_overrides_keep_the_default_for_fields_left_out() -> None:
+@aio
+async def test_per_tenant_overrides_keep_the_default_for_fields_left_out() -> None:
     s = settings(tenant_quotas={"big": {"images_per_second": 100}})
     assert s.quota_for("big").images_per_second == 100
     assert s.quota_for("big").burst_images == 4
@@ -117,10 +138,10 @@ def test_per_tenant_overrides_keep_the_default_for_fields_left_out() -> None:
     clock = Clock()
     admission = Admission(s, queued=lambda: 0, clock=clock)
     for tenant in ("big", "small"):
-        with admission.admit(tenant, 4):
+        async with admission.admit(tenant, 4):
             pass
-    assert refusal(admission, "big", 4).retry_delay == pytest.approx(0.04)
-    assert refusal(admission, "small", 4).retry_delay == pytest.approx(0.4)
+    assert (await refusal(admission, "big", 4)).retry_delay == pytest.approx(0.04)
+    assert (await refusal(admission, "small", 4)).retry_delay == pytest.approx(0.4)
 
 
 @pytest.mark.parametrize(
@@ -139,14 +160,15 @@ def test_a_limit_no_batch_call_could_pass_is_refused_at_start(
         settings(**overrides)
 
 
-def test_idle_tenants_are_forgotten_so_the_table_stays_bounded() -> None:
+@aio
+async def test_idle_tenants_are_forgotten_so_the_table_stays_bounded() -> None:
     clock = Clock()
     admission = Admission(settings(), queued=lambda: 0, clock=clock)
     for i in range(3 * _PRUNE_AT):
-        with admission.admit(f"tenant-{i}", 1):
+        async with admission.admit(f"tenant-{i}", 1):
             pass
         clock.now += 0.01
-    assert len(admission._tenants) <= _PRUNE_AT + 1
+    assert len(admission.local.tenants) <= _PRUNE_AT + 1
 
 
 def test_refusal_carries_retry_info_and_the_client_waits_at_least_that() -> None:
