@@ -261,7 +261,11 @@ class Taxonomy:
         only where it applies to the decoded path; an exclusive group yields at most its
         best label, an independent group every label that passes its own threshold.
         """
-        tables = self.probabilities(logits)
+        return self.decide(self.probabilities(logits), full_tables)
+
+    def decide(self, tables: dict[str, dict[str, float]], full_tables: bool = False) -> Decoded:
+        """:meth:`decode` from the probability tables :meth:`probabilities` gives (or a
+        caller received with ``include_probability_tables``)."""
         path: list[ScoredLabel] = []
         owner, p_path = "", 1.0
         while True:
