@@ -33,6 +33,25 @@ class Identity:
     scopes: frozenset[str]
 
 
+@dataclass(frozen=True)
+class PeerNames:
+    """The names a client certificate (verified against the client CA) carries: its
+    subject's common names and its subject alternative names of DNS and URI type."""
+
+    common_names: tuple[str, ...] = ()
+    dns_names: tuple[str, ...] = ()
+    uris: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        """The names, for an error message or a log line (each made :func:`loggable`)."""
+        parts = [
+            *(f"CN={loggable(n)}" for n in self.common_names),
+            *(f"DNS:{loggable(n)}" for n in self.dns_names),
+            *(f"URI:{loggable(n)}" for n in self.uris),
+        ]
+        return ", ".join(parts) or "no subject name"
+
+
 LOCAL_IDENTITY = Identity("local", "default", frozenset(SCOPES))
 """The identity of every call when authentication is turned off."""
 

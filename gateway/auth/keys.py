@@ -7,10 +7,24 @@ holds only a salted hash of each secret::
       - {id: dev, tenant: default, scopes: [analyze, embed, admin],
          hash: "sha256$<salt_hex>$<digest_hex>"}   # digest = sha256(salt + secret)
 
+With mutual TLS (``tls_client_ca_file``), the same file maps client certificates to a
+tenant and scopes, by the certificate's subject common name (``cn``), a DNS name (``dns``)
+or a URI (``uri``, a SPIFFE ID for instance) of its subject alternative names::
+
+    certificates:
+      - {id: tagger, uri: "spiffe://example.org/ns/shop/sa/tagger", tenant: shop,
+         scopes: [analyze]}
+      - {id: batch, dns: batch.internal.example, tenant: acme, scopes: [analyze, embed]}
+      - {id: legacy, cn: client-1, tenant: acme, scopes: [analyze]}
+
+Names are compared exactly (DNS names without regard to case); no wildcards. The first
+entry, in file order, whose name the certificate carries maps it
+(:mod:`fashionserve.gateway.auth.certificates` reads the peer's names).
+
 Every field is required and checked when the file is read: an entry without scopes or a
-tenant, or with a malformed hash, refuses the whole file with its line named (at start the
-gateway does not start; on a live reload the previous file stays in force), rather than
-granting every scope, joining a shared quota, or failing that key's calls later.
+tenant, or with a malformed hash or name, refuses the whole file with its line named (at
+start the gateway does not start; on a live reload the previous file stays in force),
+rather than granting every scope, joining a shared quota, or failing that key's calls later.
 
 Secrets are 256-bit random strings, so one round of salted SHA-256 is enough (no
 password-style stretching is needed against guessing) and comparisons use
@@ -35,7 +49,7 @@ from typing import Any
 import yaml
 
 from fashionserve.errors import InvalidInput
-from fashionserve.gateway.auth.identity import SCOPES, TENANT, UNKNOWN_KEY_ID, Identity
+from fashionserve.gateway.auth.identity import SCOPES, TENANT, UNKNOWN_KEY_ID, Identity, PeerNames
 from fashionserve.gateway.auth.watched import WatchedFile
 from fashionserve.gateway.failures import Unauthenticated
 
@@ -45,6 +59,16 @@ HASH_SCHEME = "sha256"
 _MAX_API_KEY_CHARS = 256
 _KEY_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _HASH = re.compile(rf"{HASH_SCHEME}\$(?:[0-9a-f]{{2}})+\$[0-9a-f]{{64}}")
+# What a certificate entry may name: a common name (at most 64 characters, RFC 5280's
+# upper bound, no control characters), a DNS name, or an absolute URI without spaces.
+CERTIFICATE_NAMES: dict[str, re.Pattern[str]] = {
+    "cn": re.compile(r"[^\x00-\x1f\x7f]{1,64}"),
+    "dns": re.compile(
+        r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+        r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+    ),
+    "uri": re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:[\x21-\x7e]{1,2000}"),
+}
 _SALT_BYTES = 16
 _SECRET_BYTES = 32  # 256 bits
 
@@ -89,12 +113,51 @@ class KeyRecord:
         return {"id": self.id, "tenant": self.tenant, "scopes": ordered, "hash": self.hash}
 
 
+@dataclass(frozen=True)
+class CertificateRecord:
+    """One entry of the key file's ``certificates``: which client certificates map to a
+    tenant and scopes. ``kind`` is ``cn``, ``dns`` or ``uri``; ``name`` the value to match."""
+
+    id: str
+    tenant: str
+    scopes: frozenset[str]
+    kind: str
+    name: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """The entry as written to the key file."""
+        ordered = [s for s in SCOPES if s in self.scopes]
+        return {"id": self.id, self.kind: self.name, "tenant": self.tenant, "scopes": ordered}
+
+    def matches(self, peer: PeerNames) -> bool:
+        """Whether the client certificate ``peer`` carries this entry's name."""
+        if self.kind == "cn":
+            return self.name in peer.common_names
+        if self.kind == "dns":
+            return self.name.lower() in (d.lower() for d in peer.dns_names)
+        return self.name in peer.uris
+
+
+@dataclass(frozen=True)
+class KeyFile:
+    """What a key file holds: API keys, and client certificates mapped to tenants."""
+
+    keys: list[KeyRecord]
+    certificates: list[CertificateRecord]
+
+
 def read_keys_file(path: Path) -> list[KeyRecord]:
+    """The API keys of a key file (:func:`parse_key_file` reads the certificates too)."""
+    return parse_key_file(path).keys
+
+
+def parse_key_file(path: Path) -> KeyFile:
     """Parse and validate a key file; a missing file raises :class:`KeyFileError`.
 
-    Every entry must name its key id, its tenant, a non-empty list of known scopes and a
-    well-formed hash: nothing is defaulted, so a forgotten field refuses the file (naming
-    the entry and its line) instead of granting every scope or a shared tenant.
+    Every entry must name its id, its tenant, a non-empty list of known scopes, and a
+    well-formed hash (a key) or exactly one name (a certificate): nothing is defaulted, so
+    a forgotten field refuses the file (naming the entry and its line) instead of granting
+    every scope or a shared tenant.
     """
     try:
         text = path.read_text()
@@ -110,52 +173,88 @@ def read_keys_file(path: Path) -> list[KeyRecord]:
     except yaml.YAMLError as exc:
         raise KeyFileError(f"API key file {path} is not valid YAML: {exc}") from exc
     data = data or {}
-    if not isinstance(data, dict) or not isinstance(data.get("keys", []), list):
-        raise KeyFileError(f"API key file {path}: expected a mapping with a 'keys' list")
-    lines = _entry_lines(root)
-    records: list[KeyRecord] = []
+    if not isinstance(data, dict) or any(
+        not isinstance(data.get(section, []), list | None) for section in ("keys", "certificates")
+    ):
+        raise KeyFileError(
+            f"API key file {path}: expected a mapping with a 'keys' list (and optionally "
+            "a 'certificates' list)"
+        )
     problems: list[str] = []
-    for i, entry in enumerate(data.get("keys") or []):
-        here = f"keys[{i}] (line {lines[i]})" if i < len(lines) else f"keys[{i}]"
-        found = len(problems)
-        if not isinstance(entry, dict):
-            problems.append(f"{here}: expected a mapping")
-            continue
-        key_id, tenant = entry.get("id"), entry.get("tenant")
-        scopes, hashed = entry.get("scopes", []), entry.get("hash")
-        if not isinstance(key_id, str) or not _KEY_ID.fullmatch(key_id):
-            problems.append(f"{here} id: expected 1-64 of A-Z a-z 0-9 _ -")
-            continue
-        if any(r.id == key_id for r in records):
-            problems.append(f"{here} id: duplicate key id {key_id!r}")
-        if not isinstance(tenant, str) or not TENANT.fullmatch(tenant):
-            problems.append(f"{here} tenant: expected 1-64 of A-Z a-z 0-9 . _ -")
-        if not isinstance(scopes, list) or not scopes or any(s not in SCOPES for s in scopes):
-            problems.append(f"{here} scopes: expected a non-empty list of {list(SCOPES)}")
-        if not isinstance(hashed, str) or not _HASH.fullmatch(hashed):
-            problems.append(f"{here} hash: expected 'sha256$<salt_hex>$<64 hex digits>'")
-        if len(problems) == found:
-            records.append(KeyRecord(key_id, str(tenant), frozenset(scopes), str(hashed)))
+    keys: list[KeyRecord] = []
+    certificates: list[CertificateRecord] = []
+    for section in ("keys", "certificates"):
+        lines = _entry_lines(root, section)
+        for i, entry in enumerate(data.get(section) or []):
+            here = f"{section}[{i}] (line {lines[i]})" if i < len(lines) else f"{section}[{i}]"
+            found = len(problems)
+            if not isinstance(entry, dict):
+                problems.append(f"{here}: expected a mapping")
+                continue
+            entry_id, tenant, scopes = entry.get("id"), entry.get("tenant"), entry.get("scopes")
+            if not isinstance(entry_id, str) or not _KEY_ID.fullmatch(entry_id):
+                problems.append(f"{here} id: expected 1-64 of A-Z a-z 0-9 _ -")
+                continue
+            taken = keys if section == "keys" else certificates
+            if any(r.id == entry_id for r in taken):
+                problems.append(f"{here} id: duplicate id {entry_id!r}")
+            if not isinstance(tenant, str) or not TENANT.fullmatch(tenant):
+                problems.append(f"{here} tenant: expected 1-64 of A-Z a-z 0-9 . _ -")
+            if not isinstance(scopes, list) or not scopes or any(s not in SCOPES for s in scopes):
+                problems.append(f"{here} scopes: expected a non-empty list of {list(SCOPES)}")
+            if section == "keys":
+                hashed = entry.get("hash")
+                if not isinstance(hashed, str) or not _HASH.fullmatch(hashed):
+                    problems.append(f"{here} hash: expected 'sha256$<salt_hex>$<64 hex digits>'")
+                if len(problems) == found:
+                    keys.append(KeyRecord(entry_id, str(tenant), frozenset(scopes), str(hashed)))
+                continue
+            named = [k for k in CERTIFICATE_NAMES if k in entry]
+            if len(named) != 1:
+                problems.append(f"{here}: expected exactly one of {', '.join(CERTIFICATE_NAMES)}")
+                continue
+            kind, name = named[0], entry[named[0]]
+            if not isinstance(name, str) or not CERTIFICATE_NAMES[kind].fullmatch(name):
+                problems.append(f"{here} {kind}: not a valid {_NAME_WHAT[kind]}")
+            elif any(c.kind == kind and c.name == name for c in certificates):
+                problems.append(f"{here} {kind}: {name!r} is mapped twice")
+            if len(problems) == found:
+                certificates.append(
+                    CertificateRecord(entry_id, str(tenant), frozenset(scopes), kind, str(name))
+                )
     if problems:
         raise KeyFileError(f"API key file {path}: " + "; ".join(problems))
-    return records
+    return KeyFile(keys, certificates)
 
 
-def _entry_lines(root: yaml.Node | None) -> list[int]:
-    """The line (1-based) where each entry of the ``keys`` list starts."""
+_NAME_WHAT = {
+    "cn": "common name (1-64 characters, no control characters)",
+    "dns": "DNS name",
+    "uri": "URI (scheme:rest, no spaces)",
+}
+
+
+def _entry_lines(root: yaml.Node | None, section: str) -> list[int]:
+    """The line (1-based) where each entry of the ``section`` list starts."""
     if not isinstance(root, yaml.MappingNode):
         return []
     for key, value in root.value:
-        if key.value == "keys" and isinstance(value, yaml.SequenceNode):
+        if key.value == section and isinstance(value, yaml.SequenceNode):
             return [item.start_mark.line + 1 for item in value.value]
     return []
 
 
-def write_keys_file(path: Path, records: Iterable[KeyRecord]) -> None:
+def write_keys_file(
+    path: Path, records: Iterable[KeyRecord], certificates: Iterable[CertificateRecord] = ()
+) -> None:
     """Write the key file atomically, readable by its owner only."""
+    doc: dict[str, Any] = {"keys": [r.to_dict() for r in records]}
+    mapped = [c.to_dict() for c in certificates]
+    if mapped:
+        doc["certificates"] = mapped
     text = (
         "# fashionserve API keys: salted hashes only (`fashionserve keys create`).\n"
-        + yaml.safe_dump({"keys": [r.to_dict() for r in records]}, sort_keys=False)
+        + yaml.safe_dump(doc, sort_keys=False)
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -185,32 +284,47 @@ def create_key(
         raise KeyFileError(f"unknown scope(s) {unknown}: choose from {list(SCOPES)}")
     if not scope_set:
         raise KeyFileError(f"a key needs at least one scope of {list(SCOPES)}")
-    records = read_keys_file(path) if path.exists() else []
-    if any(r.id == key_id for r in records):
+    current = parse_key_file(path) if path.exists() else KeyFile([], [])
+    if any(r.id == key_id for r in current.keys):
         raise KeyFileError(f"key id {key_id!r} already exists in {path}")
     secret = secrets.token_urlsafe(_SECRET_BYTES)  # base64url: never contains "."
-    records.append(KeyRecord(key_id, tenant, scope_set, hash_secret(secret)))
-    write_keys_file(path, records)
+    records = [*current.keys, KeyRecord(key_id, tenant, scope_set, hash_secret(secret))]
+    write_keys_file(path, records, current.certificates)
     return f"{key_id}.{secret}"
 
 
 class KeyStore(WatchedFile):
-    """The keys of a key file, re-read when the file changes (rotation without restart)."""
+    """The keys and certificate mappings of a key file, re-read when the file changes
+    (rotation without restart)."""
 
     what = "API key file"
     error = KeyFileError
 
     def __init__(self, path: Path) -> None:
         self._records: dict[str, KeyRecord] = {}
+        self._certificates: list[CertificateRecord] = []
         super().__init__(path)
 
     def __len__(self) -> int:
-        return len(self._records)
+        return len(self._records) + len(self._certificates)
 
     def _load(self) -> int:
-        records = read_keys_file(self.path)
-        self._records = {r.id: r for r in records}
-        return len(records)
+        loaded = parse_key_file(self.path)
+        self._records = {r.id: r for r in loaded.keys}
+        self._certificates = loaded.certificates
+        return len(loaded.keys) + len(loaded.certificates)
+
+    def maps_certificates(self) -> bool:
+        """Whether the file (re-read if it changed) maps any client certificate."""
+        self.maybe_reload()
+        return bool(self._certificates)
+
+    def certificate_identity(self, peer: PeerNames) -> Identity | None:
+        """The identity the first matching ``certificates`` entry gives ``peer``, if any."""
+        record = next((c for c in self._certificates if c.matches(peer)), None)
+        if record is None:
+            return None
+        return Identity(f"cert:{record.id}", record.tenant, record.scopes)
 
     def authenticate(self, presented: str | None) -> Identity:
         """The identity of ``presented`` (``<key_id>.<secret>``), or UNAUTHENTICATED."""

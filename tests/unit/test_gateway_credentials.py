@@ -1,5 +1,6 @@
 """Bearer tokens (JWT against a JWKS), the API-key/token choice, TLS and mutual TLS (with
-the client library, and a certificate renewed while the gateway runs).
+the client library, a certificate renewed while the gateway runs, and client certificates
+mapped to tenants by the key file).
 
 Keys and certificates are generated here with ``cryptography``; tokens are signed with
 PyJWT, the same library a caller's identity provider would use. The TLS tests start the
@@ -30,11 +31,19 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from fashionserve.clients import AsyncFashionClient, FashionClient, FashionServeError
 from fashionserve.gateway.auth.identity import UNKNOWN_KEY_ID
 from fashionserve.gateway.auth.interceptor import Authenticator
-from fashionserve.gateway.auth.keys import KeyStore, create_key
+from fashionserve.gateway.auth.keys import (
+    KeyFileError,
+    KeyStore,
+    create_key,
+    parse_key_file,
+    read_keys_file,
+)
 from fashionserve.gateway.auth.tls import TlsFileError
 from fashionserve.gateway.auth.tokens import JwksError, TokenVerifier
 from fashionserve.gateway.failures import Unauthenticated
@@ -366,15 +375,29 @@ class Pki:
         )
         return key, cert
 
+    def client_with(
+        self, name: str, dns: tuple[str, ...] = (), uris: tuple[str, ...] = ()
+    ) -> tuple[bytes, bytes]:
+        """``(key, certificate)`` PEM of a client certificate from the CA with common name
+        ``name`` and these DNS and URI subject alternative names."""
+        sans = [x509.DNSName(d) for d in dns] + [x509.UniformResourceIdentifier(u) for u in uris]
+        return self._leaf(name, self.ca_key, self.ca_cert, server=False, sans=sans)
+
     def _leaf(
-        self, name: str, ca_key: ec.EllipticCurvePrivateKey, ca: x509.Certificate, server: bool
+        self,
+        name: str,
+        ca_key: ec.EllipticCurvePrivateKey,
+        ca: x509.Certificate,
+        server: bool,
+        sans: list[x509.GeneralName] | None = None,
     ) -> tuple[bytes, bytes]:
         key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
         builder = self._builder(subject, ca.subject, key.public_key())
         if server:
-            san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(name))])
-            builder = builder.add_extension(san, critical=False)
+            sans = [x509.IPAddress(ipaddress.ip_address(name))]
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
         cert = builder.sign(ca_key, hashes.SHA256())
         return self._pem_key(key), cert.public_bytes(serialization.Encoding.PEM)
 
@@ -539,3 +562,145 @@ def test_a_renewed_certificate_is_served_without_a_restart_or_a_dropped_connecti
             await before.close()
 
     asyncio.run(asyncio.wait_for(run(), 60))
+
+
+# ------------------------------------------------- client certificates mapped to tenants
+SPIFFE_ID = "spiffe://example.org/ns/shop/sa/tagger"
+MAPPINGS = f"""certificates:
+  - {{id: tagger, uri: "{SPIFFE_ID}", tenant: shop, scopes: [analyze]}}
+  - {{id: batch, dns: Batch.Internal.Example, tenant: acme, scopes: [analyze, embed]}}
+  - {{id: legacy, cn: client-1, tenant: default, scopes: [analyze, embed]}}
+"""
+
+
+def test_the_key_file_maps_certificates_and_keeps_them_when_a_key_is_added(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "keys.yaml"
+    create_key(path, "dev")
+    path.write_text(path.read_text() + MAPPINGS)
+    create_key(path, "ci", tenant="acme")  # rewrites the file: the mappings stay
+    loaded = parse_key_file(path)
+    assert [k.id for k in loaded.keys] == [k.id for k in read_keys_file(path)] == ["dev", "ci"]
+    assert [(c.id, c.kind, c.name, c.tenant) for c in loaded.certificates] == [
+        ("tagger", "uri", SPIFFE_ID, "shop"),
+        ("batch", "dns", "Batch.Internal.Example", "acme"),
+        ("legacy", "cn", "client-1", "default"),
+    ]
+    assert loaded.certificates[0].scopes == frozenset({"analyze"})
+
+
+@pytest.mark.parametrize(
+    ("entry", "problem"),
+    [
+        ("{id: c, tenant: acme, scopes: [analyze]}", "expected exactly one of cn, dns, uri"),
+        ("{id: c, cn: a, dns: a.example, tenant: acme, scopes: [analyze]}", "exactly one"),
+        ("{id: c, uri: 'spiffe://x/a b', tenant: acme, scopes: [analyze]}", "uri: not a valid"),
+        ("{id: c, dns: 'a..example', tenant: acme, scopes: [analyze]}", "dns: not a valid"),
+        ("{id: c, cn: client-1, tenant: acme, scopes: [analyze]}", "mapped twice"),
+        ("{id: c, cn: other, scopes: [analyze]}", "tenant"),  # no tenant: no shared quota
+        ("{id: c, cn: other, tenant: acme}", "scopes"),  # not every scope
+        ("{id: legacy, cn: other, tenant: acme, scopes: [analyze]}", "duplicate id"),
+    ],
+)
+def test_a_certificate_entry_that_would_fail_open_refuses_the_file_naming_its_line(
+    tmp_path: Path, entry: str, problem: str
+) -> None:
+    path = tmp_path / "keys.yaml"
+    path.write_text(
+        "keys: []\ncertificates:\n"
+        "  - {id: legacy, cn: client-1, tenant: acme, scopes: [analyze]}\n"
+        f"  - {entry}\n"
+    )
+    with pytest.raises(KeyFileError, match=rf"certificates\[1\] \(line 4\).*{problem}"):
+        KeyStore(path)  # at start: the gateway does not start
+
+
+Peer = tuple[bytes, bytes] | None
+
+
+def test_a_client_certificate_maps_to_its_tenant_and_scopes(tmp_path: Path, pki: Pki) -> None:
+    """Over mutual TLS: the certificate alone identifies a mapped caller; an unmapped one
+    needs a key; a key must agree with the tenant of the certificate it comes with."""
+    spiffe = pki.client_with("tagger-7f9c", uris=(SPIFFE_ID,))
+    batch = pki.client_with("batch", dns=("batch.internal.example",))
+    unmapped = pki.client_with("client-9", dns=("unknown.example",))
+
+    async def analyze(
+        port: int, client: Peer, key: str | None = None, embeddings: bool = False
+    ) -> tuple[grpc.StatusCode, str, dict[str, str]]:
+        """An Analyze of an empty image: EMPTY_IMAGE (INVALID_ARGUMENT) once admitted."""
+        request = pb.AnalyzeRequest(
+            image=pb.Image(data=b""),
+            options=pb.AnalyzeOptions(include_embeddings=embeddings),
+        )
+        async with pki.channel(port, client) as channel:
+            stub = pb_grpc.FashionAnalysisServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.Analyze(
+                    request, metadata=(("x-api-key", key),) if key else (), timeout=10
+                )
+        return info.value.code(), *error_info(info.value)
+
+    async def run() -> None:
+        async with tls_gateway(tmp_path, pki, tls_client_ca_file=pki.ca) as (port, key):
+            keys = tmp_path / "keys.yaml"
+            acme_key = create_key(keys, "acme-reader", tenant="acme", scopes=["analyze"])
+            keys.write_text(keys.read_text() + MAPPINGS)
+            await asyncio.sleep(1.2)  # the key file is looked at once a second at most
+            invalid = grpc.StatusCode.INVALID_ARGUMENT
+            # The certificate alone: its tenant and scopes.
+            assert (await analyze(port, spiffe))[:2] == (invalid, "EMPTY_IMAGE")
+            code, reason, meta = await analyze(port, spiffe, embeddings=True)
+            assert (code, reason) == (grpc.StatusCode.PERMISSION_DENIED, "MISSING_SCOPE")
+            assert (meta["tenant"], meta["keyId"]) == ("shop", "cert:tagger")
+            assert (await analyze(port, batch, embeddings=True))[:2] == (invalid, "EMPTY_IMAGE")
+            # A certificate mapped to no tenant, without a key: refused, its names said.
+            code, reason, meta = await analyze(port, unmapped)
+            assert (code, reason) == (grpc.StatusCode.UNAUTHENTICATED, "CERTIFICATE_NOT_MAPPED")
+            assert meta["certificate"] == "CN=client-9, DNS:unknown.example"
+            # ... with a key: the key counts, as without mappings.
+            assert (await analyze(port, unmapped, key))[:2] == (invalid, "EMPTY_IMAGE")
+            # A key of another tenant than its certificate's: refused.
+            code, reason, meta = await analyze(port, spiffe, key)
+            assert (code, reason) == (grpc.StatusCode.PERMISSION_DENIED, "TENANT_MISMATCH")
+            assert (meta["tenant"], meta["certificateTenant"]) == ("default", "shop")
+            # The same tenant: the scopes both grant (the key has no embed).
+            code, reason, meta = await analyze(port, batch, acme_key, embeddings=True)
+            assert (code, reason, meta["keyId"]) == (
+                grpc.StatusCode.PERMISSION_DENIED, "MISSING_SCOPE", "acme-reader"
+            )  # fmt: skip
+            # Refused before the request is read: a body that does not parse is not seen.
+            async with pki.channel(port, unmapped) as channel:
+                raw = channel.unary_unary(
+                    "/fashion.v1.FashionAnalysisService/Analyze",
+                    request_serializer=lambda b: b,
+                    response_deserializer=lambda b: b,
+                )
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await raw(b"\xff\xff not a protobuf", timeout=10)
+                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            # Streams are identified the same way.
+            async with pki.channel(port, spiffe) as channel:
+                stub = pb_grpc.FashionAnalysisServiceStub(channel)
+                call = stub.StreamAnalyze(
+                    iter([pb.StreamAnalyzeRequest(request_id="a", image=pb.Image(data=b""))])
+                )
+                replies = [r async for r in call]
+                assert [r.request_id for r in replies] == ["a"]
+            # Mappings are re-read with the file: removed, the certificate is refused.
+            keys.write_text(keys.read_text().split("certificates:")[0] + "certificates: []\n")
+            await asyncio.sleep(1.2)
+            code, reason, _ = await analyze(port, spiffe)
+            assert (code, reason) == (grpc.StatusCode.UNAUTHENTICATED, "API_KEY_MISSING")
+
+    asyncio.run(asyncio.wait_for(run(), 60))
+
+
+def error_info(err: grpc.aio.AioRpcError) -> tuple[str, dict[str, str]]:
+    """The reason and metadata of a call's ``ErrorInfo``."""
+    status = rpc_status.from_call(err)
+    assert status is not None and len(status.details) == 1
+    info = error_details_pb2.ErrorInfo()
+    status.details[0].Unpack(info)
+    return info.reason, dict(info.metadata)
