@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-TargetKind = Literal["gateway", "triton", "naive"]
-TARGET_KINDS: tuple[TargetKind, ...] = ("gateway", "triton", "naive")
+TargetKind = Literal["gateway", "triton", "naive", "ray"]
+TARGET_KINDS: tuple[TargetKind, ...] = ("gateway", "triton", "naive", "ray")
 
 DEFAULT_ADDRESSES: dict[TargetKind, str] = {
     "gateway": "127.0.0.1:50051",
     "triton": "127.0.0.1:8001",
     "naive": "127.0.0.1:50061",
+    "ray": "127.0.0.1:9000",
 }
 """Where each target listens by default: the gateway's and Triton's standard ports, and
-the naive server's own."""
+the naive server's own, Ray Serve's gRPC proxy's."""

@@ -1,4 +1,5 @@
-"""What the load generator calls: the gateway, Triton's ensemble directly, or the naive server.
+"""What the load generator calls: the gateway, Triton's ensemble directly, the naive server,
+or the Ray Serve reference.
 
 Every target sends the same encoded images and does what a real caller of that endpoint
 must do with the answer (the direct-Triton target deserialises the output tensors and
@@ -100,7 +101,8 @@ def status_name(exc: BaseException) -> str:
 
 
 class AnalysisServiceTarget:
-    """``FashionAnalysisService.Analyze`` over gRPC: the gateway, or the naive server."""
+    """``FashionAnalysisService.Analyze`` over gRPC: the gateway, the naive server or the
+    Ray Serve reference (through Ray's gRPC proxy)."""
 
     def __init__(self, spec: TargetSpec, images: Sequence[bytes]) -> None:
         limits = [
@@ -198,6 +200,6 @@ def open_target(spec: TargetSpec, images: Sequence[bytes]) -> Target:
         raise ValueError("no images to send")
     if spec.kind == "triton":
         return TritonTarget(spec, images)
-    if spec.kind in ("gateway", "naive"):
+    if spec.kind in ("gateway", "naive", "ray"):
         return AnalysisServiceTarget(spec, images)
     raise ValueError(f"unknown target kind {spec.kind!r} (known: {', '.join(TARGET_KINDS)})")

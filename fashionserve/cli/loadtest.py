@@ -1,4 +1,4 @@
-"""``fashionserve loadtest ...``: run, capacity, soak, naive-server and bench.
+"""``fashionserve loadtest ...``: run, capacity, soak, naive-server, ray-server and bench.
 
 Exit status: 1 when an SLO is missed (so CI can gate on it), 2 when the load test could
 not run (a bad flag or file, a target that never became ready); ``bench``: 1 when the
@@ -286,6 +286,20 @@ def _naive_server(args: argparse.Namespace) -> int:
     )
 
 
+def _ray_server(args: argparse.Namespace) -> int:
+    from fashionserve.loadtest.peers.ray_serve import RayServeSettings, serve_ray
+
+    settings = RayServeSettings(
+        repository=args.repository,
+        port=args.port,
+        cores=args.cores,
+        replicas=args.replicas,
+        max_batch_size=args.max_batch_size,
+        batch_wait_s=args.max_queue_delay_microseconds / 1e6,
+    )
+    return serve_ray(settings, ready_file=args.ready_file)
+
+
 def _bench(args: argparse.Namespace) -> int:
     from fashionserve.loadtest.bench import BenchSettings, run_bench
 
@@ -370,6 +384,28 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--max-garments", type=int, default=16, help="garments kept per image")
     p.add_argument(
         "--device", default="auto", help="torch device: auto (cuda when available), cpu, cuda"
+    )
+
+    p = command(
+        "ray-server",
+        _ray_server,
+        "serve the Ray Serve reference (needs the `peers` extra: pip install '.[peers]')",
+    )
+    p.add_argument(
+        "--repository", type=Path, required=True, help="the built model repository to serve"
+    )
+    p.add_argument("--port", type=int, default=0, help="gRPC port (default: a free one)")
+    p.add_argument("--ready-file", type=Path, help="write HOST:PORT here once answering")
+    p.add_argument("--cores", type=_positive(int), default=2, help="CPUs of the Ray cluster")
+    p.add_argument("--replicas", type=_positive(int), default=2, help="replicas sharing them")
+    p.add_argument(
+        "--max-batch-size", type=_positive(int), default=8, help="@serve.batch's (the gateway's)"
+    )
+    p.add_argument(
+        "--max-queue-delay-microseconds",
+        type=int,
+        default=0,
+        help="@serve.batch's wait (the gateway's)",
     )
 
     p = command(
