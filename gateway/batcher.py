@@ -16,6 +16,9 @@ The contract (as Triton's dynamic batcher and Ray Serve's ``@serve.batch``):
   exception in place of a result to fail that one request only;
 * a backend failure (an exception raised, or a wrong number of results) fails every
   request of the batch with that cause;
+* with a ``key``, a batch only holds requests whose keys agree (``None`` agrees with any):
+  the gateway keys a stream's images by the model versions the stream started on, which
+  one backend call must serve alike;
 * batch sizes and queue waits are recorded in the histograms it is given
   (``batch_size``, ``queue_wait_seconds``: the gateway's Prometheus metrics).
 
@@ -34,7 +37,7 @@ import contextvars
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -104,6 +107,7 @@ class MicroBatcher(Generic[T, R]):
         max_batches_in_flight: int,
         batch_size: Observer | None = None,
         queue_wait_seconds: Observer | None = None,
+        key: Callable[[T], Hashable | None] | None = None,
     ) -> None:
         if max_batch_size < 1 or max_batches_in_flight < 1 or max_queue_delay_microseconds < 0:
             raise ValueError("batch size and batches in flight must be >= 1, delay >= 0")
@@ -118,6 +122,7 @@ class MicroBatcher(Generic[T, R]):
         self._closed = False
         self._batch_size = batch_size
         self._queue_wait_seconds = queue_wait_seconds
+        self._key = key
 
     def start(self) -> None:
         """Start the batching loop (call from the event loop that will submit)."""
@@ -212,13 +217,28 @@ class MicroBatcher(Generic[T, R]):
                 if remaining <= 0:
                     break
                 await self._wait_arrival(remaining)
-            batch: list[_Pending[T, R]] = []
-            while self._pending and len(batch) < self.max_batch_size:
-                p = self._pending.popleft()
-                if not p.future.done():
-                    batch.append(p)
+            batch = self._take()
             if batch:  # empty if every caller gave up while we waited: send nothing
                 return batch
+
+    def _take(self) -> list[_Pending[T, R]]:
+        """Up to a full batch of live requests, oldest first, whose keys agree; the others
+        keep their place in the queue."""
+        batch: list[_Pending[T, R]] = []
+        kept: deque[_Pending[T, R]] = deque()
+        batch_key: Hashable | None = None
+        while self._pending and len(batch) < self.max_batch_size:
+            p = self._pending.popleft()
+            if p.future.done():
+                continue
+            key = self._key(p.item) if self._key is not None else None
+            if key is not None and batch_key is not None and key != batch_key:
+                kept.append(p)
+                continue
+            batch_key = batch_key if key is None else key
+            batch.append(p)
+        self._pending.extendleft(reversed(kept))
+        return batch
 
     async def _dispatch(self, batch: list[_Pending[T, R]]) -> None:
         try:

@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 # Until Triton has told us its cap (ensemble parameter max_crops_per_image), accept any
 # max_garments up to this; the ensemble never returns more than its own cap anyway.
 FALLBACK_MAX_GARMENTS = 1024
+# The reason a stream ends with when its model versions are gone (EndpointPool says it too).
+VERSION_CHANGED = "SERVED_VERSION_CHANGED"
 # Problems of the service rather than of one image: in BatchAnalyze they fail the whole
 # call, so that callers retry it as a whole.
 _WHOLE_CALL_KINDS = frozenset({ErrorKind.UNAVAILABLE, ErrorKind.DEADLINE_EXCEEDED})
@@ -106,6 +108,33 @@ class ServingInfo:
     taxonomy_hash: str
     limits: Limits
     gateway_version: str
+
+
+@dataclass
+class StreamPin:
+    """What keeps one stream's answers to one set of model versions, even mid-rollout.
+
+    ``versions``: those most Triton endpoints served when the stream sent its first image
+    (:meth:`EndpointPool.preferred_versions`); every image of the stream goes only to
+    endpoints serving them. Endpoints are known by their last probe, so a Triton switched
+    since then could still answer: ``taxonomy_hash`` (of the first answer decoded) catches
+    the switches a caller would see, a tagger with another label layout. Either way the
+    stream ends with UNAVAILABLE (SERVED_VERSION_CHANGED): the caller opens a new one.
+    """
+
+    versions: str | None = None
+    taxonomy_hash: str | None = None
+
+    def check(self, taxonomy: Taxonomy) -> None:
+        """Raise unless ``taxonomy`` decoded this stream's answers so far."""
+        if self.taxonomy_hash is None:
+            self.taxonomy_hash = taxonomy.hash
+        elif taxonomy.hash != self.taxonomy_hash:
+            raise Unavailable(
+                VERSION_CHANGED,
+                "the model versions this stream started on are no longer served; open a new stream",
+                {"streamVersions": self.versions or ""},
+            )
 
 
 class IdleLimit:
@@ -208,12 +237,17 @@ class Analyzer:
 
     # ------------------------------------------------------------------ analysis
     async def analyze(
-        self, image: bytes, raw: RawOptions, deadline: float | None = None
+        self,
+        image: bytes,
+        raw: RawOptions,
+        deadline: float | None = None,
+        pin: StreamPin | None = None,
     ) -> ImageResult:
         """Analyze one image; raises :class:`fashionserve.errors.Error`.
 
         ``deadline`` (``time.monotonic()`` seconds, the caller's) travels with the image:
-        past it, the image is not sent to Triton, and the Triton call ends by it.
+        past it, the image is not sent to Triton, and the Triton call ends by it. ``pin``:
+        the model versions of the stream it belongs to.
         """
         options = self.resolve_options(raw)
         async with self.admission.admit(_tenant(), 1):
@@ -221,7 +255,9 @@ class Analyzer:
             if isinstance(checked, Error):
                 raise checked
             await self.monitor.require_serving()
-            return await self._infer(image, options, deadline)
+            if pin is not None and pin.versions is None:
+                pin.versions = self.inference.pool.preferred_versions()
+            return await self._infer(image, options, deadline, pin)
 
     async def analyze_batch(
         self, images: Sequence[bytes], raw: RawOptions, deadline: float | None = None
@@ -269,19 +305,25 @@ class Analyzer:
         stops reading answers cannot hold the call open either. A caller that sends nothing
         for ``stream_idle_timeout_seconds`` while a request is awaited has its stream
         ended the same way, after its answers (STREAM_IDLE). A tenant has at most
-        ``max_streams_per_tenant`` streams open (TENANT_STREAM_LIMITED).
+        ``max_streams_per_tenant`` streams open (TENANT_STREAM_LIMITED). All answers come
+        from one set of model versions (:class:`StreamPin`); once those are no longer
+        served the call ends with UNAVAILABLE (SERVED_VERSION_CHANGED).
         """
         limit = StreamLimit(
             self.settings.max_stream_requests, self.settings.max_stream_duration_seconds
         )
         idle = IdleLimit(self.settings.stream_idle_timeout_seconds)
 
+        pin = StreamPin()
+
         async def answer(item: StreamItem) -> StreamOutcome:
             try:
                 validate_request_id(item.request_id)
-                result = await self.analyze(item.image, item.options, deadline)
+                result = await self.analyze(item.image, item.options, deadline, pin)
             except Exception as exc:
                 err = as_error(exc)
+                if err.reason == VERSION_CHANGED:
+                    raise  # ends the call: no answer of other versions on this stream
                 self.telemetry.count_rejection(err.reason)
                 return StreamOutcome(item.request_id, err)
             return StreamOutcome(item.request_id, result)
@@ -324,13 +366,20 @@ class Analyzer:
             return await self.image_checks.check(images)
 
     async def _infer(
-        self, image: bytes, options: ValidatedOptions, deadline: float | None
+        self,
+        image: bytes,
+        options: ValidatedOptions,
+        deadline: float | None,
+        pin: StreamPin | None = None,
     ) -> ImageResult:
-        output = await self.inference.infer(image, deadline)
+        output = await self.inference.infer(image, deadline, pin.versions if pin else None)
         with child_span(self.tracer, "decode"):
             # The served model may have changed while the batch ran (a reload).
             self.monitor.check_taxonomy()
-            return assemble_result(output, await self._taxonomy_for(output), options)
+            taxonomy = await self._taxonomy_for(output)
+            if pin is not None and output.garments:  # no logits: nothing tells versions apart
+                pin.check(taxonomy)
+            return assemble_result(output, taxonomy, options)
 
     async def _taxonomy_for(self, output: ImageOutput) -> Taxonomy:
         """The taxonomy of the tagger that produced ``output``, told by its logit width.

@@ -25,6 +25,11 @@ either ``host:port`` (one endpoint; gRPC resolves the name itself) or ``dns:///h
   time, whoever set the deadline (a hung Triton looks the same to a caller with a short
   deadline). It comes back through a canary, the first one ``triton_canary_backoff_seconds``
   after the ejection.
+* **Versions.** During a rollout over several servers some serve the new model versions
+  and some the old (:attr:`ServedState.versions`, as their last probe saw it). A call may
+  name the versions it must be answered by (a stream's, see
+  :meth:`EndpointPool.preferred_versions`): it goes only to endpoints serving them, and
+  fails with UNAVAILABLE (SERVED_VERSION_CHANGED) once none does.
 * **Retry.** Such a failed call is tried again on another admitted endpoint, at most
   :data:`MAX_ATTEMPTS` in all, only while the batch's deadline leaves time, and only while
   the :class:`RetryBudget` allows: retries stay a fraction of calls, so a fleet in trouble is
@@ -335,8 +340,22 @@ class EndpointPool:
         endpoint.problem = why
 
     # ------------------------------------------------------------------ inference
-    def _pick(self, tried: set[str]) -> Endpoint | None:
-        candidates = [e for e in self.admitted if e.address not in tried]
+    def preferred_versions(self) -> str | None:
+        """The model versions most admitted endpoints serve (the newest probe's among
+        equals), what a new stream keeps to; None when none is admitted."""
+        counts: dict[str, int] = {}
+        for endpoint in self.admitted:
+            counts[endpoint.state.versions] = counts.get(endpoint.state.versions, 0) + 1
+        return max(counts, key=counts.__getitem__, default=None)
+
+    def _serving(self, versions: str | None) -> list[Endpoint]:
+        admitted = self.admitted
+        return (
+            admitted if versions is None else [e for e in admitted if e.state.versions == versions]
+        )
+
+    def _pick(self, tried: set[str], versions: str | None) -> Endpoint | None:
+        candidates = [e for e in self._serving(versions) if e.address not in tried]
         if not candidates:
             return None
         endpoint = min(candidates, key=lambda e: (e.outstanding, e.last_picked))
@@ -344,18 +363,27 @@ class EndpointPool:
         return endpoint
 
     async def infer(
-        self, images: Sequence[bytes], deadline: float | None = None
+        self, images: Sequence[bytes], deadline: float | None = None, versions: str | None = None
     ) -> list[ImageOutput | GatewayError]:
         """Run ``images`` on an admitted endpoint, retrying elsewhere on its failure.
 
         ``deadline`` (``time.monotonic()`` seconds) bounds every attempt; no attempt starts
-        after it. Raises :class:`Unavailable` when no endpoint serves, else the last
+        after it. ``versions``: only endpoints serving these model versions (see
+        :meth:`preferred_versions`). Raises :class:`Unavailable` when no endpoint serves
+        (SERVED_VERSION_CHANGED when some serve, but other versions), else the last
         attempt's error.
         """
         self.budget.earn()
         tried: set[str] = set()
         while True:
-            endpoint = self._pick(tried)
+            endpoint = self._pick(tried, versions)
+            if endpoint is None and not tried and self.admitted:
+                raise Unavailable(
+                    "SERVED_VERSION_CHANGED",
+                    "the model versions this stream started on are no longer served; open "
+                    "a new stream",
+                    {"streamVersions": versions or ""},
+                )
             if endpoint is None:
                 # No addresses in the error: callers need not learn the fleet's layout.
                 raise Unavailable(
@@ -370,18 +398,18 @@ class EndpointPool:
             except GatewayError as exc:
                 self._count_failure(endpoint, exc)
                 retriable = isinstance(exc, Unavailable | DeadlineExceeded)
-                if not retriable or not self._may_retry(tried, deadline):
+                if not retriable or not self._may_retry(tried, deadline, versions):
                     raise
                 log.info("retrying a batch of %d on another endpoint: %s", len(images), exc.reason)
             finally:
                 if endpoint.retired and not endpoint.outstanding:
                     await endpoint.client.close()
 
-    def _may_retry(self, tried: set[str], deadline: float | None) -> bool:
+    def _may_retry(self, tried: set[str], deadline: float | None, versions: str | None) -> bool:
         if len(tried) >= MAX_ATTEMPTS:
             return False
         if deadline is not None and deadline <= time.monotonic():
             return False
-        if not any(e.address not in tried for e in self.admitted):
+        if not any(e.address not in tried for e in self._serving(versions)):
             return False
         return self.budget.spend()

@@ -37,6 +37,7 @@ class _Job:
     request_id: str
     span: trace.SpanContext
     queued_ns: int
+    versions: str | None  # the model versions that must answer it (a stream's), None: any
 
 
 class BatchedInference:
@@ -53,6 +54,9 @@ class BatchedInference:
             max_batches_in_flight=settings.max_batches_in_flight,
             batch_size=telemetry.metrics.batch_size,
             queue_wait_seconds=telemetry.metrics.batch_wait_seconds,
+            # One ensemble call is answered by one endpoint: its images must accept the
+            # same model versions.
+            key=lambda job: job.versions,
         )
 
     @property
@@ -68,12 +72,19 @@ class BatchedInference:
         """Take no more images and finish the batches in flight."""
         await self.batcher.close()
 
-    async def infer(self, image: bytes, deadline: float | None) -> ImageOutput:
+    async def infer(
+        self, image: bytes, deadline: float | None, versions: str | None = None
+    ) -> ImageOutput:
         """The ensemble's output for ``image``. ``deadline`` (``time.monotonic()`` seconds):
         past it the image is not sent (DEADLINE_EXCEEDED), and the Triton call ends by it.
-        Raises UNAVAILABLE (SHUTTING_DOWN) once closing."""
+        ``versions``: only endpoints serving these model versions answer it (see
+        :meth:`EndpointPool.infer`). Raises UNAVAILABLE (SHUTTING_DOWN) once closing."""
         job = _Job(
-            image, request_id_var.get(), trace.get_current_span().get_span_context(), time.time_ns()
+            image,
+            request_id_var.get(),
+            trace.get_current_span().get_span_context(),
+            time.time_ns(),
+            versions,
         )
         return await self.batcher.submit(job, deadline)
 
@@ -90,7 +101,8 @@ class BatchedInference:
             metrics.batches_in_flight.track_inprogress(),
             metrics.triton_seconds.time(),
         ):
-            return await self.pool.infer([job.image for job in jobs], deadline)
+            versions = next((job.versions for job in jobs if job.versions), None)
+            return await self.pool.infer([job.image for job in jobs], deadline, versions)
 
     def _batch_span(self, jobs: list[_Job]) -> contextlib.AbstractContextManager[object]:
         """The batch's ``triton_infer`` span, and a ``batch_wait`` span per recorded request.

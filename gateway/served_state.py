@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fashionserve import ensemble
+from fashionserve import thresholds as threshold_sets
 from fashionserve.gateway.triton_client import EnsembleStatus
 from fashionserve.taxonomy import Taxonomy
 
@@ -54,8 +55,16 @@ class ServedState:
     parameters: dict[str, str] = field(default_factory=dict)
     # The served tagger's own taxonomy, when the ensemble publishes it (verified against
     # taxonomy_hash): the gateway decodes with it, so a rollout that adds labels needs no
-    # gateway restart.
+    # gateway restart. It decides with the served tagger version's calibrated threshold set
+    # when the ensemble publishes one (``thresholds``), with its own thresholds otherwise.
     taxonomy: Taxonomy | None = None
+    thresholds: threshold_sets.ThresholdSet | None = None
+
+    @property
+    def versions(self) -> str:
+        """The served model versions as one string (``detector:1,tagger:2,embedder:1``):
+        endpoints that agree on it answer alike; a stream keeps to the one it started on."""
+        return ",".join(f"{m.name}:{m.version}" for m in self.models)
 
 
 def assess(status: EnsembleStatus, taxonomy: Taxonomy) -> ServedState:
@@ -120,8 +129,20 @@ def served_state_from_config(config: Any) -> ServedState:
     tagger = next(m for m in models if m.name == ensemble.TAGGER)
     recorded_tagger = params.get("tagger_version", tagger.version)
     taxonomy_hash = params.get("taxonomy_hash", "") if tagger.version == recorded_tagger else ""
+    taxonomy = _published_taxonomy(params.get("taxonomy_document", ""), taxonomy_hash)
+    thresholds = None
+    if taxonomy is not None and params.get("thresholds_document"):
+        try:
+            thresholds, taxonomy = threshold_sets.applied(
+                params["thresholds_document"], taxonomy, params.get("thresholds_hash", "")
+            )
+        except threshold_sets.ThresholdsError as exc:
+            # Deciding with other thresholds than the served version's would change what
+            # callers count without telling them: this endpoint does not serve.
+            return ServedState(False, f"the served threshold set cannot be used: {exc}")
     return ServedState(
-        taxonomy=_published_taxonomy(params.get("taxonomy_document", ""), taxonomy_hash),
+        taxonomy=taxonomy,
+        thresholds=thresholds,
         ready=True,
         taxonomy_hash=taxonomy_hash,
         taxonomy_version=params.get("taxonomy_version", ""),

@@ -349,3 +349,20 @@ async def test_bounded_map_stops_reading_when_consumer_stops() -> None:
     assert first == 0
     assert read <= 4
     await gen.aclose()
+
+
+@aio
+async def test_a_batch_holds_only_requests_whose_keys_agree() -> None:
+    backend = Recorder()
+    # Odd and even numbers must not share a call; 100 and up accept any company.
+    batcher: MicroBatcher[int, int] = MicroBatcher(
+        backend,
+        max_batch_size=4,
+        max_queue_delay_microseconds=20_000,
+        max_batches_in_flight=1,
+        key=lambda i: None if i >= 100 else i % 2,
+    )
+    results = await asyncio.gather(*(batcher.submit(i) for i in (0, 1, 2, 100, 3)))
+    assert results == [0, 2, 4, 200, 6]
+    assert sorted(backend.batches) == [[0, 2, 100], [1, 3]]  # each in arrival order
+    await batcher.close()

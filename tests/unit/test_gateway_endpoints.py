@@ -59,11 +59,14 @@ class FakeTriton:
         self.canaries = 0
         self.deadlines: list[float | None] = []
         self.closed = False
+        self.tagger_version = 1  # the version its ensemble's tagger step names
 
     async def status(self) -> EnsembleStatus:
         if not self.ready:
             return EnsembleStatus("connection refused")
         config = model_config_pb2.ModelConfig()
+        step = config.ensemble_scheduling.step.add()
+        step.model_name, step.model_version = "tagger", self.tagger_version
         config.parameters["taxonomy_hash"].string_value = self.taxonomy_hash
         config.parameters["taxonomy_version"].string_value = "x"
         return EnsembleStatus(config=config)
@@ -384,3 +387,26 @@ def test_targets() -> None:
     assert split_target("triton:8001") == ("triton", 8001, False)
     assert split_target("dns:///triton.ns:8001") == ("triton.ns", 8001, True)
     assert split_target("[::1]:8001") == ("::1", 8001, False)
+
+
+@aio
+async def test_a_call_naming_model_versions_goes_only_where_they_are_served() -> None:
+    fleet = Fleet()
+    pool = fleet.pool(["a:1", "b:1", "c:1"])
+    fleet.servers["c:1"].tagger_version = 2  # a rollout switched one server of three
+    await pool.describe()
+    old = pool.preferred_versions()  # what most servers serve: a new stream keeps to it
+    assert old is not None and "tagger:1" in old
+    for _ in range(6):
+        await pool.infer([b"x"], versions=old)
+    assert [s.calls for s in fleet.servers.values()] == [3, 3, 0]
+
+    for server in fleet.servers.values():  # the rollout goes on: every server switched
+        server.tagger_version = 2
+    await pool.describe()
+    with pytest.raises(Unavailable) as refused:
+        await pool.infer([b"x"], versions=old)
+    assert refused.value.reason == "SERVED_VERSION_CHANGED"
+    assert "open a new stream" in refused.value.message
+    assert "tagger:2" in (pool.preferred_versions() or "")
+    await pool.infer([b"x"])  # a call naming no versions goes anywhere
