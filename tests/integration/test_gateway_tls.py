@@ -30,6 +30,7 @@ from grpc_health.v1 import health_pb2
 
 from fashionserve.cli import main as cli_main
 from fashionserve.clients import FashionClient, FashionServeError, StreamRequest
+from fashionserve.gateway.auth.keys import create_key
 from fashionserve.triton import TritonServer
 
 REMOTE = "192.0.2.7:50051"
@@ -155,6 +156,47 @@ def test_analyze_over_mutual_tls_from_the_command_line(
     err = capsys.readouterr().err
     assert f"in plaintext to {REMOTE}" in err and "--insecure-plaintext" in err
     assert gateway.process.poll() is None
+
+
+def test_a_mapped_client_certificate_is_a_tenant_without_a_key(
+    mutual: tuple[Gateway, tuple[Path, Path]],
+    authority: Authority,
+    scene: bytes,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    gateway, (client_cert, client_key) = mutual
+    image = tmp_path / "scene.jpg"
+    image.write_bytes(scene)
+    monkeypatch.delenv("FASHIONSERVE_API_KEY", raising=False)
+    flags = ["--gateway", gateway.address, "--ca", str(authority.ca)]
+    flags += ["--cert", str(client_cert), "--key", str(client_key), "--timeout", "10"]
+    # Not mapped yet: the certificate opens the connection, but no call.
+    assert cli_main(["analyze", str(image), *flags]) == 1
+    err = capsys.readouterr().err
+    assert "UNAUTHENTICATED (API_KEY_MISSING)" in err
+    # Mapped in the key file (re-read while the gateway runs): answers, with no key.
+    keys = gateway.log.parent / "keys.yaml"
+    mapping = (
+        "certificates:\n  - {id: client-1, cn: client-1, tenant: default, scopes: [analyze]}\n"
+    )
+    keys.write_text(keys.read_text() + mapping)
+    deadline = time.monotonic() + 10
+    while cli_main(["analyze", str(image), *flags, "--json"]) != 0:
+        # The file is looked at once a second at most.
+        assert "API_KEY_MISSING" in capsys.readouterr().err
+        assert time.monotonic() < deadline, "the mapping was not picked up"
+        time.sleep(0.5)
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["images"][0]["garments"], doc
+    assert "keyId=cert:client-1" not in gateway.log.read_text()  # it was never refused
+    # A key of another tenant with that certificate: refused, both tenants named.
+    other = create_key(keys, "other", tenant="acme")
+    time.sleep(1.2)
+    assert cli_main(["analyze", str(image), *flags, "--api-key", other]) == 1
+    err = capsys.readouterr().err
+    assert "PERMISSION_DENIED (TENANT_MISMATCH)" in err and "'acme'" in err, err
 
 
 def test_a_renewed_certificate_is_served_without_dropping_a_call(
