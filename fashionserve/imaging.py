@@ -10,7 +10,7 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image
 
 from fashionserve.errors import InvalidInput
 
@@ -62,6 +62,97 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     by other paths than the gateway). The header is checked against ``max_pixels`` before
     any pixel is decoded (decompression bombs).
     """
+    return decode_at_least(data, 0, max_pixels).pixels
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """An upright RGB image, decoded at full size or reduced, and the original it shows.
+
+    ``pixels`` ``[h, w, 3]`` shows the upright ``width`` x ``height`` original within
+    ``region`` (x0, y0, x1, y1), in pixel-edge coordinates of ``pixels``: the whole array
+    after a full decode. A JPEG decoded at 1/s has ``ceil(W / s)`` columns, the last of
+    which may stand for fewer than ``s`` original ones, so its region is ``W / s`` wide;
+    after EXIF transposition that partial column (or row) can be on any side.
+    """
+
+    pixels: np.ndarray
+    width: int
+    height: int
+    region: tuple[float, float, float, float]
+
+    @classmethod
+    def whole(cls, pixels: np.ndarray) -> Decoded:
+        """A full-size image: its region is all of it."""
+        height, width = pixels.shape[:2]
+        return cls(pixels, width, height, (0.0, 0.0, float(width), float(height)))
+
+
+# EXIF orientation -> the transposition that makes the stored pixels upright (as
+# ImageOps.exif_transpose), and whether the upright x and y axes run against the stored
+# axes they come from (for orientations 5-8, upright x comes from stored y).
+_ORIENTATIONS: dict[int, tuple[Image.Transpose, bool, bool]] = {
+    2: (Image.Transpose.FLIP_LEFT_RIGHT, True, False),
+    3: (Image.Transpose.ROTATE_180, True, True),
+    4: (Image.Transpose.FLIP_TOP_BOTTOM, False, True),
+    5: (Image.Transpose.TRANSPOSE, False, False),
+    6: (Image.Transpose.ROTATE_270, True, False),
+    7: (Image.Transpose.TRANSVERSE, True, True),
+    8: (Image.Transpose.ROTATE_90, False, True),
+}
+_JPEG_DCT_SCALES = (8, 4, 2)  # what libjpeg's scaled IDCT offers (1/8, 1/4, 1/2)
+
+
+def decode_at_least(data: bytes, min_side: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
+    """Decode like :func:`decode_image`, a JPEG at the smallest scale whose longer side is
+    still at least ``min_side`` pixels.
+
+    libjpeg scales in the DCT domain (1/2, 1/4, 1/8: PIL's ``Image.draft``), so a 12 MP
+    photo needed at 512 px is decoded at 1/4 for a fraction of the full decode's cost. The
+    longer side stays >= ``min_side``, so whatever is resized from the result is still a
+    downscale, as from the full image. Other formats, and ``min_side`` 0, decode at full
+    size. The header is checked against ``max_pixels`` at the original size.
+    """
+    img, fmt = _open(data, max_pixels)
+    stored_w, stored_h = img.size
+    region = (0.0, 0.0, float(stored_w), float(stored_h))
+    longest = max(stored_w, stored_h)
+    try:
+        scale = next((s for s in _JPEG_DCT_SCALES if longest >= s * min_side > 0), 1)
+        if fmt == "JPEG" and scale > 1:
+            # PIL picks the largest scale that keeps both sides >= the size asked for, so
+            # asking for size // scale gets `scale`; the region it returns says which.
+            drafted = img.draft("RGB", (max(1, stored_w // scale), max(1, stored_h // scale)))
+            if drafted is not None:  # None: a JPEG PIL cannot scale (several tiles)
+                region = drafted[1]
+        img.load()
+        orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+        width, height = stored_w, stored_h
+        if orientation in _ORIENTATIONS:
+            method, flip_x, flip_y = _ORIENTATIONS[orientation]
+            reduced_w, reduced_h = img.size
+            img = img.transpose(method)
+            if orientation >= 5:  # a quarter turn: the axes swap
+                width, height = stored_h, stored_w
+                region = (region[1], region[0], region[3], region[2])
+                reduced_w, reduced_h = reduced_h, reduced_w
+            x0, y0, x1, y1 = region
+            if flip_x:
+                x0, x1 = reduced_w - x1, reduced_w - x0
+            if flip_y:
+                y0, y1 = reduced_h - y1, reduced_h - y0
+            region = (x0, y0, x1, y1)
+        return Decoded(to_rgb(img), width, height, region)
+    except ImageDecodeError:
+        raise
+    except Exception as exc:
+        raise ImageDecodeError(
+            "CORRUPT_IMAGE", f"image data is corrupt or truncated: {exc}"
+        ) from exc
+
+
+def _open(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
+    """Open ``data`` with its format's PIL plugin alone, header checked, no pixel decoded."""
     if not data:
         raise ImageDecodeError("EMPTY_IMAGE", "image is empty (0 bytes)")
     fmt = sniff_format(data)
@@ -87,16 +178,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
         )
     if getattr(img, "n_frames", 1) > 1:
         img.seek(0)  # animated WebP/PNG: analyse the first frame
-    try:
-        img.load()
-        img = ImageOps.exif_transpose(img)
-        return to_rgb(img)
-    except ImageDecodeError:
-        raise
-    except Exception as exc:
-        raise ImageDecodeError(
-            "CORRUPT_IMAGE", f"image data is corrupt or truncated: {exc}"
-        ) from exc
+    return img, fmt
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -148,15 +230,27 @@ class Letterbox:
     height: int
 
 
-def letterbox(image: np.ndarray, size: int, fill: int = 114) -> tuple[np.ndarray, Letterbox]:
-    """Resize ``image`` ``[H, W, 3]`` to fit a ``size`` x ``size`` canvas keeping its aspect
-    ratio, placed at the top left, the rest filled with ``fill``."""
-    height, width = image.shape[:2]
+def letterbox(
+    image: np.ndarray | Decoded, size: int, fill: int = 114
+) -> tuple[np.ndarray, Letterbox]:
+    """Resize ``image`` (``[H, W, 3]``, or a :class:`Decoded` one) to fit a ``size`` x
+    ``size`` canvas keeping its aspect ratio, placed at the top left, the rest filled with
+    ``fill``.
+
+    A reduced decode is resized from its region to the size the original would get, so
+    the canvas and the returned :class:`Letterbox` are the full decode's: a canvas point
+    maps back to the same original pixel either way.
+    """
+    decoded = image if isinstance(image, Decoded) else Decoded.whole(image)
+    width, height = decoded.width, decoded.height
     scale = size / max(height, width)
     new_w = max(1, min(size, round(width * scale)))
     new_h = max(1, min(size, round(height * scale)))
     resized = np.asarray(
-        Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR), dtype=np.uint8
+        Image.fromarray(decoded.pixels).resize(
+            (new_w, new_h), Image.Resampling.BILINEAR, box=decoded.region
+        ),
+        dtype=np.uint8,
     )
     canvas = np.full((size, size, 3), fill, dtype=np.uint8)
     canvas[:new_h, :new_w] = resized
