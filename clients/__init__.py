@@ -28,6 +28,7 @@ if TYPE_CHECKING:
         AnalyzeOptions,
         BatchEntry,
         Box,
+        DecisionThreshold,
         GarmentResult,
         ImageResult,
         ItemError,
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
         StreamRequest,
         TagGroupResult,
         TaxonomyInfo,
+        ThresholdSetInfo,
     )
 
 _MODULES: dict[str, str] = {
@@ -48,6 +50,7 @@ _MODULES: dict[str, str] = {
     "Box": "fashionserve.clients.types",
     "ChannelSecurity": "fashionserve.clients.security",
     "ClientSetupError": "fashionserve.clients.errors",
+    "DecisionThreshold": "fashionserve.clients.types",
     "FashionClient": "fashionserve.clients.sync_client",
     "FashionServeError": "fashionserve.clients.errors",
     "GarmentResult": "fashionserve.clients.types",
@@ -62,6 +65,7 @@ _MODULES: dict[str, str] = {
     "StreamRequest": "fashionserve.clients.types",
     "TagGroupResult": "fashionserve.clients.types",
     "TaxonomyInfo": "fashionserve.clients.types",
+    "ThresholdSetInfo": "fashionserve.clients.types",
 }
 
 __all__ = [
@@ -71,6 +75,7 @@ __all__ = [
     "Box",
     "ChannelSecurity",
     "ClientSetupError",
+    "DecisionThreshold",
     "FashionClient",
     "FashionServeError",
     "GarmentResult",
@@ -85,6 +90,7 @@ __all__ = [
     "StreamRequest",
     "TagGroupResult",
     "TaxonomyInfo",
+    "ThresholdSetInfo",
 ]
 
 

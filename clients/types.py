@@ -235,18 +235,46 @@ class TagGroupInfo:
 
 
 @dataclass(frozen=True)
+class DecisionThreshold:
+    """The probability at which one decision says yes: a category (``"shirt"``, given its
+    parent) or a tag label (``"colour/red"``); ``calibrated``: set by the threshold set."""
+
+    name: str
+    threshold: float
+    calibrated: bool
+
+
+@dataclass(frozen=True)
+class ThresholdSetInfo:
+    """The calibrated threshold set decisions use: its name, content hash and target."""
+
+    name: str
+    hash: str
+    target_recall: float
+
+
+@dataclass(frozen=True)
 class TaxonomyInfo:
-    """The taxonomy the served models decode with (categories parents-first)."""
+    """The taxonomy the served models decode with (categories parents-first), the
+    threshold of every decision, and the calibrated set they come from (``None``: the
+    taxonomy's own)."""
 
     version: str
     hash: str
     categories: tuple[CategoryInfo, ...]
     tag_groups: tuple[TagGroupInfo, ...]
+    thresholds: tuple[DecisionThreshold, ...] = ()
+    threshold_set: ThresholdSetInfo | None = None
 
     @property
     def roots(self) -> tuple[str, ...]:
         """The top-level category names."""
         return tuple(c.name for c in self.categories if not c.parent)
+
+    @property
+    def threshold_values(self) -> dict[str, float]:
+        """Decision name -> threshold."""
+        return {t.name: t.threshold for t in self.thresholds}
 
 
 @dataclass(frozen=True)
@@ -280,6 +308,7 @@ class ServingInfo:
     taxonomy_hash: str
     limits: Limits
     gateway_version: str
+    threshold_set: ThresholdSetInfo | None = None
 
 
 # --------------------------------------------------------------------------- conversion
@@ -367,6 +396,22 @@ def taxonomy_from_proto(t: pb.GetTaxonomyResponse) -> TaxonomyInfo:
             )
             for g in t.tag_groups
         ),
+        thresholds=tuple(
+            DecisionThreshold(name=d.name, threshold=float(d.threshold), calibrated=d.calibrated)
+            for d in t.thresholds
+        ),
+        threshold_set=_threshold_set(t),
+    )
+
+
+def _threshold_set(
+    message: pb.GetTaxonomyResponse | pb.GetServingInfoResponse,
+) -> ThresholdSetInfo | None:
+    if not message.HasField("threshold_set"):
+        return None
+    info = message.threshold_set
+    return ThresholdSetInfo(
+        name=info.name, hash=info.hash, target_recall=round(float(info.target_recall), 6)
     )
 
 
@@ -390,6 +435,7 @@ def serving_info_from_proto(s: pb.GetServingInfoResponse) -> ServingInfo:
             embedding_dimension=int(lim.embedding_dimension),
         ),
         gateway_version=s.gateway_version,
+        threshold_set=_threshold_set(s),
     )
 
 

@@ -17,6 +17,13 @@ compared: a gap means serving differs from training (a coordinate, crop or taxon
 ``--gateway`` scores what a caller of the public API gets (through the client library): the
 gateway's micro-batching, validation and taxonomy decoding included. Both feed the same
 scoring code, so any gap between the two figures is lost in the gateway.
+
+Decisions use the thresholds in effect: the calibrated set the served tagger version carries
+(published in the ensemble's parameters, and by the gateway in GetTaxonomy), else the
+taxonomy's own; ``thresholds=`` (a ``thresholds.yaml``) replaces them. ``report=DIR`` adds
+the per-class report of one split (:func:`write_report`), and :func:`run_calibration` is
+``fashionserve calibrate``: both work on every matched garment's probability tables
+(:mod:`fashionserve.calibration`).
 """
 
 from __future__ import annotations
@@ -27,12 +34,14 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fashionserve import ensemble, metrics
+from fashionserve import calibration, ensemble, metrics
+from fashionserve import thresholds as threshold_sets
 from fashionserve.errors import FailedPrecondition
 from fashionserve.taxonomy import Decoded, ScoredLabel, Taxonomy, load_taxonomy
 
@@ -70,6 +79,7 @@ class DecodedGarment:
     detector_class: int  # index into Taxonomy.roots
     decoded: Decoded
     embedding: np.ndarray = field(repr=False)
+    tables: dict[str, dict[str, float]] = field(default_factory=dict, repr=False)
 
 
 Found = ensemble.Garment | DecodedGarment
@@ -160,6 +170,43 @@ def _detections(garments: Sequence[Found]) -> metrics.Detections:
 
 
 # ------------------------------------------------------------------------- scoring
+def _decoded(found: Found, taxonomy: Taxonomy) -> Decoded:
+    """Through Triton: the logits decoded with ``taxonomy``; through the gateway: its own
+    decoding."""
+    if isinstance(found, ensemble.Garment):
+        return taxonomy.decode(found.logits)
+    return found.decoded
+
+
+def _tables(found: Found, taxonomy: Taxonomy) -> dict[str, dict[str, float]]:
+    if isinstance(found, ensemble.Garment):
+        return taxonomy.probabilities(found.logits)
+    if not found.tables:
+        raise EvaluationError("the report needs probability tables: ask for them")
+    return found.tables
+
+
+def observations(
+    split: LabelledSplit, answers: Sequence[Sequence[Found]], taxonomy: Taxonomy
+) -> list[calibration.Observation]:
+    """Each ground-truth garment a returned garment matches at IoU >= 0.5: the matched
+    garment's probability tables with the garment's true path and tags."""
+    out = []
+    for img, garments in zip(split.images, answers, strict=True):
+        boxes, scores, _ = _detections(garments)
+        match = metrics.match_detections(boxes, scores, img.boxes, iou=MATCH_IOU)
+        for ann, p in zip(img.annotations, match, strict=True):
+            if p >= 0:
+                out.append(
+                    calibration.Observation(
+                        _tables(garments[p], taxonomy),
+                        list(ann["category_path"]),
+                        dict(ann.get("tags", {})),
+                    )
+                )
+    return out
+
+
 def score_val(
     split: LabelledSplit, answers: Sequence[Sequence[Found]], taxonomy: Taxonomy
 ) -> dict[str, Any]:
@@ -181,12 +228,7 @@ def score_val(
         for ann, p in zip(img.annotations, match, strict=True):
             if p < 0:
                 continue
-            found = garments[p]
-            decoded = (
-                taxonomy.decode(found.logits)
-                if isinstance(found, ensemble.Garment)
-                else found.decoded
-            )
+            decoded = _decoded(garments[p], taxonomy)
             pred_leaf.append(decoded.leaf)
             true_leaf.append(ann["category_path"][-1])
             pred_tags.append({k: (v[0].name if v else None) for k, v in decoded.tags.items()})
@@ -294,6 +336,7 @@ def decoded_garment(g: GarmentResult, roots: Sequence[str]) -> DecodedGarment:
     order) turns its detector class name back into the index the scoring expects."""
     if g.embedding is None:
         raise EvaluationError("the evaluation needs embeddings: ask for include_embeddings")
+    tables = {t.name: {s.name: s.probability for s in t.labels} for t in g.probability_tables}
     return DecodedGarment(
         box=g.box.as_tuple(),
         score=g.detector_score,
@@ -306,6 +349,7 @@ def decoded_garment(g: GarmentResult, roots: Sequence[str]) -> DecodedGarment:
             },
         ),
         embedding=np.asarray(g.embedding, np.float32),
+        tables=tables,
     )
 
 
@@ -321,8 +365,9 @@ def gateway_backend(
 
     ``served`` mirrors the ensemble parameters the Triton backend reports (taxonomy
     version and hash, ``max_images_per_request`` = the gateway's BatchAnalyze limit,
-    model versions); ``infer`` sends one ``BatchAnalyze`` call (thread-safe) and raises
-    :class:`EvaluationError` naming the image if any image of it fails.
+    model versions and artifact hashes, the threshold set in effect); ``infer`` sends one
+    ``BatchAnalyze`` call (thread-safe) and raises :class:`EvaluationError` naming the
+    image if any image of it fails.
     """
     from fashionserve.clients import (
         AnalyzeOptions,
@@ -335,7 +380,8 @@ def gateway_backend(
     client = FashionClient(address, api_key, timeout=timeout, **tls)
     try:
         info = client.get_serving_info()
-        roots = client.get_taxonomy().roots
+        served_taxonomy = client.get_taxonomy()
+        roots = served_taxonomy.roots
     except FashionServeError as exc:
         client.close()
         raise EvaluationError(f"the gateway at {address} cannot be used: {exc}") from exc
@@ -345,9 +391,15 @@ def gateway_backend(
         "max_images_per_request": str(info.limits.max_images_per_batch),
         "gateway_version": info.gateway_version,
         **{f"{m.name}_version": m.version for m in info.models},
+        **{f"{m.name}_sha256": m.artifact_sha256 for m in info.models},
+        SERVED_THRESHOLDS: json.dumps(served_taxonomy.threshold_values),
     }
-    # Server defaults for score floor and cap: the same as the ensemble applies.
-    options = AnalyzeOptions(include_embeddings=True)
+    if info.threshold_set is not None:
+        served["thresholds_name"] = info.threshold_set.name
+        served["thresholds_hash"] = info.threshold_set.hash
+    # Server defaults for score floor and cap: the same as the ensemble applies. The
+    # probability tables feed the per-class report and calibration.
+    options = AnalyzeOptions(include_embeddings=True, include_probability_tables=True)
 
     def infer(images: list[bytes]) -> list[list[Any]]:
         try:
@@ -365,6 +417,97 @@ def gateway_backend(
     return infer, served
 
 
+SERVED_THRESHOLDS = "thresholds_in_effect"
+"""Key of ``served`` (through the gateway): the thresholds GetTaxonomy reports, as JSON."""
+
+
+@dataclass
+class Backend:
+    """How images reach the served ensemble: ``infer`` and what is served."""
+
+    infer: InferFn
+    served: dict[str, str]
+
+    @property
+    def batch_limit(self) -> int | None:
+        limit = self.served.get("max_images_per_request")
+        return int(limit) if limit else None
+
+
+def connect_backend(
+    triton: str | None,
+    gateway: str | None,
+    api_key: str | None = None,
+    security: ChannelSecurity | None = None,
+) -> Backend:
+    """Through Triton's ensemble (``triton``) or the gateway's public API (``gateway``)."""
+    if gateway is not None:
+        return Backend(*gateway_backend(gateway, api_key, security=security))
+    if triton is not None:
+        client, served = _connect(triton)
+
+        def infer(images: list[bytes]) -> list[list[Any]]:
+            return list(ensemble.infer(client, images, timeout=300.0))
+
+        return Backend(infer, served)
+    raise EvaluationError("evaluate through Triton (triton=...) or the gateway (gateway=...)")
+
+
+def thresholds_in_effect(
+    taxonomy: Taxonomy, served: dict[str, str], thresholds: Path | None = None
+) -> tuple[Taxonomy, dict[str, str]]:
+    """``taxonomy`` deciding with the thresholds in effect, and which they are: the file
+    ``thresholds``, else the set the served tagger version carries (the ensemble publishes
+    its document; the gateway reports its values), else the taxonomy's own."""
+    if thresholds is not None:
+        chosen = threshold_sets.load(thresholds)
+        return chosen.apply(taxonomy), {
+            "source": str(thresholds),
+            "name": chosen.name,
+            "hash": chosen.hash,
+        }
+    if served.get("thresholds_document"):
+        try:
+            chosen, decided = threshold_sets.applied(
+                served["thresholds_document"], taxonomy, served.get("thresholds_hash", "")
+            )
+        except threshold_sets.ThresholdsError as exc:
+            raise EvaluationError(f"the served threshold set cannot be used: {exc}") from exc
+        return decided, {"source": "served", "name": chosen.name, "hash": chosen.hash}
+    identity = {
+        "name": served.get("thresholds_name", ""),
+        "hash": served.get("thresholds_hash", ""),
+    }
+    if served.get(SERVED_THRESHOLDS):
+        values = json.loads(served[SERVED_THRESHOLDS])
+        return taxonomy.with_thresholds(values), {"source": "served", **identity}
+    return taxonomy, {"source": "taxonomy", "name": "", "hash": ""}
+
+
+def _run_splits(
+    backend: Backend,
+    splits: Sequence[LabelledSplit],
+    batch: int,
+    echo: Callable[[str], None],
+) -> dict[str, list[list[Found]]]:
+    answers: dict[str, list[list[Found]]] = {}
+    for split in splits:
+        t0 = time.monotonic()
+        answers[split.name] = analyse(backend.infer, [img.path for img in split.images], batch)
+        seconds = time.monotonic() - t0
+        echo(
+            f"  {split.name}: {len(split.images)} images in {seconds:.1f}s "
+            f"({len(split.images) / max(seconds, 1e-9):.1f} images/s)"
+        )
+    return answers
+
+
+def default_split(data: Path, preferred: str) -> str:
+    """``preferred`` when the data set has it, else ``val`` (data sets made before the
+    ``test`` split existed)."""
+    return preferred if (Path(data) / preferred / "labels.json").is_file() else "val"
+
+
 def evaluate(
     data: Path,
     triton: str | None = None,
@@ -375,43 +518,42 @@ def evaluate(
     gateway: str | None = None,
     api_key: str | None = None,
     security: ChannelSecurity | None = None,
+    report: Path | None = None,
+    report_split: str | None = None,
+    thresholds: Path | None = None,
 ) -> dict[str, Any]:
     """Score the served ensemble on ``data``'s val, query and gallery splits.
 
     Prints a table and returns (and writes to ``json_out``, if given) ``detector_map50``,
     ``category_accuracy``, ``tag_accuracy``, ``retrieval_acc1``, ``retrieval_acc10``, the
-    counts behind them and throughput figures.
+    counts behind them and throughput figures. Decisions use the thresholds in effect
+    (:func:`thresholds_in_effect`). ``report``: also write the per-class report of
+    ``report_split`` (default ``test``, else ``val``) into that directory.
     """
-    infer: InferFn
-    if gateway is not None:
-        infer, served = gateway_backend(gateway, api_key, security=security)
-    elif triton is not None:
-        client, served = _connect(triton)
-
-        def infer(images: list[bytes]) -> list[list[Any]]:
-            return list(ensemble.infer(client, images, timeout=300.0))
-    else:
-        raise EvaluationError("evaluate through Triton (triton=...) or the gateway (gateway=...)")
-    batch = max(1, min(batch_size, int(served.get("max_images_per_request") or batch_size)))
+    backend = connect_backend(triton, gateway, api_key, security)
+    served = backend.served
+    batch = max(1, min(batch_size, backend.batch_limit or batch_size))
     val, query, gallery = (load_labels(data, s) for s in ("val", "query", "gallery"))
-    taxonomy = resolve_taxonomy(data, (val, query, gallery), served)
+    splits = [val, query, gallery]
+    report_name = report_split or default_split(data, "test")
+    if report is not None and report_name not in ("val", "query", "gallery"):
+        splits.append(load_labels(data, report_name))
+    taxonomy = resolve_taxonomy(data, splits, served)
+    decide, in_effect = thresholds_in_effect(taxonomy, served, thresholds)
 
-    answers: dict[str, list[list[Found]]] = {}
-    images = 0
     started = time.monotonic()
-    for split in (val, query, gallery):
-        t0 = time.monotonic()
-        answers[split.name] = analyse(infer, [img.path for img in split.images], batch)
-        seconds = time.monotonic() - t0
-        images += len(split.images)
-        echo(
-            f"  {split.name}: {len(split.images)} images in {seconds:.1f}s "
-            f"({len(split.images) / max(seconds, 1e-9):.1f} images/s)"
-        )
+    answers = _run_splits(backend, splits, batch, echo)
     elapsed = time.monotonic() - started
+    images = sum(len(split.images) for split in splits)
+    if thresholds is not None:  # the gateway decoded with its own: decide with the file's
+        for garments in answers.values():
+            for image in garments:
+                for g in image:
+                    if isinstance(g, DecodedGarment):
+                        g.decoded = decide.decide(g.tables)
 
     result: dict[str, Any] = {}
-    result.update(score_val(val, answers["val"], taxonomy))
+    result.update(score_val(val, answers["val"], decide))
     result.update(score_retrieval(query, answers["query"], gallery, answers["gallery"]))
     result.update(
         {
@@ -421,8 +563,9 @@ def evaluate(
             "request_batch": batch,
             "triton": triton,
             "gateway": gateway,
-            "served": served,
+            "served": {k: v for k, v in served.items() if k != SERVED_THRESHOLDS},
             "taxonomy": {"version": taxonomy.version, "hash": taxonomy.hash},
+            "thresholds": in_effect,
         }
     )
     result = _finite(result)
@@ -431,7 +574,250 @@ def evaluate(
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
         echo(f"wrote {json_out}")
+    if report is not None:
+        split = next(s for s in splits if s.name == report_name)
+        floor = float(served.get("min_score") or 0.0)
+        rows = write_report(
+            report,
+            split,
+            answers[split.name],
+            decide,
+            {
+                "data": str(data),
+                "split": split.name,
+                "through": f"gateway {gateway}" if gateway else f"triton {triton}",
+                "thresholds": in_effect,
+                "detector_floor": floor,
+                "taxonomy": {"version": taxonomy.version, "hash": taxonomy.hash},
+            },
+            floor,
+        )
+        result["report"] = rows
+        echo(f"wrote the per-class report of {split.name} to {report}")
     return result
+
+
+def write_report(
+    out: Path,
+    split: LabelledSplit,
+    answers: Sequence[Sequence[Found]],
+    taxonomy: Taxonomy,
+    meta: dict[str, Any],
+    detector_floor: float,
+) -> list[dict[str, Any]]:
+    """``out/report.json``, ``out/report.md`` and PR curves (``out/pr-*.png``) for every
+    detector class, category (at its level, and end to end) and tag label of ``split``,
+    at the thresholds ``taxonomy`` decides with (the detector's: its served floor)."""
+    obs = observations(split, answers, taxonomy)
+    roots = list(taxonomy.roots)
+    curves = calibration.detector_curves(
+        [_detections(a) for a in answers],
+        [
+            (img.boxes, np.array([roots.index(a["category_path"][0]) for a in img.annotations]))
+            for img in split.images
+        ],
+        roots,
+    )
+    rows = calibration.class_report(obs, taxonomy, curves, detector_floor)
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {**meta, "images": len(split.images), "matched_garments": len(obs), "classes": rows}
+    (out / "report.json").write_text(json.dumps(_finite(doc), indent=2) + "\n")
+    (out / "report.md").write_text(report_markdown(doc))
+    plot_curves(out, obs, taxonomy, curves, detector_floor)
+    return rows
+
+
+def report_markdown(doc: dict[str, Any]) -> str:
+    """The report as one Markdown table, its data and thresholds named above it."""
+
+    def num(value: Any) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    def interval(value: Any) -> str:
+        return "-" if not value else f"[{value[0]:.2f}, {value[1]:.2f}]"
+
+    thresholds = doc["thresholds"]
+    lines = [
+        f"# Per-class report: {doc['data']}, split `{doc['split']}`",
+        "",
+        f"Through {doc['through']}; {doc['images']} images, {doc['matched_garments']} "
+        f"garments matched at IoU >= 0.5. Thresholds: {thresholds.get('name') or 'the '}"
+        f"{'' if thresholds.get('name') else 'taxonomy defaults'} "
+        f"({thresholds.get('source')}{', ' + thresholds['hash'][:12] if thresholds.get('hash') else ''}); "
+        f"detector score floor {doc['detector_floor']}. A category's precision and recall are "
+        "at its level (garments that reached its parent); end to end counts every garment of "
+        "it. Intervals: 95% Wilson.",
+        "",
+        "| kind | class | threshold | support | precision | 95% CI | recall | 95% CI "
+        "| recall end to end | AP |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in doc["classes"]:
+        lines.append(
+            f"| {r['kind']} | {r['name']} | {r['threshold']:.3f} | {r['support']} "
+            f"| {num(r['precision'])} | {interval(r['precision_interval'])} "
+            f"| {num(r['recall'])} | {interval(r['recall_interval'])} "
+            f"| {num(r.get('recall_end_to_end'))} | {num(r['ap'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(
+    out: Path,
+    obs: Sequence[calibration.Observation],
+    taxonomy: Taxonomy,
+    curves: Sequence[calibration.DetectorCurve],
+    detector_floor: float,
+) -> None:
+    """One PNG per decision block (detector, each category level, each tag group): the
+    precision-recall curve of each class, its operating point marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display where reports are made
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import precision_recall_curve
+
+    def figure(title: str) -> Any:
+        fig, ax = plt.subplots(figsize=(6, 5))
+        ax.set(title=title, xlabel="recall", ylabel="precision", xlim=(0, 1.02), ylim=(0, 1.02))
+        return fig, ax
+
+    fig, ax = figure("detector classes (IoU 0.5)")
+    for c in curves:
+        if c.num_gt == 0 or len(c.scores) == 0:
+            continue
+        tp = np.cumsum(c.true_positive)
+        recall, precision = tp / c.num_gt, tp / np.arange(1, len(tp) + 1)
+        (line,) = ax.plot(recall, precision, label=c.name)
+        at = int((c.scores >= detector_floor).sum()) - 1
+        if at >= 0:
+            ax.plot(recall[at], precision[at], "o", color=line.get_color())
+    ax.legend(fontsize="small")
+    fig.savefig(out / "pr-detector.png", dpi=90)
+    plt.close(fig)
+
+    blocks = [
+        (
+            seg,
+            [
+                seg_label if seg.kind == "category" else f"{seg.owner}/{seg_label}"
+                for seg_label in seg.labels
+            ],
+        )
+        for seg in taxonomy.layout
+    ]
+    found = calibration.decisions(obs, taxonomy)
+    for seg, keys in blocks:
+        name = f"category-{seg.owner or 'root'}" if seg.kind == "category" else f"tag-{seg.owner}"
+        fig, ax = figure(
+            f"categories under {seg.owner or 'the root'}"
+            if seg.kind == "category"
+            else f"tag group {seg.owner}"
+        )
+        for key in keys:
+            d = found[key]
+            if d.support == 0:
+                continue
+            precision, recall, _ = precision_recall_curve(d.y_true, d.score)
+            (line,) = ax.plot(recall, precision, label=key.rpartition("/")[2])
+            group, _, label = key.rpartition("/")
+            at = calibration.counts_at(d, taxonomy.threshold(d.kind, label, group or None))
+            if at.recall is not None and at.precision is not None:
+                ax.plot(at.recall, at.precision, "o", color=line.get_color())
+        ax.legend(fontsize="small")
+        fig.savefig(out / f"pr-{name}.png", dpi=90)
+        plt.close(fig)
+
+
+def run_calibration(
+    data: Path,
+    out: Path,
+    target_recall: float,
+    *,
+    triton: str | None = None,
+    gateway: str | None = None,
+    api_key: str | None = None,
+    security: ChannelSecurity | None = None,
+    split: str = "val",
+    targets: dict[str, float] | None = None,
+    name: str | None = None,
+    min_support: int = calibration.MIN_SUPPORT,
+    batch_size: int = DEFAULT_BATCH,
+    echo: Callable[[str], None] = print,
+) -> threshold_sets.ThresholdSet:
+    """``fashionserve calibrate``: run ``split`` of ``data`` through the served ensemble,
+    calibrate every category and tag label to its target recall
+    (:func:`fashionserve.calibration.calibrate`) and write the set to ``out``.
+
+    Calibration starts from the taxonomy's own thresholds, whatever set is served, so the
+    result depends only on the served tagger's probabilities and the data.
+    """
+    backend = connect_backend(triton, gateway, api_key, security)
+    labelled = load_labels(data, split)
+    taxonomy = resolve_taxonomy(data, [labelled], backend.served)
+    batch = max(1, min(batch_size, backend.batch_limit or batch_size))
+    answers = _run_splits(backend, [labelled], batch, echo)[split]
+    obs = observations(labelled, answers, taxonomy)
+    try:
+        result = calibration.calibrate(obs, taxonomy, target_recall, targets, min_support)
+    except ValueError as exc:
+        raise EvaluationError(str(exc)) from exc
+    served = backend.served
+    made = result.threshold_set(
+        taxonomy,
+        name or f"recall{target_recall:.2f}-{datetime.now(UTC):%Y%m%dT%H%MZ}",
+        {
+            "data": str(data),
+            "split": split,
+            "images": len(labelled.images),
+            "garments": len(obs),
+            "target_recall": target_recall,
+            "targets": dict(targets or {}),
+            "through": f"gateway {gateway}" if gateway else f"triton {triton}",
+            "tagger_version": served.get("tagger_version", ""),
+            "tagger_sha256": served.get("tagger_sha256", ""),
+        },
+    )
+    threshold_sets.save(made, out)
+    echo(format_calibration(made))
+    echo(f"wrote {out} ({made.name}, {made.hash[:12]})")
+    return made
+
+
+def format_calibration(made: threshold_sets.ThresholdSet) -> str:
+    """One line per decision: threshold, support, recall and precision with intervals."""
+
+    def pct(value: float | None, ci: threshold_sets.Interval | None) -> str:
+        if value is None:
+            return "-"
+        return f"{value:.3f} [{ci.low:.2f}, {ci.high:.2f}]" if ci else f"{value:.3f}"
+
+    header = (
+        "class",
+        "target",
+        "threshold",
+        "support",
+        "recall [95% CI]",
+        "precision [95% CI]",
+        "note",
+    )
+    rows = [
+        (
+            key,
+            f"{t.target_recall:.2f}",
+            f"{t.threshold:.3f}",
+            str(t.support),
+            pct(t.recall, t.recall_interval),
+            pct(t.precision, t.precision_interval),
+            ("" if t.calibrated else "DEFAULT ") + t.note,
+        )
+        for key, t in made.thresholds.items()
+    ]
+    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    )
 
 
 def format_table(result: dict[str, Any]) -> str:

@@ -28,13 +28,14 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+from fashionserve import thresholds as threshold_sets
 from fashionserve.checkpoint import file_sha256
-from fashionserve.ensemble import MODEL_KINDS, MODEL_NAME, ModelKind
+from fashionserve.ensemble import MODEL_KINDS, MODEL_NAME, TAGGER, ModelKind
 from fashionserve.errors import FailedPrecondition
 from fashionserve.taxonomy import Taxonomy, TaxonomyError
 
@@ -199,6 +200,18 @@ class TaxonomyRef:
 
 
 @dataclass(frozen=True)
+class ThresholdsRef:
+    """The calibrated threshold set a tagger version decides with: its name, content hash
+    (what the ensemble and GetTaxonomy report), the version whose files it was published
+    with, and the whole set."""
+
+    name: str
+    hash: str
+    document: threshold_sets.ThresholdSet
+    base_version: int | None = None
+
+
+@dataclass(frozen=True)
 class Engine:
     """A TensorRT engine of the version, built for one GPU type; ``details`` holds the
     rest of the build record (TensorRT version, GPU, precision, profile, parity)."""
@@ -225,6 +238,7 @@ class Manifest:
     artifacts: Mapping[str, Artifact] = field(default_factory=dict)
     input: InputSpec | None = None
     taxonomy: TaxonomyRef | None = None
+    thresholds: ThresholdsRef | None = None
     engines: tuple[Engine, ...] = ()
     parity: Mapping[str, Any] = field(default_factory=dict)
     exporter: Mapping[str, Any] = field(default_factory=dict)
@@ -285,6 +299,13 @@ class Manifest:
             if self.taxonomy.classes is not None:
                 tax["classes"] = list(self.taxonomy.classes)
             doc["taxonomy"] = tax
+        if self.thresholds is not None:
+            doc["thresholds"] = {
+                "name": self.thresholds.name,
+                "hash": self.thresholds.hash,
+                "base_version": self.thresholds.base_version,
+                "document": self.thresholds.document.model_dump(mode="json"),
+            }
         if self.parity:
             doc["parity"] = dict(self.parity)
         if self.training:
@@ -354,6 +375,7 @@ def manifest_from_dict(doc: object, source: str = "manifest") -> Manifest:
         artifacts=_artifacts(top.section("artifacts")),
         input=_input(top.section("input")),
         taxonomy=_taxonomy(top.section("taxonomy")),
+        thresholds=_thresholds(top.section("thresholds")),
         engines=_engines(top.section("tensorrt")),
         parity=top.mapping("parity"),
         exporter=top.mapping("exporter"),
@@ -490,6 +512,28 @@ def _taxonomy(f: _Fields | None) -> TaxonomyRef | None:
     )
 
 
+def _thresholds(f: _Fields | None) -> ThresholdsRef | None:
+    if f is None:
+        return None
+    digest = f.get("hash", str, required=True)
+    try:
+        document = threshold_sets.from_dict(
+            f.get("document", dict, required=True), f"{f.source}:{f.name('document')}"
+        )
+    except threshold_sets.ThresholdsError as exc:
+        raise ManifestError(str(exc)) from exc
+    if document.hash != digest:
+        raise ManifestError(
+            f"{f.source}: field {f.name('document')!r} does not match {f.name('hash')!r} {digest}"
+        )
+    return ThresholdsRef(
+        name=f.get("name", str, required=True),
+        hash=digest,
+        document=document,
+        base_version=f.get("base_version", int),
+    )
+
+
 def _engines(f: _Fields | None) -> tuple[Engine, ...]:
     if f is None:
         return ()
@@ -567,3 +611,64 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def publish_thresholds(
+    repo: Path,
+    thresholds: threshold_sets.ThresholdSet,
+    *,
+    model: str = TAGGER,
+    base_version: int | None = None,
+    force: bool = False,
+) -> Path:
+    """Publish ``thresholds`` as a new version of the tagger ``model``: the files of
+    ``base_version`` (default: the served one) with a manifest that records the set, its
+    name and hash (atomically, as :func:`publish_version`). Nothing served changes until
+    the version is rolled out; rolling back to an earlier version serves that version's
+    set (or none).
+
+    Refused when the set is for another taxonomy than the base version's, or was calibrated
+    on another tagger artifact than the base version's (``force`` allows the latter: a set
+    from a tagger with other weights may miss its targets).
+    """
+    model_dir = Path(repo) / model
+    base = base_version if base_version is not None else served_version(model_dir)
+    if base is None or base not in published_versions(model_dir):
+        raise RepositoryError(f"{model_dir} has no version {base} to publish thresholds with")
+    base_dir = model_dir / str(base)
+    manifest = read_manifest(base_dir)
+    if manifest is None or manifest.model is None or manifest.taxonomy is None:
+        raise RepositoryError(f"{base_dir} has no manifest naming its model and taxonomy")
+    if manifest.taxonomy.document is None:
+        raise RepositoryError(f"{base_dir}: its manifest does not carry its taxonomy")
+    try:
+        threshold_sets.check_for(thresholds, manifest.taxonomy.document)
+    except threshold_sets.ThresholdsError as exc:
+        raise PublishError(f"{model} version {base}: {exc}") from exc
+    shas = {a.sha256 for a in manifest.artifacts.values()}
+    if thresholds.tagger_sha256 and thresholds.tagger_sha256 not in shas and not force:
+        raise PublishError(
+            f"threshold set {thresholds.name!r} was calibrated on tagger artifact "
+            f"{thresholds.tagger_sha256[:12]}, which {model} version {base} does not hold: "
+            "calibrate against that version, choose the version it was calibrated on "
+            "(--from-version), or --force"
+        )
+    files = {
+        p.name: p
+        for p in sorted(base_dir.iterdir())
+        if p.is_file() and p.name != MANIFEST_FILE and not p.name.startswith(".")
+    }
+    ref = ThresholdsRef(thresholds.name, thresholds.hash, thresholds, base)
+    created = datetime.now(UTC).isoformat(timespec="seconds")
+    base_model = manifest.model
+
+    def factory(version: int, artifacts: Mapping[str, Artifact]) -> Manifest:
+        return replace(
+            manifest,
+            model=replace(base_model, version=version),
+            created=created,
+            artifacts=artifacts,
+            thresholds=ref,
+        )
+
+    return publish_version(model_dir, files, factory)

@@ -46,6 +46,7 @@ from fashionserve.gateway.validation import (
     validate_request_id,
 )
 from fashionserve.taxonomy import Taxonomy
+from fashionserve.thresholds import ThresholdSet
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ class ServingInfo:
     taxonomy_hash: str
     limits: Limits
     gateway_version: str
+    thresholds: ThresholdSet | None = None  # the calibrated set decisions use, if any
 
 
 @dataclass
@@ -209,6 +211,11 @@ class Analyzer:
     def taxonomy(self) -> Taxonomy:
         """The taxonomy results are decoded with (GetTaxonomy, GetServingInfo)."""
         return self.monitor.served_taxonomy
+
+    @property
+    def thresholds(self) -> ThresholdSet | None:
+        """The calibrated threshold set :attr:`taxonomy` decides with (None: its own)."""
+        return self.monitor.served_thresholds
 
     def start(self) -> None:
         """Start the batched inference path (inside the event loop)."""
@@ -425,4 +432,5 @@ class Analyzer:
                 embedding_dimension=state.embedding_dimension,
             ),
             gateway_version=__version__,
+            thresholds=self.thresholds,
         )

@@ -14,6 +14,7 @@ from fashionserve.gateway.endpoints import EndpointPool
 from fashionserve.gateway.failures import Unavailable, request_id_var
 from fashionserve.gateway.served_state import ServedState
 from fashionserve.taxonomy import Taxonomy
+from fashionserve.thresholds import ThresholdSet
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,13 @@ class ServingMonitor:
         gateway's ``taxonomy_file``, which then must match the served hash."""
         return self.state.taxonomy or self.taxonomy
 
+    @property
+    def served_thresholds(self) -> ThresholdSet | None:
+        """The calibrated threshold set :attr:`served_taxonomy` decides with (``None``: the
+        taxonomy's own thresholds). It comes with the served tagger version, so a rollout
+        or a rollback switches it without a gateway restart."""
+        return self.state.thresholds if self.state.taxonomy is not None else None
+
     def decoding_taxonomy(self, width: int) -> Taxonomy | None:
         """The taxonomy whose logit layout is ``width`` wide: the served one first, then
         those of the other endpoints and of recent versions (a rollout in progress)."""
@@ -80,6 +88,14 @@ class ServingMonitor:
         problem = state.problem
         serving = not problem
         before = self.served_taxonomy
+        if state.thresholds is not None and (
+            self.served_thresholds is None or state.thresholds.hash != self.served_thresholds.hash
+        ):
+            log.info(
+                "deciding with threshold set %s (%s)",
+                state.thresholds.name,
+                state.thresholds.hash[:12],
+            )
         if state.taxonomy is not None and state.taxonomy.hash != before.hash:
             log.info(
                 "decoding with the served taxonomy %s (%s), was %s (%s)",

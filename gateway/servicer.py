@@ -24,6 +24,7 @@ from fashionserve.gateway.results import Box, GarmentResult, ImageResult
 from fashionserve.protos.fashion.v1 import analysis_service_pb2 as pb
 from fashionserve.protos.fashion.v1 import analysis_service_pb2_grpc as pb_grpc
 from fashionserve.taxonomy import ScoredLabel, Taxonomy
+from fashionserve.thresholds import ThresholdSet
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FashionAnalysisService"].full_name
 
@@ -106,10 +107,37 @@ def item_error_to_pb(err: Error) -> pb.ItemError:
     )
 
 
-def taxonomy_to_pb(taxonomy: Taxonomy) -> pb.GetTaxonomyResponse:
-    """The taxonomy: categories parents first, then the tag groups."""
+def threshold_set_to_pb(thresholds: ThresholdSet | None) -> pb.ThresholdSetInfo | None:
+    if thresholds is None:
+        return None
+    return pb.ThresholdSetInfo(
+        name=thresholds.name,
+        hash=thresholds.hash,
+        target_recall=float(thresholds.calibration.get("target_recall", 0.0)),
+    )
+
+
+def taxonomy_to_pb(
+    taxonomy: Taxonomy, thresholds: ThresholdSet | None = None
+) -> pb.GetTaxonomyResponse:
+    """The taxonomy: categories parents first, then the tag groups; the threshold of every
+    decision ``taxonomy`` takes, and the calibrated set they come from (if any)."""
     order = sorted(taxonomy.nodes.values(), key=lambda n: len(n.path))  # stable: parents first
+    calibrated = thresholds.thresholds if thresholds is not None else {}
+    in_effect = []
+    for key, kind in taxonomy.threshold_keys():
+        group, _, label = key.rpartition("/")
+        entry = calibrated.get(key)
+        in_effect.append(
+            pb.DecisionThreshold(
+                name=key,
+                threshold=taxonomy.threshold(kind, label, group or None),
+                calibrated=entry is not None and entry.calibrated,
+            )
+        )
     return pb.GetTaxonomyResponse(
+        thresholds=in_effect,
+        threshold_set=threshold_set_to_pb(thresholds),
         version=taxonomy.version,
         hash=taxonomy.hash,
         categories=[
@@ -147,6 +175,7 @@ def serving_info_to_pb(info: ServingInfo) -> pb.GetServingInfoResponse:
             embedding_dimension=lim.embedding_dimension,
         ),
         gateway_version=info.gateway_version,
+        threshold_set=threshold_set_to_pb(info.thresholds),
     )
 
 
@@ -217,8 +246,9 @@ class FashionAnalysisServicer(pb_grpc.FashionAnalysisServiceServicer):
     async def GetTaxonomy(
         self, request: pb.GetTaxonomyRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetTaxonomyResponse:
-        """The taxonomy the gateway decodes with (equal to the served one when SERVING)."""
-        return taxonomy_to_pb(self.analyzer.taxonomy)
+        """The taxonomy the gateway decodes with (equal to the served one when SERVING) and
+        the thresholds in effect."""
+        return taxonomy_to_pb(self.analyzer.taxonomy, self.analyzer.thresholds)
 
     async def GetServingInfo(
         self, request: pb.GetServingInfoRequest, context: grpc.aio.ServicerContext

@@ -27,6 +27,7 @@ from fashionserve.ensemble import (
 )
 from fashionserve.model_repository.exported import EnsembleShape, ModelVersion, TensorSpec
 from fashionserve.model_repository.settings import BUILD_SETTINGS, RepositorySettings
+from fashionserve.thresholds import canonical_json
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
@@ -230,4 +231,12 @@ def ensemble_parameters(
             params["taxonomy_document"] = json.dumps(
                 taxonomy.document.to_dict(), sort_keys=True, separators=(",", ":")
             )
+    thresholds = tagger.thresholds if tagger is not None else None
+    if thresholds is not None:
+        # The calibrated set this tagger version decides with (`repo thresholds publish`):
+        # the gateway decodes with it once this version is served, and rolling back serves
+        # the earlier version's set, or the taxonomy's own thresholds.
+        params["thresholds_name"] = thresholds.name
+        params["thresholds_hash"] = thresholds.hash
+        params["thresholds_document"] = canonical_json(thresholds.document)
     return params

@@ -1,4 +1,5 @@
-"""The model commands: ``data synth``, ``train``, ``export``, ``repo``, ``triton``, ``evaluate``.
+"""The model commands: ``data synth``, ``train``, ``export``, ``repo``, ``triton``, ``evaluate``,
+``calibrate``.
 
 From a synthetic data set to checkpoints, to published versions in a Triton model
 repository, to Triton serving them, to quality measured through what is served. Each
@@ -162,6 +163,30 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--model", required=True, choices=MODEL_KINDS)
     p.add_argument("--keep", type=int, required=True, help="newest versions to keep")
 
+    thresholds = add_group(
+        repo, "thresholds", "calibrated threshold sets, published with the tagger"
+    )
+    p = add_command(
+        thresholds,
+        "publish",
+        _thresholds_publish,
+        "publish a threshold set (`fashionserve calibrate --out`) as a new tagger version: "
+        "the files of the version it was calibrated on, its manifest recording the set",
+    )
+    p.add_argument("file", type=Path, help="thresholds.yaml")
+    p.add_argument("--repository", type=Path, required=True)
+    p.add_argument("--model", default="tagger", help="the tagger's model name")
+    p.add_argument(
+        "--from-version",
+        type=int,
+        help="the version whose files the new one takes (default: the served one)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="publish even if the set was calibrated on another tagger artifact",
+    )
+
     p = add_command(
         subparsers, "triton", _triton, "serve a model repository with Triton (foreground)"
     )
@@ -192,6 +217,61 @@ def add_commands(subparsers: Any) -> None:
     )
     security.add_flags(p)
     p.add_argument("--json-out", type=Path, help="write the figures as JSON")
+    p.add_argument(
+        "--report",
+        type=Path,
+        metavar="DIR",
+        help="write the per-class report (report.json, report.md, PR curves as PNG)",
+    )
+    p.add_argument(
+        "--split", help="the split the report covers (default: test, else val for older data)"
+    )
+    p.add_argument(
+        "--thresholds",
+        type=Path,
+        metavar="FILE",
+        help="decide with this threshold set instead of the served one",
+    )
+
+    p = add_command(
+        subparsers,
+        "calibrate",
+        _calibrate,
+        "per-class thresholds reaching a target recall, measured through the served ensemble",
+    )
+    p.add_argument("--data", type=Path, required=True, help="a `data synth` directory")
+    through = p.add_mutually_exclusive_group(required=True)
+    through.add_argument("--triton", metavar="HOST:PORT", help="Triton gRPC address")
+    through.add_argument("--gateway", metavar="HOST:PORT", help="gateway address (public API)")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("FASHIONSERVE_API_KEY"),
+        help="with --gateway (env FASHIONSERVE_API_KEY)",
+    )
+    security.add_flags(p)
+    p.add_argument("--split", default="val", help="the calibration split (default: val)")
+    p.add_argument("--target-recall", type=_probability, default=0.90)
+    p.add_argument(
+        "--target",
+        action="append",
+        type=_target,
+        default=[],
+        metavar="CLASS=RECALL",
+        help="a class's own target: shirt=0.95 (a category), colour/red=0.95 (a tag); repeatable",
+    )
+    p.add_argument(
+        "--targets-file",
+        type=Path,
+        help="YAML mapping of class to target recall (--target wins over it)",
+    )
+    p.add_argument(
+        "--min-support",
+        type=int,
+        default=None,
+        help="fewest positives to calibrate a class (default 30); below it the default stays",
+    )
+    p.add_argument("--name", help="the set's name (default: recall<target>-<UTC time>)")
+    p.add_argument("--out", type=Path, required=True, help="the threshold set to write (YAML)")
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -344,5 +424,78 @@ def _evaluate(args: argparse.Namespace) -> int:
         gateway=args.gateway,
         api_key=args.api_key,
         security=security.from_flags(args),
+        report=args.report,
+        report_split=args.split,
+        thresholds=args.thresholds,
+    )
+    return 0
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a recall in (0, 1]")
+    return value
+
+
+def _target(text: str) -> tuple[str, float]:
+    name, sep, value = text.rpartition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected CLASS=RECALL, e.g. shirt=0.95")
+    return name, _probability(value)
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    import yaml
+
+    from fashionserve.calibration import MIN_SUPPORT
+    from fashionserve.evaluate import run_calibration
+
+    targets: dict[str, float] = {}
+    if args.targets_file is not None:
+        loaded = yaml.safe_load(args.targets_file.read_text()) or {}
+        if not isinstance(loaded, dict):
+            print(
+                f"error: {args.targets_file}: expected a mapping of class to recall",
+                file=sys.stderr,
+            )
+            return 2
+        targets.update({str(k): _probability(str(v)) for k, v in loaded.items()})
+    targets.update(dict(args.target))
+    run_calibration(
+        args.data,
+        args.out,
+        args.target_recall,
+        triton=args.triton,
+        gateway=args.gateway,
+        api_key=args.api_key,
+        security=security.from_flags(args),
+        split=args.split,
+        targets=targets,
+        name=args.name,
+        min_support=args.min_support if args.min_support is not None else MIN_SUPPORT,
+    )
+    return 0
+
+
+def _thresholds_publish(args: argparse.Namespace) -> int:
+    from fashionserve import thresholds
+    from fashionserve.repository import publish_thresholds
+
+    chosen = thresholds.load(args.file)
+    version_dir = publish_thresholds(
+        args.repository,
+        chosen,
+        model=args.model,
+        base_version=args.from_version,
+        force=args.force,
+    )
+    print(
+        f"{args.model}: published version {version_dir.name} with threshold set "
+        f"{chosen.name} ({chosen.hash[:12]}); roll it out with "
+        f"`fashionserve repo versions rollout --model {args.model}`"
     )
     return 0

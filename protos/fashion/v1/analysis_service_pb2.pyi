@@ -170,16 +170,40 @@ class GetTaxonomyRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetTaxonomyResponse(_message.Message):
-    __slots__ = ("version", "hash", "categories", "tag_groups")
+    __slots__ = ("version", "hash", "categories", "tag_groups", "thresholds", "threshold_set")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     HASH_FIELD_NUMBER: _ClassVar[int]
     CATEGORIES_FIELD_NUMBER: _ClassVar[int]
     TAG_GROUPS_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLDS_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_SET_FIELD_NUMBER: _ClassVar[int]
     version: str
     hash: str
     categories: _containers.RepeatedCompositeFieldContainer[Category]
     tag_groups: _containers.RepeatedCompositeFieldContainer[TagGroup]
-    def __init__(self, version: _Optional[str] = ..., hash: _Optional[str] = ..., categories: _Optional[_Iterable[_Union[Category, _Mapping]]] = ..., tag_groups: _Optional[_Iterable[_Union[TagGroup, _Mapping]]] = ...) -> None: ...
+    thresholds: _containers.RepeatedCompositeFieldContainer[DecisionThreshold]
+    threshold_set: ThresholdSetInfo
+    def __init__(self, version: _Optional[str] = ..., hash: _Optional[str] = ..., categories: _Optional[_Iterable[_Union[Category, _Mapping]]] = ..., tag_groups: _Optional[_Iterable[_Union[TagGroup, _Mapping]]] = ..., thresholds: _Optional[_Iterable[_Union[DecisionThreshold, _Mapping]]] = ..., threshold_set: _Optional[_Union[ThresholdSetInfo, _Mapping]] = ...) -> None: ...
+
+class DecisionThreshold(_message.Message):
+    __slots__ = ("name", "threshold", "calibrated")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    threshold: float
+    calibrated: bool
+    def __init__(self, name: _Optional[str] = ..., threshold: _Optional[float] = ..., calibrated: _Optional[bool] = ...) -> None: ...
+
+class ThresholdSetInfo(_message.Message):
+    __slots__ = ("name", "hash", "target_recall")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    TARGET_RECALL_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    hash: str
+    target_recall: float
+    def __init__(self, name: _Optional[str] = ..., hash: _Optional[str] = ..., target_recall: _Optional[float] = ...) -> None: ...
 
 class Category(_message.Message):
     __slots__ = ("name", "parent", "path")
@@ -208,18 +232,20 @@ class GetServingInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetServingInfoResponse(_message.Message):
-    __slots__ = ("models", "taxonomy_version", "taxonomy_hash", "limits", "gateway_version")
+    __slots__ = ("models", "taxonomy_version", "taxonomy_hash", "limits", "gateway_version", "threshold_set")
     MODELS_FIELD_NUMBER: _ClassVar[int]
     TAXONOMY_VERSION_FIELD_NUMBER: _ClassVar[int]
     TAXONOMY_HASH_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     GATEWAY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_SET_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ServedModel]
     taxonomy_version: str
     taxonomy_hash: str
     limits: Limits
     gateway_version: str
-    def __init__(self, models: _Optional[_Iterable[_Union[ServedModel, _Mapping]]] = ..., taxonomy_version: _Optional[str] = ..., taxonomy_hash: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., gateway_version: _Optional[str] = ...) -> None: ...
+    threshold_set: ThresholdSetInfo
+    def __init__(self, models: _Optional[_Iterable[_Union[ServedModel, _Mapping]]] = ..., taxonomy_version: _Optional[str] = ..., taxonomy_hash: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., gateway_version: _Optional[str] = ..., threshold_set: _Optional[_Union[ThresholdSetInfo, _Mapping]] = ...) -> None: ...
 
 class ServedModel(_message.Message):
     __slots__ = ("name", "version", "artifact_sha256")
