@@ -194,6 +194,7 @@ mount paths, the grace period).
 {{- end -}}
 {{- end -}}
 {{- end -}}
+{{- $_ = merge $cfg (include "fashionserve.quotaBackend.settings" . | fromYaml) -}}
 {{- toYaml $cfg -}}
 {{- end -}}
 

@@ -65,4 +65,5 @@ images, may each take half of its memory. Checked here too, so that a pod does n
 {{- if and .Values.modelRepository.objectStorage.gcsCredentialsKey (not .Values.modelRepository.objectStorage.existingSecret) -}}
 {{- fail "modelRepository.objectStorage.gcsCredentialsKey names a key of modelRepository.objectStorage.existingSecret, which is empty" -}}
 {{- end -}}
+{{- include "fashionserve.quotaBackend.validate" . -}}
 {{- end -}}
