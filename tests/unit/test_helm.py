@@ -371,10 +371,8 @@ def test_probes(render: Render, name: str) -> None:
 def test_selectors_are_stable_and_do_not_overlap(render: Render, name: str) -> None:
     manifests = render(name)
     deployments = find(manifests, "Deployment")
-    assert {d["metadata"]["labels"]["app.kubernetes.io/component"] for d in deployments} == {
-        "gateway",
-        "triton",
-    }
+    components = {d["metadata"]["labels"]["app.kubernetes.io/component"] for d in deployments}
+    assert components - {"quota-backend"} == {"gateway", "triton"}
     for d in deployments:
         selector = d["spec"]["selector"]["matchLabels"]
         assert "matchExpressions" not in d["spec"]["selector"]
@@ -914,6 +912,106 @@ def test_every_value_is_documented_and_the_readme_is_current() -> None:
     )
 
 
+def test_the_quota_backend_is_off_by_default(render: Render) -> None:
+    manifests = render("default")
+    assert not find(manifests, "Deployment", "quota-backend")
+    assert not any(key.startswith("quota_backend") for key in gateway_config(manifests))
+
+
+def test_a_deployed_quota_backend_is_reached_by_the_gateways_alone(render: Render) -> None:
+    from fashionserve.gateway.settings import GatewaySettings
+
+    manifests = render("quota-backend")
+    settings = GatewaySettings(**gateway_config(manifests))
+    service = one(manifests, "Service", "quota-backend")
+    port = service["spec"]["ports"][0]["port"]
+    assert settings.quota_backend_url == f"redis://{service['metadata']['name']}:{port}"
+    assert settings.quota_backend_failure_policy == "closed"
+    # The gateway reads the password the chart generated, from the Secret the server's ACL
+    # is in; the ACL holds only its hash.
+    secret = one(manifests, "Secret", "quota-backend")
+    password = secret["stringData"]["password"]
+    assert len(password) >= 32 and password not in secret["stringData"]["users.acl"]
+    assert "-@all" in secret["stringData"]["users.acl"]
+    pod = one(manifests, "Deployment", "gateway")["spec"]["template"]["spec"]
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "quota-backend")
+    volume = next(v for v in pod["volumes"] if v["name"] == "quota-backend")
+    assert volume["secret"]["secretName"] == secret["metadata"]["name"]
+    path = volume["secret"]["items"][0]["path"]
+    assert str(settings.quota_backend_password_file) == f"{mount['mountPath']}/{path}"
+    # Nothing persisted, memory bounded below the container's limit.
+    valkey = one(manifests, "Deployment", "quota-backend")["spec"]["template"]["spec"]
+    args = valkey["containers"][0]["args"]
+    assert args[args.index("--save") + 1] == "" and args[args.index("--appendonly") + 1] == "no"
+    assert int(args[args.index("--maxmemory") + 1]) == 3 * 256 * 2**20 // 4
+    # Only the gateway's pods reach it, and it reaches nothing.
+    gateway_labels = one(manifests, "Deployment", "gateway")["spec"]["template"]["metadata"][
+        "labels"
+    ]
+    policy = one(manifests, "NetworkPolicy", "quota-backend")["spec"]
+    assert policy["egress"] == []
+    (rule,) = policy["ingress"]
+    assert [p["port"] for p in rule["ports"]] == [port]
+    (peer,) = rule["from"]
+    assert matches(peer["podSelector"]["matchLabels"], gateway_labels)
+    gateway_policy = one(manifests, "NetworkPolicy", "gateway")["spec"]
+    to_backend = [
+        r
+        for r in gateway_policy["egress"]
+        if any(
+            p.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component")
+            == "quota-backend"
+            for p in r["to"]
+        )
+    ]
+    assert [[p["port"] for p in r["ports"]] for r in to_backend] == [[port]]
+
+
+def test_an_external_quota_backend_gets_its_url_password_secret_and_egress(
+    render: Render,
+) -> None:
+    from fashionserve.gateway.settings import GatewaySettings
+
+    peers = [{"ipBlock": {"cidr": "10.20.0.0/24"}}]
+    manifests = render(
+        "default",
+        "--set",
+        "quotaBackend.mode=external,quotaBackend.external.url=rediss://quota@redis.db:6380/2,"
+        "quotaBackend.external.passwordSecret.name=redis-auth,"
+        "quotaBackend.external.passwordSecret.key=redis-password",
+        "--set-json",
+        f"quotaBackend.external.to={json.dumps(peers)}",
+    )
+    assert not find(manifests, "Deployment", "quota-backend")
+    settings = GatewaySettings(**gateway_config(manifests))
+    assert settings.quota_backend_url == "rediss://quota@redis.db:6380/2"
+    assert str(settings.quota_backend_password_file).endswith("/redis-password")
+    pod = one(manifests, "Deployment", "gateway")["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "quota-backend")
+    assert volume["secret"]["secretName"] == "redis-auth"
+    egress = one(manifests, "NetworkPolicy", "gateway")["spec"]["egress"]
+    assert {"to": peers, "ports": [{"port": 6380, "protocol": "TCP"}]} in egress
+
+
+@pytest.mark.parametrize(
+    ("args", "complaint"),
+    [
+        (["--set", "quotaBackend.mode=external"], "quotaBackend.external.url"),
+        (
+            ["--set", "quotaBackend.mode=external,quotaBackend.external.url=redis://r:6379"],
+            "quotaBackend.external.to",
+        ),
+        (["--set", "quotaBackend.external.url=redis://u:secret@r:6379"], "external.url"),
+        (["--set", "quotaBackend.failurePolicy=maybe"], "failurePolicy"),
+        (["--set", "quotaBackend.deploy.image.tag=latest"], "deploy.image.tag"),
+    ],
+)
+def test_inconsistent_quota_backend_values_are_refused(
+    helm: str, args: list[str], complaint: str
+) -> None:
+    assert complaint in template_error(helm, *args)
+
+
 def test_values_docs_flag_an_undocumented_value(tmp_path: Path) -> None:
     (tmp_path / "values.yaml").write_text(
         "# -- documented\na: 1\nb:\n  # -- documented child\n  c: 2\n  d: 3\n"
@@ -1178,6 +1276,13 @@ def egress_ports(rule: Manifest) -> set[tuple[int, str]]:
 
 
 DNS = {(53, "UDP"), (53, "TCP")}
+QUOTA_BACKEND_PEER = {
+    "matchLabels": {
+        "app.kubernetes.io/name": "fashionserve",
+        "app.kubernetes.io/instance": RELEASE,
+        "app.kubernetes.io/component": "quota-backend",
+    }
+}
 
 
 @pytest.mark.parametrize("name", RENDERS)
@@ -1202,6 +1307,8 @@ def test_egress_is_limited_to_what_each_pod_calls(render: Render, name: str) -> 
     assert matches(to_triton["to"][0]["podSelector"]["matchLabels"], triton_labels)
     assert egress_ports(to_triton) == {(triton_port, "TCP")}
     assert dns["to"] == values["dnsTo"] and egress_ports(dns) == DNS
+    # The quota backend the chart deploys (quotaBackend.mode=deploy), checked on its own.
+    others = [r for r in others if r["to"][0].get("podSelector") != QUOTA_BACKEND_PEER]
     assert others == [], "no trace collector is set in these values"
 
     triton = one(manifests, "NetworkPolicy", "triton")["spec"]
@@ -1297,6 +1404,12 @@ CHART_OWNED_SETTINGS = {
     "tls_key_file",
     "tls_client_ca_file",
     "memory_limit_bytes",
+    # From quotaBackend.* (the backend's address, its password Secret's mount).
+    "quota_backend_url",
+    "quota_backend_password_file",
+    "quota_backend_failure_policy",
+    "quota_backend_timeout_seconds",
+    "quota_backend_lease_seconds",
 }
 IMAGE_SETTINGS = {"taxonomy_file"}
 
