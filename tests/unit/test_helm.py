@@ -602,7 +602,10 @@ def test_triton_gets_a_gpu_shared_memory_and_gpu_nodes(render: Render) -> None:
     ]
     args = triton["args"]
     assert args[0] == "tritonserver"
-    assert arg_value(args, "--model-control-mode") == "none"
+    # explicit: the rollout Job switches versions in the running pods; at start each pod
+    # loads every model in the versions the repository's configs name.
+    assert arg_value(args, "--model-control-mode") == "explicit"
+    assert arg_value(args, "--load-model") == "*"
     assert arg_value(args, "--strict-readiness") == "true"
     assert arg_value(args, "--model-repository") == "/models"
     models = next(m for m in triton["volumeMounts"] if m["name"] == "models")
@@ -730,14 +733,18 @@ def test_engine_build_jobs_match_triton(render: Render) -> None:
         assert "trtexec" in container["args"][0] and "--fp16" in container["args"][0]
 
 
-def test_engine_build_script_builds_the_newest_versions(render: Render, tmp_path: Path) -> None:
-    """Run the Job's script with a stand-in trtexec against a repository on disk."""
+def test_engine_build_script_builds_the_versions_to_serve(render: Render, tmp_path: Path) -> None:
+    """Run the Job's scripts, the init container's with the real ``fashionserve`` and the
+    build's with a stand-in trtexec, against a repository on disk: the version built is
+    the one ``repo versions`` serves next, the pinned one, else the newest."""
+    from fashionserve.repository import write_pin
+
     repo = tmp_path / "models"
-    for model, versions in {"detector": [1, 2], "tagger": [1], "embedder": [3]}.items():
+    for model, versions in {"detector": [1, 2], "tagger": [1, 2], "embedder": [3]}.items():
         for v in versions:
             (repo / model / str(v)).mkdir(parents=True)
             (repo / model / str(v) / "model.onnx").write_bytes(b"onnx")
-    (repo / "detector" / "7").mkdir()  # a version without ONNX is not the one served
+    write_pin(repo / "tagger", 1)  # tagger 2 is published, but 1 stays served
     calls = tmp_path / "calls.log"
     fake = tmp_path / "trtexec"
     fake.write_text(
@@ -757,8 +764,23 @@ def test_engine_build_script_builds_the_newest_versions(render: Render, tmp_path
         "Job",
         "engine-build",
     )
-    container = job["spec"]["template"]["spec"]["containers"][0]
+    pod = job["spec"]["template"]["spec"]
+    [init], [container] = pod["initContainers"], pod["containers"]
+    assert init["image"] == "ghcr.io/fashionserve/triton:0.1.0"  # it has fashionserve
+    versions_dir = tmp_path / "versions"
+    versions_dir.mkdir()
+    path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"  # this venv's fashionserve
     env = {**os.environ, **{e["name"]: e["value"] for e in container["env"]}}
+    env.update(PATH=path, VERSIONS_DIR=str(versions_dir))
+    proc = subprocess.run(
+        [*init["command"], *init["args"]],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PATH": path, "VERSIONS_DIR": str(versions_dir)},
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
     def build() -> list[str]:
         before = calls.read_text().splitlines() if calls.exists() else []
@@ -781,10 +803,10 @@ def test_engine_build_script_builds_the_newest_versions(render: Render, tmp_path
     assert "--minShapes=images:1x3x256x256" in detector
     assert "--maxShapes=images:16x3x256x256" in detector
     assert "--maxShapes=crops:256x3x96x96" in next(c for c in first if "/tagger/" in c)
-    for path in ("detector/2", "tagger/1", "embedder/3"):
-        assert (repo / path / "model.plan").read_text() == "engine\n"
-        assert not (repo / path / "model.plan.partial").exists()
-    assert not (repo / "detector" / "7" / "model.plan").exists()
+    for built in ("detector/2", "tagger/1", "embedder/3"):
+        assert (repo / built / "model.plan").read_text() == "engine\n"
+        assert not (repo / built / "model.plan.partial").exists()
+    assert not (repo / "tagger" / "2" / "model.plan").exists()
 
     assert build() == [], "unchanged engines must be kept"
     os.utime(repo / "tagger" / "1" / "model.onnx", (2**31 - 10, 2**31 - 10))
@@ -1241,7 +1263,10 @@ def test_triton_admin_apis_need_a_header_from_a_secret(render: Render, name: str
     http_flag = arg_value(triton["args"], "--http-restricted-api")
     for flag in (grpc_flag, http_flag):
         apis, header = flag.split(":", 1)
-        assert {"shared-memory", "statistics", "trace", "logging"} <= set(apis.split(","))
+        # model-repository too: in explicit mode it loads models (and model files).
+        assert {"model-repository", "shared-memory", "statistics", "trace", "logging"} <= set(
+            apis.split(",")
+        )
         # What the gateway calls stays open to it (health, model config, inference).
         assert not {"health", "metadata", "inference", "model-config"} & set(apis.split(","))
         # The value comes from the environment, which the kubelet fills from a Secret.
@@ -1422,3 +1447,93 @@ def test_every_gateway_setting_is_a_chart_value() -> None:
     settings = set(GatewaySettings.model_fields)
     assert settings - CHART_OWNED_SETTINGS - IMAGE_SETTINGS == tunables
     assert not tunables & CHART_OWNED_SETTINGS
+
+
+# ------------------------------------------------------------------ live rollouts
+ROLLOUT = ("--set", "rollout.enabled=true")
+
+
+def test_the_rollout_job_switches_every_triton_pod_found_through_dns(render: Render) -> None:
+    from fashionserve.cli import build_parser
+
+    manifests = render("gpu-tensorrt", *ROLLOUT)
+    job = one(manifests, "Job", "rollout")
+    # After the upgrade has rolled the pods; never retried (a failed one put every pod back).
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "post-upgrade"
+    assert job["spec"]["backoffLimit"] == 0
+    pod = job["spec"]["template"]["spec"]
+    # The pods are found through the headless Service's DNS: no Kubernetes API, no RBAC.
+    assert pod["automountServiceAccountToken"] is False
+    assert "serviceAccountName" not in pod
+    assert not find(manifests, "Role") and not find(manifests, "RoleBinding")
+    [container] = pod["containers"]
+    triton = one(manifests, "Deployment", "triton")["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == triton["image"]  # fashionserve with what a build reads
+    args = container["args"]
+    service = one(manifests, "Service", "triton")
+    assert service["spec"]["clusterIP"] == "None"
+    address = f"{service['metadata']['name']}.{NAMESPACE}.svc.cluster.local:8001"
+    assert arg_value(args, "--triton") == f"dns:///{address}"
+    assert arg_value(args, "--repository") == arg_value(triton["args"], "--model-repository")
+    # The real command line accepts what the Job runs.
+    parsed = build_parser().parse_args([*container["command"][1:], *args])
+    assert (parsed.versions_command, parsed.model, parsed.triton) == (
+        "rollout",
+        "tagger",
+        [f"dns:///{address}"],
+    )
+    # The admin key of Triton's restricted model-repository protocol, from Triton's Secret.
+    header = arg_value(args, "--triton-admin-header")
+    assert f":{header}=$(TRITON_ADMIN_KEY)" in arg_value(
+        triton["args"], "--grpc-restricted-protocol"
+    )
+    key = {e["name"]: e for e in container["env"]}["FASHIONSERVE_TRITON_ADMIN_KEY"]
+    triton_key = {e["name"]: e for e in triton["env"]}["TRITON_ADMIN_KEY"]
+    assert key["valueFrom"] == triton_key["valueFrom"]
+    # It rebuilds the configs: the claim Triton mounts read-only is writable here.
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "models")
+    assert not mount.get("readOnly")
+    # Triton's NetworkPolicy admits these pods on its gRPC port.
+    policy = next(
+        p
+        for p in find(manifests, "NetworkPolicy")
+        if p["spec"]["podSelector"]["matchLabels"].get("app.kubernetes.io/component") == "triton"
+    )
+    peers = [peer for rule in policy["spec"]["ingress"] for peer in rule["from"]]
+    assert any(
+        peer.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component")
+        == "rollout"
+        for peer in peers
+    )
+    # Without the Job, nobody but the gateway is admitted.
+    quiet = render("gpu-tensorrt")
+    assert not find(quiet, "Job", "rollout")
+
+
+def test_a_pin_rollout_names_its_version(render: Render) -> None:
+    manifests = render(
+        "gpu-tensorrt", "--set", "rollout.enabled=true,rollout.action=pin,rollout.version=3"
+    )
+    args = one(manifests, "Job", "rollout")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[:3] == ["repo", "versions", "pin"] and arg_value(args, "--version") == "3"
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (["--set", "rollout.enabled=true"], "needs modelRepository.pvc.subPath"),
+        (
+            ["--set", "rollout.enabled=true,modelRepository.pvc.subPath=r,rollout.action=pin"],
+            "rollout.action=pin needs rollout.version",
+        ),
+        (
+            ["--set", "rollout.enabled=true,modelRepository.pvc.subPath=r,rollout.version=2"],
+            "rollout.version is only for rollout.action=pin",
+        ),
+        (["--set", "rollout.action=canary"], "rollout.action"),
+    ],
+)
+def test_rollout_values_that_cannot_work_fail_the_render(
+    helm: str, values: list[str], message: str
+) -> None:
+    assert message in template_error(helm, *values)
