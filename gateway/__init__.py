@@ -18,6 +18,8 @@ batched inference (awaited) -> endpoint pool -> Triton transport. By file:
 * ``failures.py``: the gateway's domain errors (a transport-free kind each);
 * ``validation.py``: header-only checks of each image and of the request options;
 * ``quota.py``: admission: per-tenant rate, concurrency and stream limits, queue shedding;
+* ``quota_store.py``: where tenant quotas are kept: the interface, in this process;
+* ``quota_backend.py``: tenant quotas shared by the replicas on a Redis/Valkey server;
 * ``results.py``: taxonomy decoding of the ensemble's outputs into per-garment results;
 * ``inference.py``: the batched inference path (micro-batcher to endpoint pool);
 * ``batcher.py``: micro-batching of concurrent requests into one backend call;
