@@ -114,7 +114,8 @@ class ServingInfo:
 
 @dataclass
 class StreamPin:
-    """What keeps one stream's answers to one set of model versions, even mid-rollout.
+    """What keeps one stream's answers (or one BatchAnalyze call's) to one set of model
+    versions, even mid-rollout.
 
     ``versions``: those most Triton endpoints served when the stream sent its first image
     (:meth:`EndpointPool.preferred_versions`); every image of the stream goes only to
@@ -274,15 +275,19 @@ class Analyzer:
         An image's own problem (bad bytes, refused by the ensemble) is that entry's error.
         A problem of the service (not serving, Triton unreachable, too slow, no room to
         check every image) fails the whole call, so that callers retry it as a whole.
+        Its images are answered by one set of model versions (:class:`StreamPin`), or the
+        call fails with UNAVAILABLE (SERVED_VERSION_CHANGED).
         """
         validate_image_count(len(images), self.settings.max_images_per_batch_request)
         options = self.resolve_options(raw)
         async with self.admission.admit(_tenant(), len(images)):
             await self.monitor.require_serving()
             checked = await self._check(images)
+            # The images may be batched apart, hence sent to different Tritons.
+            pin = StreamPin(self.inference.pool.preferred_versions())
             outcomes = await asyncio.gather(
                 *(
-                    self._infer_checked(image, info, options, deadline)
+                    self._infer_checked(image, info, options, deadline, pin)
                     for image, info in zip(images, checked, strict=True)
                 )
             )
@@ -357,11 +362,12 @@ class Analyzer:
         checked: ImageInfo | Error,
         options: ValidatedOptions,
         deadline: float | None,
+        pin: StreamPin,
     ) -> ImageResult | Error:
         if isinstance(checked, Error):
             return checked
         try:
-            return await self._infer(image, options, deadline)
+            return await self._infer(image, options, deadline, pin)
         except Exception as exc:
             return as_error(exc)
 
