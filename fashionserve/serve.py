@@ -15,6 +15,12 @@ then starts Triton (loopback only, chosen free ports) and the gateway in this pr
 waits until the gateway's health service reports SERVING, and prints one ready line.
 Later runs reuse everything, so they are ready in the time Triton takes to load.
 
+Triton is supervised (:class:`~fashionserve.triton.TritonSupervisor`): when it dies, the
+cause (exit code or signal) is logged and it is restarted with backoff on the same port;
+meanwhile the gateway reports NOT_SERVING and refuses calls with UNAVAILABLE, then serves
+again once Triton is back. After too many failures in a window the stack stops with the
+causes and Triton's last lines, and exits non-zero.
+
 Ctrl-C or SIGTERM stops the gateway (in-flight calls get ``shutdown_grace_seconds``), then
 Triton and its python-backend processes; the ready file is removed.
 """
@@ -45,7 +51,7 @@ from fashionserve.stack import COMMITTED_CHECKPOINTS, Workdir, resolve_checkpoin
 if TYPE_CHECKING:
     from fashionserve.data.reader import Sample
     from fashionserve.model_repository.settings import RepositorySettings
-    from fashionserve.triton import TritonServer
+    from fashionserve.triton import TritonSupervisor
 
 DEV_KEY_ID = "dev"
 READY_TIMEOUT = 300.0  # seconds for Triton to load every model and the gateway to report it
@@ -259,7 +265,7 @@ def run(options: ServeOptions) -> int:
     if ready_file is not None:
         ready_file.unlink(missing_ok=True)  # never leave a stale "ready" from a past run
     previous = _raise_on_signals()
-    triton: TritonServer | None = None
+    supervisor: TritonSupervisor | None = None
     started = time.monotonic()
     try:
         check_port_free(options.host, options.port)
@@ -267,20 +273,20 @@ def run(options: ServeOptions) -> int:
         progress = Progress(total=4)
         api_key, sample = _build(options, wd, progress)
         with progress.step("starting Triton and the gateway") as detail:
-            triton = _start_triton(wd, options.ready_timeout, detail)
+            supervisor = _start_triton(wd, options.ready_timeout, detail)
         # From here the asyncio loop owns SIGINT/SIGTERM.
         _restore_signals(previous)
         return asyncio.run(
-            _serve_gateway(options, wd, triton, api_key, sample, ready_file, started)
+            _serve_gateway(options, wd, supervisor, api_key, sample, ready_file, started)
         )
     except _StopRequested:
         _say("stopped before the stack was ready")
         return 0
     finally:
         _restore_signals(previous)
-        if triton is not None:
+        if supervisor is not None:
             _say("stopping Triton")
-            triton.stop()
+            supervisor.server.stop()
         if ready_file is not None:
             ready_file.unlink(missing_ok=True)
 
@@ -308,8 +314,8 @@ def _build(options: ServeOptions, wd: Workdir, progress: Progress) -> tuple[str,
     return api_key, sample
 
 
-def _start_triton(wd: Workdir, timeout: float, detail: Callable[[str], None]) -> TritonServer:
-    from fashionserve.triton import TritonServer
+def _start_triton(wd: Workdir, timeout: float, detail: Callable[[str], None]) -> TritonSupervisor:
+    from fashionserve.triton import TritonServer, TritonSupervisor
 
     log = wd.logs / "triton.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -317,23 +323,28 @@ def _start_triton(wd: Workdir, timeout: float, detail: Callable[[str], None]) ->
     server = TritonServer(wd.repository, log_file=log, ready_timeout=timeout)
     detail(f"Triton loading the models (log: {_rel(log)})")
     server.start()
-    detail(f"Triton ready in {server.startup_seconds or 0:.1f}s on {server.grpc_url}")
-    return server
+    detail(
+        f"Triton ready in {server.startup_seconds or 0:.1f}s on {server.grpc_url} "
+        f"(pid {server.pid})"
+    )
+    return TritonSupervisor(server)
 
 
 async def _serve_gateway(
     options: ServeOptions,
     wd: Workdir,
-    triton: TritonServer,
+    supervisor: TritonSupervisor,
     api_key: str,
     sample: Path,
     ready_file: Path | None,
     started: float,
 ) -> int:
-    """Run the gateway until a signal (returns 0); raises :class:`ServeError` when it
-    cannot start, does not become ready, or Triton dies."""
+    """Run the gateway, with Triton supervised, until a signal (returns 0); raises
+    :class:`ServeError` when it cannot start, does not become ready, or Triton fails more
+    often than the supervisor's policy allows."""
     from fashionserve.gateway.server import create_server
     from fashionserve.gateway.settings import load_settings
+    from fashionserve.triton import TritonError
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -342,7 +353,7 @@ async def _serve_gateway(
     config = write_gateway_config(
         wd,
         f"{options.host}:{options.port}",
-        triton.grpc_url,
+        supervisor.server.grpc_url,
         max_batch_size=min(8, repository_settings().max_images_per_request),
     )
     settings = load_settings(config)
@@ -352,13 +363,16 @@ async def _serve_gateway(
         raise ServeError(f"the gateway {exc}") from exc
     await server.start()
     address = f"{options.host}:{port}"
+    supervision = asyncio.create_task(supervisor.run(stop), name="triton-supervisor")
     try:
-        if not await _wait_serving(address, stop, triton, options.ready_timeout):
+        if not await _wait_serving(address, stop, supervision, options.ready_timeout):
+            if supervision.done():
+                supervision.result()  # raises why the supervisor gave up
             if stop.is_set():
                 return 0
             raise ServeError(
                 "the gateway did not report SERVING in time; Triton log tail:\n"
-                + "\n".join(triton.log_tail(20))
+                + "\n".join(supervisor.server.log_tail(20))
             )
         if ready_file is not None:
             _write_atomic(
@@ -368,24 +382,23 @@ async def _serve_gateway(
             )
         ready = _ready_line(address, api_key, wd.key_file, sample, time.monotonic() - started)
         print(ready, flush=True)
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=1.0)
-            if triton.process is not None and triton.process.poll() is not None:
-                raise ServeError(
-                    f"Triton exited with code {triton.process.returncode}; log tail:\n"
-                    + "\n".join(triton.log_tail(20))
-                )
+        await supervision  # until a signal sets stop, or the supervisor gives up
         _say("stopping the gateway")
         return 0
+    except TritonError as exc:
+        raise ServeError(f"the stack stops: {exc}") from exc
     finally:
+        supervision.cancel()
+        with contextlib.suppress(asyncio.CancelledError, TritonError):
+            await supervision
         await server.stop()
 
 
 async def _wait_serving(
-    address: str, stop: asyncio.Event, triton: TritonServer, timeout: float
+    address: str, stop: asyncio.Event, supervision: asyncio.Task[None], timeout: float
 ) -> bool:
-    """Poll the gateway's health service until SERVING; False on stop, Triton death, timeout."""
+    """Poll the gateway's health service until SERVING; False on stop, the supervisor
+    giving up, or timeout."""
     import grpc.aio
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -393,7 +406,7 @@ async def _wait_serving(
     async with grpc.aio.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while not stop.is_set() and time.monotonic() < deadline:
-            if triton.process is not None and triton.process.poll() is not None:
+            if supervision.done():
                 return False
             with contextlib.suppress(grpc.aio.AioRpcError):
                 reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)

@@ -12,10 +12,15 @@ unloads the models, which ends the stubs and frees their shared memory), waits, 
 SIGKILLs whatever is left of the group and removes any python-backend shared-memory region
 this server created (each server gets its own region prefix, so only its regions are
 touched).
+
+:class:`TritonSupervisor` keeps one running: when it dies it is restarted, after a backoff,
+on the same gRPC port (where its clients connect), and after too many failures in a window
+it gives up with the causes (``fashionserve serve``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import ctypes
@@ -34,6 +39,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO, Literal
@@ -242,6 +248,7 @@ class TritonServer:
         # Unique per server so stop() can tell its own shared-memory regions from others'.
         self.shm_prefix = f"fashionserve-{os.getpid()}-{uuid.uuid4().hex[:8]}-"
         self.process: subprocess.Popen[bytes] | None = None
+        self.launched_at: float | None = None
         self.startup_seconds: float | None = None
         self._tail: collections.deque[str] = collections.deque(maxlen=200)
         self._errors: collections.deque[str] = collections.deque(maxlen=20)
@@ -319,9 +326,52 @@ class TritonServer:
         env["PYTHONUNBUFFERED"] = "1"
         return env
 
+    def respawn(self) -> TritonServer:
+        """A new, unstarted server like this one, for a restart: the same repository,
+        options, log file and gRPC port (where its clients connect); HTTP and metrics ports
+        chosen afresh, so that a port the dead server's connections still hold cannot stop
+        the restart."""
+        return TritonServer(
+            self.repository,
+            grpc_port=self.grpc_port,
+            host=self.host,
+            runtime_dir=self.runtime_dir,
+            log_file=self.log_file,
+            echo=self.echo,
+            log_prefix=self.log_prefix,
+            ready_timeout=self.ready_timeout,
+            stop_timeout=self.stop_timeout,
+            extra_args=self.extra_args,
+            kill_with_parent=self.kill_with_parent,
+            model_control_mode=self.model_control_mode,
+        )
+
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> TritonServer:
         """Start Triton and wait until it reports ready; raises :class:`TritonError`."""
+        self.launch()
+        try:
+            self.wait_ready(self.ready_timeout)
+        except BaseException:
+            self.stop()
+            raise
+        self.mark_ready()
+        return self
+
+    def mark_ready(self) -> None:
+        """Record (and log) the time from launch to ready."""
+        assert self.launched_at is not None
+        self.startup_seconds = time.monotonic() - self.launched_at
+        log.info(
+            "Triton ready in %.1fs: grpc %s, http %s, metrics %s",
+            self.startup_seconds,
+            self.grpc_url,
+            self.http_url,
+            self.metrics_port,
+        )
+
+    def launch(self) -> None:
+        """Start the ``tritonserver`` process without waiting for it to be ready."""
         if self.process is not None:
             raise TritonError("this TritonServer is already started")
         if not (self.repository.is_dir()):
@@ -336,7 +386,7 @@ class TritonServer:
             self._log_handle = open(self.log_file, "a", encoding="utf-8")  # noqa: SIM115
         cmd = self.command(runtime)
         log.info("starting Triton: %s", " ".join(cmd))
-        started = time.monotonic()
+        self.launched_at = time.monotonic()
         self.process = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
@@ -349,20 +399,6 @@ class TritonServer:
         )
         self._reader = threading.Thread(target=self._pump, name="triton-log", daemon=True)
         self._reader.start()
-        try:
-            self.wait_ready(self.ready_timeout)
-        except BaseException:
-            self.stop()
-            raise
-        self.startup_seconds = time.monotonic() - started
-        log.info(
-            "Triton ready in %.1fs: grpc %s, http %s, metrics %s",
-            self.startup_seconds,
-            self.grpc_url,
-            self.http_url,
-            self.metrics_port,
-        )
-        return self
 
     def _pump(self) -> None:
         """Copy Triton's output to the tail buffer, the log file and (with echo) stderr."""
@@ -435,9 +471,9 @@ class TritonServer:
                 log.warning("Triton did not stop within %.0fs: killing it", self.stop_timeout)
                 self._kill_group()
                 code = proc.wait(timeout=10)
-        # Stubs stop on their own once Triton unloads them (or notices it died); give them
-        # a moment, then kill whatever of the group is left.
-        self._wait_group_gone(proc.pid, timeout=5.0)
+            # Stubs stop on their own once Triton unloads them; give them a moment. (Those
+            # of a Triton that died by itself have nobody to unload them: killed at once.)
+            self._wait_group_gone(proc.pid, timeout=5.0)
         self._kill_group()
         if self._reader is not None:
             self._reader.join(timeout=5)
@@ -480,6 +516,137 @@ class TritonServer:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def exit_cause(code: int) -> str:
+    """How a process ended, from its return code: ``exit code 1`` or ``signal SIGKILL``."""
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
+
+
+# ------------------------------------------------------------------------ supervision
+@dataclass(frozen=True)
+class RestartPolicy:
+    """When a supervised Triton is restarted, and when the supervisor gives up.
+
+    Each failure (a death, or a restart that does not become ready) waits
+    ``first_backoff_seconds``, doubled for each other failure within ``window_seconds``
+    (at most ``max_backoff_seconds``), before the next start; more than ``max_restarts``
+    failures within the window give up: a Triton that cannot stay up needs a person, not
+    a loop.
+    """
+
+    max_restarts: int = 3
+    window_seconds: float = 300.0
+    first_backoff_seconds: float = 1.0
+    max_backoff_seconds: float = 30.0
+
+    def backoff(self, failures: int) -> float:
+        """Seconds to wait before the next start, after ``failures`` in the window."""
+        return min(self.max_backoff_seconds, self.first_backoff_seconds * 2 ** (failures - 1))
+
+
+class TritonSupervisor:
+    """Keeps a started :class:`TritonServer` running, from an asyncio loop.
+
+    :meth:`run` watches the process; when it dies, the cause (exit code or signal) is
+    logged and a :meth:`TritonServer.respawn` of it is started after the policy's backoff.
+    ``server`` is always the current one (stop it when done). Processes are started from
+    the loop's thread, so that Triton's parent-death signal stays tied to a thread that
+    lives as long as the supervisor.
+    """
+
+    def __init__(self, server: TritonServer, policy: RestartPolicy | None = None) -> None:
+        self.server = server
+        self.policy = policy or RestartPolicy()
+        self.restarts = 0
+        self._failures: collections.deque[float] = collections.deque()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Supervise until ``stop`` is set; raise :class:`TritonError` on giving up."""
+        while not await _stopped(stop, 0.5):
+            process = self.server.process
+            code = process.poll() if process is not None else None
+            if code is not None:
+                await self._restart(exit_cause(code), stop)
+
+    async def _restart(self, cause: str, stop: asyncio.Event) -> None:
+        """Restart after ``cause`` until a server is ready, ``stop`` is set, or giving up."""
+        while True:
+            now = time.monotonic()
+            self._failures.append(now)
+            while now - self._failures[0] > self.policy.window_seconds:
+                self._failures.popleft()
+            failures = len(self._failures)
+            dead = self.server
+            await asyncio.to_thread(dead.stop)  # its stubs, shared memory and log handle
+            if failures > self.policy.max_restarts:
+                raise TritonError(
+                    f"Triton failed {failures} times within {self.policy.window_seconds:.0f}s "
+                    f"(last: {cause}); giving up after {self.restarts} restart(s)",
+                    dead.log_tail(15),
+                    dead.errors(),
+                )
+            delay = self.policy.backoff(failures)
+            log.warning(
+                "Triton (pid %s) stopped: %s; restarting it in %.0fs (failure %d of %d "
+                "allowed within %.0fs)",
+                dead.pid,
+                cause,
+                delay,
+                failures,
+                self.policy.max_restarts,
+                self.policy.window_seconds,
+            )
+            if await _stopped(stop, delay):
+                return
+            self.server = dead.respawn()
+            self.restarts += 1
+            try:
+                self.server.launch()
+            except TritonError as exc:
+                cause = str(exc).splitlines()[0]
+                continue
+            problem = await self._wait_ready(stop)
+            if problem is None:
+                if not stop.is_set():
+                    self.server.mark_ready()
+                    log.warning(
+                        "Triton is back after restart %d (pid %s): ready in %.1fs",
+                        self.restarts,
+                        self.server.pid,
+                        self.server.startup_seconds or 0.0,
+                    )
+                return
+            cause = problem
+
+    async def _wait_ready(self, stop: asyncio.Event) -> str | None:
+        """None once the new server is ready (or on stop), else why it is not."""
+        server = self.server
+        assert server.process is not None
+        deadline = time.monotonic() + server.ready_timeout
+        while not stop.is_set():
+            code = server.process.poll()
+            if code is not None:
+                errors = server.errors()
+                return exit_cause(code) + (f" ({errors[-1]})" if errors else "")
+            if await asyncio.to_thread(server.is_ready, 1.0):
+                return None
+            if time.monotonic() > deadline:
+                return f"not ready after {server.ready_timeout:.0f}s"
+            await _stopped(stop, 0.2)
+        return None
+
+
+async def _stopped(stop: asyncio.Event, seconds: float) -> bool:
+    """Wait up to ``seconds`` for ``stop``; whether it is set."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+    return stop.is_set()
 
 
 def _group_members(pgid: int) -> list[int]:

@@ -2,9 +2,11 @@
 
 Starts the real stack (Triton from the nvidia-pytriton wheel, the gateway) as a subprocess
 in a fresh work directory with the committed demo checkpoints, waits for the ready file,
-analyses a rendered synthetic scene through the command line, stops it with Ctrl-C
-(SIGINT) and checks nothing is left running; then starts it again on the same work
-directory and checks the second start is faster and under a minute.
+analyses a rendered synthetic scene through the command line, kills its Triton and sees
+it restarted, stops it with Ctrl-C (SIGINT) and checks nothing is left running; then
+starts it again on the same work directory and checks the second start is faster and under
+a minute; finally starts it once more and makes Triton unable to start again, so that
+the stack gives up.
 
 The tests of this module run in order and share the first server.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,8 +25,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
+
+from fashionserve.clients import FashionClient, FashionServeError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # The committed demo checkpoints, or $FASHIONSERVE_CHECKPOINTS (as in conftest.py).
@@ -31,6 +38,7 @@ CHECKPOINTS = Path(os.environ.get("FASHIONSERVE_CHECKPOINTS") or REPO_ROOT / "ch
 FASHIONSERVE = [sys.executable, "-m", "fashionserve.cli"]
 FIRST_START_TIMEOUT = 540.0  # export of three models with parity checks, then Triton
 SECOND_START_LIMIT = 60.0  # what the README promises
+BACK_AFTER_KILL_LIMIT = 30.0  # from Triton's death to answers again (README)
 
 pytestmark = pytest.mark.skipif(
     not all((CHECKPOINTS / f"{m}.pt").is_file() for m in ("detector", "tagger", "embedder")),
@@ -131,11 +139,28 @@ def processes_mentioning(text: str) -> list[str]:
     return found
 
 
-def assert_clean_exit(stack: Stack, sig: int) -> None:
-    code = stop(stack.process, sig)
-    assert code == 0, stack.output()
+def triton_pid(workdir: Path) -> int:
+    """The pid of the ``tritonserver`` serving the stack's model repository."""
+    (found,) = [
+        line
+        for line in processes_mentioning(str(workdir / "model_repository"))
+        if line.split(": ", 1)[1].split(" ", 1)[0].endswith("/bin/tritonserver")
+    ]
+    return int(found.split(":", 1)[0])
+
+
+def health(address: str) -> int:
+    """The gateway's overall health status (an error while the call fails)."""
+    with grpc.insecure_channel(address) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=5
+        )
+    return int(reply.status)
+
+
+def assert_nothing_left(stack: Stack) -> None:
     leftovers = processes_mentioning(str(stack.workdir / "model_repository"))
-    assert not leftovers, f"processes left running after {signal.Signals(sig).name}: {leftovers}"
+    assert not leftovers, f"processes left running after the stack stopped: {leftovers}"
     shm = Path("/dev/shm")
     if shm.is_dir():
         regions = [
@@ -143,6 +168,12 @@ def assert_clean_exit(stack: Stack, sig: int) -> None:
         ]
         assert not regions, f"shared-memory regions left behind: {regions}"
     assert not stack.ready_file.exists(), "the ready file outlived the server"
+
+
+def assert_clean_exit(stack: Stack, sig: int) -> None:
+    code = stop(stack.process, sig)
+    assert code == 0, stack.output()
+    assert_nothing_left(stack)
 
 
 def analyze(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -281,6 +312,41 @@ def test_evaluate_through_the_gateway_matches_triton(first: Stack, tmp_path: Pat
     assert through["val_detections"] == direct["val_detections"]
 
 
+def test_a_killed_triton_is_restarted_and_analyze_answers_again(first: Stack) -> None:
+    sample = (first.workdir / "sample.jpg").read_bytes()
+    killed = triton_pid(first.workdir)
+    os.kill(killed, signal.SIGKILL)
+    died = time.monotonic()
+    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+    refusals: set[str] = set()  # status codes of the calls refused meanwhile
+    seen_not_serving = False
+    with FashionClient(first.address, first.api_key, retries=0, timeout=10) as client:
+        while True:
+            elapsed = time.monotonic() - died
+            assert elapsed < BACK_AFTER_KILL_LIMIT, (
+                f"no answer {elapsed:.0f}s after Triton was killed:\n{first.output()}"
+            )
+            assert first.process.poll() is None, first.output()
+            seen_not_serving = seen_not_serving or health(first.address) == not_serving
+            try:
+                result = client.analyze(sample)
+            except FashionServeError as exc:
+                refusals.add(exc.code_name)
+                time.sleep(0.2)
+                continue
+            if seen_not_serving:
+                break
+    print(f"Analyze answered again {time.monotonic() - died:.1f}s after Triton was killed")
+    assert result.garments
+    assert seen_not_serving, "the gateway never reported NOT_SERVING"
+    assert refusals == {"UNAVAILABLE"}, refusals  # what a client retries
+    assert health(first.address) == health_pb2.HealthCheckResponse.SERVING
+    assert triton_pid(first.workdir) != killed
+    log = first.stderr.read_text()
+    assert f"Triton (pid {killed}) stopped: signal SIGKILL; restarting it in 1s" in log
+    assert "Triton is back after restart 1" in log
+
+
 def test_sigint_stops_everything(first: Stack) -> None:
     assert_clean_exit(first, signal.SIGINT)
 
@@ -300,3 +366,30 @@ def test_second_start_reuses_the_build_and_is_ready_faster(first: Stack, workdir
         assert done.returncode == 0, done.stderr
     finally:
         assert_clean_exit(second, signal.SIGTERM)
+
+
+def test_a_triton_that_cannot_start_again_stops_the_stack(workdir: Path) -> None:
+    stack = start_stack(workdir, SECOND_START_LIMIT + 60, "third")
+    repository = workdir / "model_repository"
+    aside = workdir / "model_repository.aside"
+    try:
+        # The repository replaced by one whose only model's config does not parse: each
+        # restart of Triton fails in a second or two.
+        repository.rename(aside)
+        (repository / "broken").mkdir(parents=True)
+        (repository / "broken" / "config.pbtxt").write_text("this is { not a model config\n")
+        os.kill(triton_pid(workdir), signal.SIGKILL)
+        code = stack.process.wait(timeout=120)
+        err = stack.stderr.read_text()
+        assert code != 0, stack.output()
+        assert "stopped: signal SIGKILL; restarting it in 1s" in err
+        assert "stopped: exit code 1 (Poll failed for model directory 'broken'" in err
+        assert "error: the stack stops: Triton failed 4 times within 300s" in err, err
+        assert "giving up after 3 restart(s)" in err
+        assert_nothing_left(stack)
+    finally:
+        if stack.process.poll() is None:
+            stop(stack.process)
+        if aside.is_dir():
+            shutil.rmtree(repository, ignore_errors=True)
+            aside.rename(repository)
