@@ -365,7 +365,8 @@ class GatewaySettings(BaseSettings):
     tls_client_ca_file: Path | None = Field(
         None,
         description="PEM CA bundle: require every client to present a certificate it "
-        "signed (mutual TLS). Needs tls_cert_file.",
+        "signed (mutual TLS). Needs tls_cert_file. The api_keys_file's 'certificates' "
+        "entries map a client certificate (CN, DNS or URI SAN) to a tenant and scopes.",
     )
     tenant_quota: TenantQuota = Field(
         TenantQuota(),
