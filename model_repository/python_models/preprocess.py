@@ -3,7 +3,8 @@
 Copied into the repository as ``preprocess/1/model.py``. Input ``IMAGE_BYTES`` BYTES [N];
 outputs ``DET_INPUT`` FP32 [N,3,S,S] (letterboxed, 0..255), ``SOURCE`` UINT8 [N,R,R,3]
 (letterboxed at the higher resolution the crops are cut from) and ``IMAGE_SIZES`` INT32
-[N,2]. Config parameters: ``detector_input_size`` (S), ``source_size`` (R),
+[N,2]. Config parameters: ``detector_input_size`` (S), ``source_size`` (R), ``crop_size``
+(what the tagger and embedder take: it sets the scale JPEGs are decoded at),
 ``max_images_per_request``, ``max_pixels``, ``decode_threads``.
 """
 
@@ -33,6 +34,7 @@ class TritonPythonModel:
         params = steps.config_parameters(json.loads(args["model_config"]))
         self.det_size = int(params["detector_input_size"])
         self.source_size = int(params.get("source_size") or steps.DEFAULT_SOURCE_SIZE)
+        self.crop_size = int(params["crop_size"]) if params.get("crop_size") else None
         self.max_images = int(params["max_images_per_request"])
         self.max_pixels = int(params.get("max_pixels") or steps.DEFAULT_MAX_PIXELS)
         self.threads = int(params.get("decode_threads") or 1)
@@ -49,6 +51,7 @@ class TritonPythonModel:
                     max_images=self.max_images,
                     max_pixels=self.max_pixels,
                     threads=self.threads,
+                    crop_size=self.crop_size,
                 )
             except steps.StepError as exc:
                 responses.append(pb_utils.InferenceResponse(error=_invalid(str(exc))))

@@ -128,15 +128,18 @@ def test_preprocess_finds_the_same_garments_as_a_full_decode() -> None:
     from fashionserve.stack import COMMITTED_CHECKPOINTS
 
     detector = load_checkpoint(COMMITTED_CHECKPOINTS / "detector.pt").build_model().eval()
+    crop_size = load_checkpoint(COMMITTED_CHECKPOINTS / "tagger.pt").input_size[0]
     settings = RepositorySettings()  # what is served: the detector's canvas and 512 px source
     det_size = int(detector.input_size)
-    # Long sides just over 2, 4 and 8 times 512: decoded at 1/2, 1/4 and 1/8.
+    side = steps.decode_side(det_size, settings.source_size, crop_size)
+    # Long sides just over 2, 4 and 8 times the decoded side: decoded at 1/2, 1/4 and 1/8.
+    assert side * 8 < 4100 and side * 4 < 2060 and side * 2 < 1100
     sizes = [(1100, 825), (825, 1100), (2060, 1159), (1159, 2060), (4100, 2306)]
     photos = [
         render_photo(scene, PhotoFormat(*sizes[o % len(sizes)], orientation=o + 1), seed=o)
         for o, scene in enumerate(synthetic_images(8, seed=77))
     ]
-    reduced = steps.preprocess_images(photos, det_size, settings.source_size)
+    reduced = steps.preprocess_images(photos, det_size, settings.source_size, crop_size=crop_size)
     full = np.stack([letterbox(decode_image(p), det_size)[0] for p in photos])
     full_input = full.transpose(0, 3, 1, 2).astype(np.float32)
 
@@ -178,7 +181,7 @@ LIMITS = ImageLimits(
 def test_large_photos_are_never_decoded_at_full_size(monkeypatch: pytest.MonkeyPatch) -> None:
     """A 12 MP photo: the gateway reads its header (with data after the end of the JPEG,
     as some cameras append, it decodes at 1/8 to tell that from a cut file), and the
-    preprocess step decodes it at 1/4 for its 512 px source canvas."""
+    preprocess step decodes it at 1/8 for 96 px crops, 1/4 for its 512 px source canvas."""
     loaded: list[tuple[int, int]] = []
     load = ImageFile.ImageFile.load
 
@@ -196,6 +199,7 @@ def test_large_photos_are_never_decoded_at_full_size(monkeypatch: pytest.MonkeyP
     assert inspect_image(trailer, LIMITS).height == 3000
     assert loaded == [(500, 375)]
     loaded.clear()
-    out = steps.preprocess_images([trailer], det_size=256, source_size=512)
+    out = steps.preprocess_images([trailer], det_size=256, source_size=512, crop_size=96)
     assert out.image_sizes.tolist() == [[3000, 4000]]
-    assert loaded == [(1000, 750)]
+    steps.preprocess_images([trailer], det_size=256, source_size=512)
+    assert loaded == [(500, 375), (1000, 750)]
