@@ -77,8 +77,9 @@ else
   redis.call('ZADD', leases, now + lease_ms, lease)
 end
 redis.call('HSET', state, 'tokens', tokens, 'ts', ts, 'held', held)
--- Kept until the bucket is full again and every lease has expired.
-local ttl = math.ceil((burst - tokens) / rate * 1000) + lease_ms
+-- Kept until the bucket is full again and every lease has expired; a week at most (PEXPIRE
+-- takes no more than 64 bits of ms, which a rate near zero would pass).
+local ttl = math.min(math.ceil((burst - tokens) / rate * 1000) + lease_ms, 604800000)
 redis.call('PEXPIRE', state, ttl)
 redis.call('PEXPIRE', leases, ttl)
 return {code, held, tostring(wait)}
