@@ -191,7 +191,7 @@ def parse_key_file(path: Path) -> KeyFile:
             if not isinstance(entry, dict):
                 problems.append(f"{here}: expected a mapping")
                 continue
-            entry_id, tenant, scopes = entry.get("id"), entry.get("tenant"), entry.get("scopes")
+            entry_id, tenant, scopes = entry.get("id"), entry.get("tenant"), entry.get("scopes", [])
             if not isinstance(entry_id, str) or not _KEY_ID.fullmatch(entry_id):
                 problems.append(f"{here} id: expected 1-64 of A-Z a-z 0-9 _ -")
                 continue

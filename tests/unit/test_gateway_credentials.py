@@ -380,7 +380,8 @@ class Pki:
     ) -> tuple[bytes, bytes]:
         """``(key, certificate)`` PEM of a client certificate from the CA with common name
         ``name`` and these DNS and URI subject alternative names."""
-        sans = [x509.DNSName(d) for d in dns] + [x509.UniformResourceIdentifier(u) for u in uris]
+        sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
+        sans += [x509.UniformResourceIdentifier(u) for u in uris]
         return self._leaf(name, self.ca_key, self.ca_cert, server=False, sans=sans)
 
     def _leaf(
