@@ -57,7 +57,11 @@ protos: $(STAMP)
 
 # The standard benchmark on the embedded default stack: writes BENCHMARKS.md (section
 # cpu-default) and benchmarks/cpu-default/. SOAK=120 shortens the memory soak. Run it on a
-# quiet machine, not while `make serve` runs (both use var/).
+# quiet machine, not while `make serve` runs (both use var/). It installs the `peers` extra
+# (Ray Serve, which `make test` leaves out); the bench refuses to measure the Ray Serve
+# reference unless it answers its images like fashionserve (tests/integration/
+# test_ray_serve.py checks the same with Ray installed).
 SOAK ?= 600
 bench: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,peers]'
 	$(BIN)/fashionserve loadtest bench --soak-duration $(SOAK)

@@ -326,6 +326,10 @@ def _bench(args: argparse.Namespace) -> int:
         checkpoints=args.checkpoints,
         watch=tuple(args.watch),
         images=tuple(args.images or ()),
+        phone_images=args.phone_images,
+        repository=args.repository,
+        ray_cores=args.ray_cores,
+        ray_replicas=args.ray_replicas,
         progress=not args.no_progress,
         command=shlex.join(["fashionserve", *sys.argv[1:]]) if sys.argv[1:] else "",
     )
@@ -442,10 +446,21 @@ def add_commands(subparsers: Any) -> None:
         "--skip",
         nargs="*",
         default=[],
-        choices=["triton", "naive", "batching", "capacity", "soak"],
+        choices=["triton", "naive", "batching", "capacity", "soak", "phone", "ray"],
         help="parts to leave out",
     )
-    p.add_argument("--images", type=Path, nargs="+", help="images (default: synthetic scenes)")
+    p.add_argument(
+        "--images", type=Path, nargs="+", help="small-image set (default: synthetic scenes)"
+    )
+    p.add_argument(
+        "--phone-images", type=_positive(int), default=16, help="photos in the phone-photo set"
+    )
+    p.add_argument(
+        "--ray-cores", type=_positive(int), default=2, help="CPUs of the Ray Serve reference"
+    )
+    p.add_argument(
+        "--ray-replicas", type=_positive(int), default=2, help="its replicas sharing them"
+    )
     ext = p.add_argument_group("an already running stack (default: start `fashionserve serve`)")
     ext.add_argument("--gateway", metavar="HOST:PORT", help="the gateway to measure")
     ext.add_argument(
@@ -456,6 +471,9 @@ def add_commands(subparsers: Any) -> None:
         "--gateway-config", type=Path, help="the gateway's YAML (for the batching-off gateway)"
     )
     ext.add_argument("--checkpoints", type=Path, help="checkpoints for the naive server")
+    ext.add_argument(
+        "--repository", type=Path, help="the model repository, for the Ray Serve reference"
+    )
     ext.add_argument(
         "--watch",
         type=_watch_arg,

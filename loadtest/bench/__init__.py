@@ -13,7 +13,13 @@ same generator settings throughout, it measures
    time) at equal concurrency;
 4. a capacity search: the highest open-loop rate meeting a p99 target, and the curve of
    latency against offered load;
-5. a soak at half that capacity, recording the gateway's and Triton's memory;
+5. the same closed loops (1, 8 and 32 callers) and capacity search on the phone-photo set
+   (1-12 MP, EXIF orientation, JPEG and WebP), with Triton's compute time per model and
+   image for each set (its statistics API), and 12 MP JPEGs alone;
+6. fashionserve against the Ray Serve reference (:mod:`~fashionserve.loadtest.peers`,
+   the same ONNX files and steps), checked first to answer alike, then with the same
+   closed loops and capacity search (same p99 target) on both image sets;
+7. a soak at half the small-image capacity, recording the gateway's and Triton's memory;
 
 and writes ``BENCHMARKS.md`` (machine, versions, commands, results, plots, and for each
 target whether it was met). The CPU used by each server process tree during each run is
@@ -37,7 +43,13 @@ import tempfile
 from pathlib import Path
 
 from fashionserve.loadtest.bench.report import triton_version, write_benchmarks
-from fashionserve.loadtest.bench.runs import Bench, bench_images, measure_all, say
+from fashionserve.loadtest.bench.runs import (
+    Bench,
+    bench_images,
+    measure_all,
+    phone_images,
+    say,
+)
 from fashionserve.loadtest.bench.settings import BenchError, BenchSettings
 from fashionserve.loadtest.bench.stack import Stack, start_default_stack, stop, wait_serving
 from fashionserve.loadtest.generator import clock
@@ -61,6 +73,7 @@ def run_bench(settings: BenchSettings) -> int:
                 pids=dict(settings.watch),
                 gateway_config=settings.gateway_config,
                 checkpoints=settings.checkpoints,
+                repository=settings.repository,
             )
             wait_serving(stack.gateway, timeout=600)  # Triton may still be loading engines
         else:
@@ -69,8 +82,13 @@ def run_bench(settings: BenchSettings) -> int:
             say(f"stack ready in {stack.started_seconds:.0f} s: gateway {stack.gateway}")
             if settings.checkpoints is not None:
                 stack.checkpoints = settings.checkpoints
+            if settings.repository is not None:
+                stack.repository = settings.repository
         images = bench_images(settings)
         bench = Bench(settings, stack, images, triton_version=triton_version(stack.triton))
+        if "phone" not in settings.skip:
+            say(f"making the phone-photo set ({settings.phone_images} photos, cached)")
+            bench.phone_images, bench.phone_12mp = phone_images(settings)
         measure_all(bench, logs)
         elapsed = clock() - started
         say(f"measured in {elapsed / 60:.1f} min; writing {settings.output}")

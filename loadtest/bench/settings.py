@@ -41,5 +41,9 @@ class BenchSettings:
     checkpoints: Path | None = None
     watch: tuple[tuple[str, int], ...] = ()
     images: tuple[Path, ...] = ()
+    phone_images: int = 16
+    repository: Path | None = None
+    ray_cores: int = 2
+    ray_replicas: int = 2
     progress: bool = True
     command: str = ""

@@ -1,5 +1,6 @@
 """The stack under test: ``fashionserve serve`` started as a process (or one already
-running), a second gateway with micro-batching off, and the naive reference server.
+running), a second gateway with micro-batching off, the naive reference server and the
+Ray Serve reference.
 
 Each is a process of the ``fashionserve`` command, started on a free port; its ready file
 says where it listens, and the work directory (:mod:`fashionserve.stack`) where its
@@ -39,6 +40,7 @@ class Stack:
     pids: dict[str, int]
     gateway_config: Path | None
     checkpoints: Path | None
+    repository: Path | None = None
     started_seconds: float = 0.0
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
@@ -140,6 +142,7 @@ def start_default_stack(workdir: Path, logs: Path) -> Stack:
         pids={"gateway": proc.pid, "triton": triton_pid},
         gateway_config=wd.gateway_config,
         checkpoints=checkpoints if complete else None,
+        repository=wd.repository,
         started_seconds=clock() - started,
         processes=[proc],
     )
@@ -193,3 +196,48 @@ def naive_server(checkpoints: Path, logs: Path) -> Iterator[tuple[str, int]]:
         yield _wait_file(ready, proc, 180, log), proc.pid
     finally:
         stop(proc, grace=20)
+
+
+def gateway_batching(stack: Stack) -> tuple[int, int]:
+    """The gateway's ``max_batch_size`` and ``max_queue_delay_microseconds``."""
+    from fashionserve.gateway.settings import load_settings
+
+    # Only the batcher's fields are read: auth off so that a settings file without its
+    # key file (a gateway given --api-keys-file) still loads.
+    settings = load_settings(stack.gateway_config, auth_enabled=False)
+    return settings.max_batch_size, settings.max_queue_delay_microseconds
+
+
+@contextlib.contextmanager
+def ray_server(stack: Stack, logs: Path, cores: int, replicas: int) -> Iterator[tuple[str, int]]:
+    """The Ray Serve reference (``fashionserve loadtest ray-server``) serving the stack's
+    model repository with the gateway's batching, on a free port; yields ``(address, pid)``."""
+    if stack.repository is None:
+        raise BenchError("the model repository is not known: pass --repository")
+    batch, delay_us = gateway_batching(stack)
+    ready = logs / "ray-ready.txt"
+    ready.unlink(missing_ok=True)
+    log = logs / "ray.log"
+    proc = _spawn(
+        _python_cli(
+            "loadtest",
+            "ray-server",
+            "--repository",
+            str(stack.repository),
+            "--cores",
+            str(cores),
+            "--replicas",
+            str(replicas),
+            "--max-batch-size",
+            str(batch),
+            "--max-queue-delay-microseconds",
+            str(delay_us),
+            "--ready-file",
+            str(ready),
+        ),
+        log,
+    )
+    try:
+        yield _wait_file(ready, proc, 300, log), proc.pid
+    finally:
+        stop(proc, grace=60)

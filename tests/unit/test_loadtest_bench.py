@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fashionserve.loadtest.bench import triton_stats
 from fashionserve.loadtest.bench.report import PREAMBLE, headline, write_section
 
 
@@ -55,3 +56,96 @@ def test_sections_are_rewritten_in_place_and_others_kept(tmp_path):
     assert "numbers" in text
     assert text.index("## cpu") < text.index("## gpu")  # the section kept its place
     assert text.count("<!-- bench:cpu-default begin -->") == 1
+
+
+def capacity(rps: float, p99_target: float = 200.0) -> dict:
+    return {"capacity_rps": rps, "p99_target_ms": p99_target}
+
+
+def test_issue_16_ratios_against_ray_serve_and_across_image_sets():
+    runs = {
+        "gateway": run(60.0, 100.0),
+        "ray": run(30.0, 200.0),
+        "phone_gateway": run(30.0, 250.0),
+        "phone_ray": run(25.0, 300.0),
+        "capacity": capacity(40.0),
+        "ray_capacity": capacity(20.0),
+        "phone_capacity": capacity(20.0, 900.0),
+        "phone_ray_capacity": capacity(16.0, 900.0),
+    }
+    compute = {"phone_12mp": {"images": 10, "models": {"preprocess": {"total": 35.0}}}}
+    rows = {r["comparison"]: r for r in headline(runs, compute)}
+    assert rows["fashionserve / Ray Serve throughput, 8 callers, small images"]["value"] == 2.0
+    assert rows["fashionserve / Ray Serve throughput, 8 callers, small images"]["met"] is True
+    phone = rows["fashionserve / Ray Serve throughput, 8 callers, phone photos"]
+    assert phone["value"] == 1.2 and phone["met"] is False
+    # Capacity at the same p99 target for both stacks, the target named in the row.
+    cap = rows["fashionserve / Ray Serve capacity at p99 <= 200 ms, small images"]
+    assert cap["value"] == 2.0 and cap["met"] is True
+    cap = rows["fashionserve / Ray Serve capacity at p99 <= 900 ms, phone photos"]
+    assert cap["value"] == 1.25 and cap["met"] is False
+    across = rows["throughput, phone photos / small images (gateway, 8 callers)"]
+    assert across["value"] == 0.5 and across["met"] is False
+    preprocess = rows["preprocess compute per 12 MP JPEG (Triton statistics)"]
+    assert preprocess["value"] == 35.0 and preprocess["met"] is True
+
+
+def test_issue_16_rows_say_not_measured_without_the_peer_or_the_phone_set():
+    rows = {r["comparison"]: r for r in headline({"gateway": run(10.0, 100.0)})}
+    for name in (
+        "fashionserve / Ray Serve throughput, 8 callers, small images",
+        "fashionserve / Ray Serve capacity, phone photos",
+        "preprocess compute per 12 MP JPEG (Triton statistics)",
+    ):
+        assert rows[name]["value"] is None and rows[name]["met"] is None
+
+
+def model_stats(name: str, count: int, batches: list[tuple[int, int, int]]) -> dict:
+    """Triton's statistics JSON for one model: uint64 fields are strings."""
+    return {
+        "name": name,
+        "version": "1",
+        "inference_count": str(count),
+        "batch_stats": [
+            {
+                "batch_size": str(i + 1),
+                "compute_input": {"count": "1", "ns": str(a)},
+                "compute_infer": {"count": "1", "ns": str(b)},
+                "compute_output": {"count": "1", "ns": str(c)},
+            }
+            for i, (a, b, c) in enumerate(batches)
+        ],
+    }
+
+
+def test_triton_compute_per_image_comes_from_batch_stats_over_the_detector_images():
+    before = triton_stats.parse(
+        {
+            "model_stats": [
+                model_stats("preprocess", 2, [(1_000_000, 10_000_000, 1_000_000)]),
+                model_stats("detector", 10, [(0, 20_000_000, 0)]),
+                model_stats("fashion_pipeline", 10, []),
+            ]
+        }
+    )
+    after = triton_stats.parse(
+        {
+            "model_stats": [
+                # 20 more images, in executions of several images each.
+                model_stats("preprocess", 5, [(3_000_000, 50_000_000, 3_000_000)]),
+                model_stats("detector", 30, [(0, 20_000_000, 0), (0, 40_000_000, 0)]),
+                model_stats("fashion_pipeline", 30, []),
+            ]
+        }
+    )
+    figures = triton_stats.per_image(before, after)
+    assert figures["images"] == 20
+    assert figures["models"]["preprocess"] == {
+        "compute_input": 0.1,
+        "compute_infer": 2.0,
+        "compute_output": 0.1,
+        "total": 2.2,
+    }
+    assert figures["models"]["detector"]["total"] == 2.0
+    assert "fashion_pipeline" not in figures["models"]  # the ensemble computes nothing
+    assert triton_stats.per_image(after, after) == {"images": 0, "models": {}}
