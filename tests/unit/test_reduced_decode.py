@@ -127,10 +127,11 @@ def test_preprocess_finds_the_same_garments_as_a_full_decode() -> None:
     from fashionserve.checkpoint import load_checkpoint
     from fashionserve.stack import COMMITTED_CHECKPOINTS
 
-    detector = load_checkpoint(COMMITTED_CHECKPOINTS / "detector.pt").build_model().eval()
+    checkpoint = load_checkpoint(COMMITTED_CHECKPOINTS / "detector.pt")
+    detector = checkpoint.build_model().eval()
+    det_size = checkpoint.input_size[0]
     crop_size = load_checkpoint(COMMITTED_CHECKPOINTS / "tagger.pt").input_size[0]
-    settings = RepositorySettings()  # what is served: the detector's canvas and 512 px source
-    det_size = int(detector.input_size)
+    settings = RepositorySettings()  # what is served: the 512 px source canvas, the threshold
     side = steps.decode_side(det_size, settings.source_size, crop_size)
     # Long sides just over 2, 4 and 8 times the decoded side: decoded at 1/2, 1/4 and 1/8.
     assert side * 8 < 4100 and side * 4 < 2060 and side * 2 < 1100
