@@ -46,6 +46,7 @@ MIN_SUPPORT = 30
 """Fewest positives on the calibration split for a decision to be calibrated: below it the
 Wilson interval on recall at a 0.90 target spans more than +-0.11, too wide to trust."""
 Z95 = 1.959963984540054
+SCORE_MARGIN = 1e-6  # well above float32's resolution near 1 (6e-8), far below any gap
 
 
 @dataclass(frozen=True)
@@ -200,7 +201,9 @@ def highest_threshold(decision: Decision, target: float) -> tuple[float, str]:
     usable = thresholds > 0
     reached = usable & (recall[:-1] >= target - 1e-12)
     if reached.any():
-        return float(thresholds[reached].max()), ""
+        # Just under the score of the last garment it must keep: probabilities that travel
+        # as float32 (the API's tables) must not drop it.
+        return max(float(thresholds[reached].max()) - SCORE_MARGIN, 0.0), ""
     lowest = float(thresholds[usable].min())
     best = float(recall[:-1][usable].max())
     return lowest, f"target {target:.2f} not reachable: at most {best:.3f} (best-label misses)"
@@ -223,7 +226,7 @@ class Calibrated:
         rci = wilson(c.true_positives, c.support)
         pci = wilson(c.true_positives, c.predicted)
         return LabelThreshold(
-            threshold=round(c.threshold, 6),
+            threshold=c.threshold,
             calibrated=self.calibrated,
             target_recall=self.target,
             support=c.support,
@@ -425,7 +428,7 @@ def _row(
         "kind": kind,
         "name": name,
         "level": level,
-        "threshold": round(counts.threshold, 6),
+        "threshold": counts.threshold,
         "support": counts.support,
         "predicted": counts.predicted,
         "precision": _round(counts.precision),

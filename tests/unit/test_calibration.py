@@ -82,7 +82,7 @@ def test_the_highest_threshold_reaching_the_target_recall(taxonomy: Taxonomy) ->
     result = calibrate(shirts(taxonomy, probabilities), taxonomy, target_recall=0.90)
     shirt = next(o for o in result.outcomes if o.key == "shirt")
     assert shirt.calibrated
-    assert shirt.counts.threshold == pytest.approx(0.55)
+    assert shirt.counts.threshold == pytest.approx(0.55, abs=1e-5)
     assert shirt.counts.recall == pytest.approx(0.90)
     assert shirt.counts.precision == pytest.approx(1.0)
     # A per-class override wins over the global target.
@@ -90,7 +90,7 @@ def test_the_highest_threshold_reaching_the_target_recall(taxonomy: Taxonomy) ->
         shirts(taxonomy, probabilities), taxonomy, target_recall=0.90, targets={"shirt": 0.5}
     )
     assert next(o for o in strict.outcomes if o.key == "shirt").counts.threshold == (
-        pytest.approx(0.75)
+        pytest.approx(0.75, abs=1e-5)
     )
 
 
@@ -107,7 +107,7 @@ def test_negatives_reaching_the_parent_count_against_precision(taxonomy: Taxonom
     ]
     result = calibrate(observations, taxonomy, target_recall=1.0)
     shirt = next(o for o in result.outcomes if o.key == "shirt")
-    assert shirt.counts.threshold == pytest.approx(0.9)
+    assert shirt.counts.threshold == pytest.approx(0.9, abs=1e-5)
     assert shirt.counts.predicted == 60 and shirt.counts.precision == 1.0
     # At a threshold that lets them through, precision falls to 60 / 100.
     report = {r["name"]: r for r in class_report(observations, taxonomy.with_thresholds({}))}
@@ -145,7 +145,7 @@ def test_children_are_calibrated_on_garments_that_pass_their_parent(
     assert top.counts.recall == pytest.approx(0.5) and "not reachable" in top.note
     # shirt is decided only where top passed: the 50 sure ones, all at 0.9.
     assert shirt.counts.support == 50
-    assert shirt.counts.threshold == pytest.approx(0.9)
+    assert shirt.counts.threshold == pytest.approx(0.9, abs=1e-5)
     served = calibrate(observations, taxonomy, 0.9).threshold_set(taxonomy, "t", {})
     report = {r["name"]: r for r in class_report(observations, served.apply(taxonomy))}
     assert report["top/shirt"]["recall"] == pytest.approx(1.0)
@@ -183,7 +183,7 @@ def test_threshold_set_round_trip_and_validation(taxonomy: Taxonomy, tmp_path: P
     path = threshold_sets.save(made, tmp_path / "thresholds.yaml")
     loaded = threshold_sets.load(path)
     assert loaded == made and loaded.hash == made.hash
-    assert loaded.apply(taxonomy).threshold("category", "shirt") == pytest.approx(0.9)
+    assert loaded.apply(taxonomy).threshold("category", "shirt") == pytest.approx(0.9, abs=1e-5)
     assert loaded.apply(taxonomy).hash == taxonomy.hash
 
     doc = made.model_dump(mode="json")
