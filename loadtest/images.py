@@ -94,8 +94,8 @@ class PhotoFormat:
 
 def phone_photo_formats(count: int, seed: int = 1234) -> list[PhotoFormat]:
     """``count`` delivery formats cycling over 1, 2, 5 and 12 MP, 4:3 and 16:9, landscape and
-    portrait, the EXIF orientations phones write, JPEG quality 80-95; one photo in five is
-    a WebP (as social networks re-encode them, no EXIF orientation)."""
+    portrait, the EXIF orientations phones write, JPEG quality 80-95; a quarter are WebP at
+    1 and 2 MP, as social networks re-encode photos (quality 75-90, no EXIF orientation)."""
     rng = np.random.default_rng([seed, 1])
     formats: list[PhotoFormat] = []
     for i in range(count):
@@ -106,7 +106,7 @@ def phone_photo_formats(count: int, seed: int = 1234) -> list[PhotoFormat]:
         # Every 16 photos hold each size, aspect and way up once; any 4 hold both ways up.
         portrait = (i + i // 4 + i // 8) % 2 == 1
         width, height = (short, long) if portrait else (long, short)
-        if i % 5 == 4:
+        if i % 8 in (4, 5):
             formats.append(PhotoFormat(width, height, 1, "WEBP", int(rng.integers(75, 91))))
         else:
             jpegs = sum(f.codec == "JPEG" for f in formats)
