@@ -108,10 +108,11 @@ def decode_at_least(data: bytes, min_side: int, max_pixels: int = DEFAULT_MAX_PI
     still at least ``min_side`` pixels.
 
     libjpeg scales in the DCT domain (1/2, 1/4, 1/8: PIL's ``Image.draft``), so a 12 MP
-    photo needed at 512 px is decoded at 1/4 for a fraction of the full decode's cost. The
-    longer side stays >= ``min_side``, so whatever is resized from the result is still a
-    downscale, as from the full image. Other formats, and ``min_side`` 0, decode at full
-    size. The header is checked against ``max_pixels`` at the original size.
+    photo needed at 512 px is decoded at 1/4 for a fraction of the full decode's cost; the
+    caller says what it needs (the preprocess step: ``steps.decode_side``). Other formats,
+    and ``min_side`` 0, decode at full size. The header is checked against ``max_pixels``
+    at the original size. :func:`letterbox` places the result exactly where it would
+    place the full decode.
     """
     img, fmt = _open(data, max_pixels)
     stored_w, stored_h = img.size
