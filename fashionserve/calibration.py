@@ -135,7 +135,7 @@ def decisions(
 ) -> dict[str, Decision]:
     """Every decision (or those in ``keys``), with ``taxonomy``'s thresholds deciding which
     garments reach each parent and which paths tags are decoded on."""
-    decided = [taxonomy.decide(dict(o.tables)) for o in observations]
+    decided = [taxonomy.decide(o.tables) for o in observations]
     wanted = set(keys) if keys is not None else None
     out: dict[str, Decision] = {}
     for seg in taxonomy.layout:
@@ -388,7 +388,7 @@ def class_report(
                 curve.ap(),
             )
         )
-    decoded = [taxonomy.decide(dict(o.tables)) for o in observations]
+    decoded = [taxonomy.decide(o.tables) for o in observations]
     for key, decision in decisions(observations, taxonomy).items():
         if decision.kind == "category":
             node = taxonomy.nodes[key]

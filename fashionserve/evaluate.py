@@ -721,9 +721,9 @@ def plot_curves(
             precision, recall, _ = precision_recall_curve(d.y_true, d.score)
             (line,) = ax.plot(recall, precision, label=key.rpartition("/")[2])
             group, _, label = key.rpartition("/")
-            at = calibration.counts_at(d, taxonomy.threshold(d.kind, label, group or None))
-            if at.recall is not None and at.precision is not None:
-                ax.plot(at.recall, at.precision, "o", color=line.get_color())
+            point = calibration.counts_at(d, taxonomy.threshold(d.kind, label, group or None))
+            if point.recall is not None and point.precision is not None:
+                ax.plot(point.recall, point.precision, "o", color=line.get_color())
         ax.legend(fontsize="small")
         fig.savefig(out / f"pr-{name}.png", dpi=90)
         plt.close(fig)

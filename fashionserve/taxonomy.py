@@ -263,7 +263,9 @@ class Taxonomy:
         """
         return self.decide(self.probabilities(logits), full_tables)
 
-    def decide(self, tables: dict[str, dict[str, float]], full_tables: bool = False) -> Decoded:
+    def decide(
+        self, tables: Mapping[str, Mapping[str, float]], full_tables: bool = False
+    ) -> Decoded:
         """:meth:`decode` from the probability tables :meth:`probabilities` gives (or a
         caller received with ``include_probability_tables``)."""
         path: list[ScoredLabel] = []
@@ -296,7 +298,7 @@ class Taxonomy:
                     if table[lbl] >= self.threshold("independent", lbl, group.name)
                 ]
             tags[group.name] = [ScoredLabel(lbl, table[lbl]) for lbl in kept]
-        return Decoded(path, tags, tables if full_tables else {})
+        return Decoded(path, tags, {k: dict(v) for k, v in tables.items()} if full_tables else {})
 
 
 def _derive_layout(

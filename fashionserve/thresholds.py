@@ -24,8 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from fashionserve.errors import InvalidInput
 from fashionserve.taxonomy import Taxonomy, TaxonomyError
 
-FORMAT = "fashionserve-thresholds"
-SCHEMA_VERSION = 1
+FORMAT: Literal["fashionserve-thresholds"] = "fashionserve-thresholds"
+SCHEMA_VERSION: Literal[1] = 1
 
 
 class ThresholdsError(InvalidInput):
