@@ -183,8 +183,13 @@ class Pipeline:
 
 def same_answers(ours: pb.ImageResult, theirs: pb.ImageResult) -> str | None:
     """Why two answers for one image differ (``None`` when they agree): the same garments
-    (count, detector class, box within 1 px) with the same top category, in the same
-    order. Scores may differ in the last digits: the two stacks batch differently."""
+    (count, detector class, box) with the same top category, in the same order.
+
+    The two stacks batch differently, and ONNX Runtime's results differ in the last digits
+    with the batch size; a box is found on the detector's small canvas (256 px) and scaled
+    up to the photo, so it may move by a fraction of a canvas pixel: 0.5% of the image's
+    longer side (at least 1 px)."""
+    tolerance = max(1.0, 0.005 * max(ours.width, ours.height))
     if (ours.width, ours.height) != (theirs.width, theirs.height):
         return f"image size {ours.width}x{ours.height} != {theirs.width}x{theirs.height}"
     if len(ours.garments) != len(theirs.garments):
@@ -196,6 +201,6 @@ def same_answers(ours: pb.ImageResult, theirs: pb.ImageResult) -> str | None:
             return f"garment {n}: {a.detector_class}/{top_a} != {b.detector_class}/{top_b}"
         box_a = (a.box.x_min, a.box.y_min, a.box.x_max, a.box.y_max)
         box_b = (b.box.x_min, b.box.y_min, b.box.x_max, b.box.y_max)
-        if max(abs(x - y) for x, y in zip(box_a, box_b, strict=True)) > 1.0:
+        if max(abs(x - y) for x, y in zip(box_a, box_b, strict=True)) > tolerance:
             return f"garment {n}: box {box_a} != {box_b}"
     return None

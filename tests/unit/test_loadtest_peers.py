@@ -30,6 +30,14 @@ def test_each_difference_is_named():
     ours = image(garment("top"))
     assert "1 garments != 0" in (same_answers(ours, image()) or "")
     assert "top != top/full-body" in (same_answers(ours, image(garment("full-body"))) or "")
-    assert "box" in (same_answers(ours, image(garment("top", x=14.0))) or "")
+    assert "box" in (same_answers(ours, image(garment("top", x=14.0))) or "")  # 640 px: 3.2
     resized = pb.ImageResult(width=480, height=640, garments=ours.garments)
     assert "image size" in (same_answers(ours, resized) or "")
+
+
+def test_boxes_of_a_large_photo_may_move_by_a_fraction_of_a_detector_pixel():
+    def photo(x: float) -> pb.ImageResult:
+        return pb.ImageResult(width=3000, height=4000, garments=[garment("top", x=x)])
+
+    assert same_answers(photo(10.0), photo(11.7)) is None  # 0.5% of 4000 px: 20 px
+    assert "box" in (same_answers(photo(10.0), photo(31.0)) or "")
