@@ -122,8 +122,9 @@ def decode_side(det_size: int, source_size: int, crop_size: int | None) -> int:
     it is left out); decoding larger only adds pixels the crops throw away. With the demo
     models (256 px detector, 96 px crops, 512 px source) that is 480 px: a 12 MP photo
     (4000 px) decodes at 1/8 rather than 1/4: the entropy decoding costs the same at
-    both, but a quarter of the pixels are cheaper to convert and resize (about 38 against
-    55 ms of CPU in all, ``python -m fashionserve.loadtest.decode_bench``).
+    both, but a quarter of the pixels are cheaper to convert and resize (30-43 against
+    49-55 ms of CPU in all on a busy 2-core machine, 340-400 ms decoded in full:
+    ``python -m fashionserve.loadtest.decode_bench``).
     """
     if crop_size is None:
         return max(det_size, source_size)
