@@ -1,13 +1,22 @@
 """A synthetic data set: its plan (the catalog, and which products each image of each split
 shows) and its samples rendered in memory.
 
+The catalog has two parts: the *training products*, the only ones ``train`` shows, and the
+*new products*, which only the held-out splits show, so that every figure measured on them
+is a figure on products the models never saw (as every product a user sends is).
+
 Splits:
 
 * ``train``: ``images`` cluttered scenes with 0 to 4 garments (about 8% empty), every
-  product at least ``MIN_TRAIN_OCCURRENCES`` times;
-* ``val``: the same kind of scenes, different draws, same catalog;
-* ``query``: one "street" scene per product, with that product and maybe one more;
-* ``gallery``: one "shop" image per product (alone, centred, plain light background).
+  training product at least ``MIN_TRAIN_OCCURRENCES`` times, ``TRAIN_OCCURRENCES`` on
+  average;
+* ``val``: the same kind of scenes showing new products (model selection, calibration);
+* ``test``: more such scenes of new products, other draws (the quality figures, and the
+  recall reached at calibrated thresholds);
+* ``query``: one "street" scene per new product, with that product and maybe one more;
+* ``gallery``: one "shop" image per new product (alone, centred, plain light background);
+* ``seen``: scenes of training products, for diagnosis only (how much of a figure is
+  memorisation), never a quality figure.
 
 :func:`render_samples` is the one way to get a few labelled synthetic images without
 writing a data set (load-test images, warm-up and parity inputs, the ``serve`` sample):
@@ -34,7 +43,13 @@ EMPTY_FRACTION = 0.08
 """Share of train and val scenes with no garment (negatives for the detector)."""
 
 MIN_TRAIN_OCCURRENCES = 3
-"""Every product appears at least this many times in train."""
+"""Every training product appears at least this many times in train."""
+
+TRAIN_OCCURRENCES = 4
+"""Training products appear this many times in train on average."""
+
+MIN_NEW_PRODUCTS = 60
+"""The held-out catalog (val, test, query, gallery) has at least this many products."""
 
 
 @dataclass(frozen=True)
@@ -49,9 +64,10 @@ class Plan:
 def plan_data_set(images: int, seed: int, taxonomy: Taxonomy) -> Plan:
     """The plan of the data set with ``images`` train scenes for ``seed`` and ``taxonomy``.
 
-    The catalog holds ``max(60, images // 15)`` products (fewer when ``images`` is too
-    small to show each at least ``MIN_TRAIN_OCCURRENCES`` times in train); val holds
-    ``max(20, images // 10)`` scenes. Raises :class:`CannotRender` when the taxonomy names
+    The catalog holds about a quarter as many training products as train shows garments,
+    and ``max(MIN_NEW_PRODUCTS, images // 15)`` new products; val and test hold
+    ``max(20, images // 10)`` scenes each, seen ``max(20, images // 20)``. Raises
+    :class:`CannotRender` when the taxonomy names
     categories or tags the renderer cannot draw, or when ``images`` is too small for every
     category to appear.
     """
@@ -66,7 +82,13 @@ def render_planned(
     """The samples of ``splits`` (in that order, each by index), rendered in this process
     or in a pool of ``workers`` processes: byte-identical either way."""
     wanted = list(splits)
-    scenes = [s for split in wanted for s in plan.scenes if s.split == split]
+    return render_specs(
+        plan, [s for split in wanted for s in plan.scenes if s.split == split], workers
+    )
+
+
+def render_specs(plan: Plan, scenes: list[SceneSpec], workers: int = 1) -> Iterator[Sample]:
+    """The samples of ``scenes`` (some of ``plan``'s), in that order."""
     by_id = {p.id: p for p in plan.products}
     if workers <= 1:
         studio = Studio(plan.seed, dict(by_id))
@@ -137,11 +159,12 @@ def _garment_counts(rng: np.random.Generator, n: int) -> list[int]:
 
 
 def _assign(
-    rng: np.random.Generator, counts: list[int], slots: list[int], n_products: int
+    rng: np.random.Generator, counts: list[int], slots: list[int], ids: list[int]
 ) -> list[tuple[int, ...]]:
-    """Deal product ids (``slots``, then uniform draws) into images, no repeats per image."""
+    """Deal product ids (``slots``, then uniform draws from ``ids``) into images, no repeats
+    per image."""
     total = sum(counts)
-    fill = rng.integers(1, n_products + 1, max(0, total - len(slots))).tolist()
+    fill = [int(i) for i in rng.choice(ids, max(0, total - len(slots)))]
     pool = [*slots, *fill][:total]
     pool = [pool[i] for i in rng.permutation(len(pool))]
     images: list[list[int]] = []
@@ -169,10 +192,10 @@ def _plan(images: int, seed: int, taxonomy: Taxonomy) -> tuple[list[Product], li
     rng = np.random.default_rng([seed, 0, 0])
     n_leaves = len(taxonomy.leaves)
     counts = _garment_counts(rng, images)
-    n_products = max(60, images // 15)
-    # A small run cannot show a large catalog three times each: shrink the catalog.
-    n_products = max(n_leaves, min(n_products, sum(counts) // (MIN_TRAIN_OCCURRENCES + 1)))
-    needed = n_products * MIN_TRAIN_OCCURRENCES
+    # As many training products as the scenes can show about TRAIN_OCCURRENCES times each:
+    # the models must learn categories and tags from many looks, not a few products.
+    n_train = max(n_leaves, sum(counts) // TRAIN_OCCURRENCES)
+    needed = n_train * MIN_TRAIN_OCCURRENCES
     for i in rng.permutation(images):
         if sum(counts) >= needed:
             break
@@ -182,31 +205,47 @@ def _plan(images: int, seed: int, taxonomy: Taxonomy) -> tuple[list[Product], li
             f"{images} train images are too few to show {n_leaves} products "
             f"{MIN_TRAIN_OCCURRENCES} times each; use at least {math.ceil(needed / 4)}"
         )
-    products = make_catalog(taxonomy, n_products, seed)
-    ids = [p.id for p in products]
+    n_new = max(MIN_NEW_PRODUCTS, images // 15)
+    # Leaves come in turn in the catalog, so the last n_new products cover every leaf.
+    products = make_catalog(taxonomy, n_train + n_new, seed)
+    train_ids = [p.id for p in products[:n_train]]
+    new_products = products[n_train:]
+    new_ids = [p.id for p in new_products]
     tasks: list[SceneSpec] = []
-    train_slots = [pid for pid in ids for _ in range(MIN_TRAIN_OCCURRENCES)]
-    for i, prods in enumerate(_assign(rng, counts, train_slots, n_products)):
+    train_slots = [pid for pid in train_ids for _ in range(MIN_TRAIN_OCCURRENCES)]
+    for i, prods in enumerate(_assign(rng, counts, train_slots, train_ids)):
         tasks.append(SceneSpec("train", i + 1, "scene", prods))
 
-    n_val = max(20, images // 10)
-    val_counts = _garment_counts(rng, n_val)
-    while sum(val_counts) < n_leaves:
-        val_counts[int(rng.integers(0, n_val))] = 4
-    by_leaf = {leaf: [p.id for p in products if p.leaf == leaf] for leaf in taxonomy.leaves}
-    val_slots = [int(rng.choice(by_leaf[leaf])) for leaf in taxonomy.leaves]
-    for i, prods in enumerate(_assign(rng, val_counts, val_slots, n_products)):
-        tasks.append(SceneSpec("val", i + 1, "scene", prods))
+    n_held_out = max(20, images // 10)
+    tasks += _scenes("val", n_held_out, new_products, taxonomy, rng)
+    tasks += _scenes("test", n_held_out, new_products, taxonomy, rng)
+    tasks += _scenes("seen", max(20, images // 20), products[:n_train], taxonomy, rng)
 
-    order = rng.permutation(n_products)
+    order = rng.permutation(len(new_ids))
     for i, k in enumerate(order):
-        pid = ids[k]
+        pid = new_ids[k]
         shown: tuple[int, ...] = (pid,)
         if rng.random() < 0.4:
-            other = int(rng.integers(1, n_products + 1))
+            other = int(rng.choice(new_ids))
             if other != pid:
                 shown = (pid, other) if rng.random() < 0.5 else (other, pid)
         tasks.append(SceneSpec("query", i + 1, "street", shown))
-    for i, pid in enumerate(ids):
+    for i, pid in enumerate(new_ids):
         tasks.append(SceneSpec("gallery", i + 1, "shop", (pid,)))
     return products, tasks
+
+
+def _scenes(
+    split: str, n: int, products: list[Product], taxonomy: Taxonomy, rng: np.random.Generator
+) -> list[SceneSpec]:
+    """``n`` cluttered scenes of ``products``, every leaf shown at least once."""
+    counts = _garment_counts(rng, n)
+    while sum(counts) < len(taxonomy.leaves):
+        counts[int(rng.integers(0, n))] = 4
+    by_leaf = {leaf: [p.id for p in products if p.leaf == leaf] for leaf in taxonomy.leaves}
+    slots = [int(rng.choice(by_leaf[leaf])) for leaf in taxonomy.leaves]
+    ids = [p.id for p in products]
+    return [
+        SceneSpec(split, i + 1, "scene", prods)
+        for i, prods in enumerate(_assign(rng, counts, slots, ids))
+    ]

@@ -21,8 +21,8 @@ from PIL import Image, ImageDraw, ImageFilter
 from fashionserve.data.catalog import RGB, Product, hsv_rgb
 from fashionserve.data.drawing import Geometry, deform, garment_patch, product_geometry, tight
 
-SPLITS = ("train", "val", "query", "gallery")
-_SPLIT_CODE = {"train": 1, "val": 2, "query": 3, "gallery": 4}
+SPLITS = ("train", "val", "test", "query", "gallery", "seen")
+_SPLIT_CODE = {"train": 1, "val": 2, "query": 3, "gallery": 4, "test": 5, "seen": 6}
 
 MAX_HIDDEN = 0.28
 """At most this share of a garment's own pixels may be covered by later layers."""

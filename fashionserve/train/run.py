@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from fashionserve.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fashionserve.data.fingerprint import written_fingerprint
 from fashionserve.ensemble import MODEL_KINDS, ModelKind
 from fashionserve.errors import FailedPrecondition
 from fashionserve.models import DEFAULT_ARCH
@@ -90,6 +91,9 @@ def train_all(
     data_info = {
         "path": str(data),
         "info": train.info,
+        # What the renderer must still produce for these weights to be reproducible
+        # (tests/unit/test_demo_checkpoints.py re-renders it).
+        "fingerprint": written_fingerprint(data, taxonomy),
         "train_images": len(train.images),
         "train_garments": len(train.garments),
         "val_images": len(val.images),

@@ -130,38 +130,50 @@ def test_every_leaf_appears_in_every_split(runs: dict[str, Any], taxonomy: Taxon
         assert seen == set(taxonomy.leaves), split
 
 
-def test_products_repeat_in_train_and_gallery_has_one_shop_image_each(
-    runs: dict[str, Any],
-) -> None:
+def test_held_out_splits_show_only_products_train_never_shows(runs: dict[str, Any]) -> None:
+    """val, test, query and gallery measure new products; seen measures training ones."""
     root, summary = runs["a"]
-    train = labels(root, "train")["annotations"]
-    counts = collections.Counter(a["product_id"] for a in train)
-    assert len(counts) == summary["products"]
+    shown = {
+        split: {a["product_id"] for a in labels(root, split)["annotations"]} for split in SPLITS
+    }
+    train = shown["train"]
+    for split in ("val", "test", "query", "gallery"):
+        assert shown[split] and not shown[split] & train, split
+    assert shown["seen"] <= train
+    assert shown["val"] | shown["test"] | shown["query"] <= shown["gallery"]
+    assert len(train) + len(shown["gallery"]) == summary["products"]
+
+
+def test_train_products_repeat_and_gallery_has_one_shop_image_each(runs: dict[str, Any]) -> None:
+    root, _ = runs["a"]
+    counts = collections.Counter(a["product_id"] for a in labels(root, "train")["annotations"])
     assert min(counts.values()) >= 3
     gallery = labels(root, "gallery")
-    assert len(gallery["images"]) == summary["products"]
     per_image = collections.Counter(a["image_id"] for a in gallery["annotations"])
     assert set(per_image.values()) == {1} and len(per_image) == len(gallery["images"])
-    assert sorted(a["product_id"] for a in gallery["annotations"]) == sorted(counts)
     # A product keeps its labels wherever it appears.
-    described = {a["product_id"]: (a["category_path"], a["tags"]) for a in gallery["annotations"]}
-    for split in ("train", "val", "query"):
+    described: dict[int, Any] = {}
+    for split in SPLITS:
         for a in labels(root, split)["annotations"]:
-            assert described[a["product_id"]] == (a["category_path"], a["tags"])
+            label = (a["category_path"], a["tags"])
+            assert described.setdefault(a["product_id"], label) == label
 
 
-def test_query_shows_every_product_with_one_or_two_garments(runs: dict[str, Any]) -> None:
-    root, summary = runs["a"]
+def test_query_shows_every_gallery_product_with_one_or_two_garments(
+    runs: dict[str, Any],
+) -> None:
+    root, _ = runs["a"]
     query = labels(root, "query")
     per_image = collections.Counter(a["image_id"] for a in query["annotations"])
     assert len(per_image) == len(query["images"])
     assert set(per_image.values()) <= {1, 2}
-    assert {a["product_id"] for a in query["annotations"]} == set(range(1, summary["products"] + 1))
+    gallery = {a["product_id"] for a in labels(root, "gallery")["annotations"]}
+    assert {a["product_id"] for a in query["annotations"]} == gallery
 
 
 def test_scenes_hold_zero_to_four_garments_with_some_empty(runs: dict[str, Any]) -> None:
     root = runs["a"][0]
-    for split in ("train", "val"):
+    for split in ("train", "val", "test", "seen"):
         lab = labels(root, split)
         per_image = collections.Counter(a["image_id"] for a in lab["annotations"])
         assert max(per_image.values()) <= 4
