@@ -1,7 +1,7 @@
 """``fashionserve evaluate``: quality measured through the served ensemble, never PyTorch.
 
-Every image of the data set's ``val``, ``query`` and ``gallery`` splits is sent, encoded as
-stored, to ``fashion_pipeline`` on a running Triton, in requests of several images; the
+Every image of the data set's scene split (``test`` by default: products the models never
+saw), ``query`` and ``gallery`` splits is sent, encoded as stored, to ``fashion_pipeline`` on a running Triton, in requests of several images; the
 answers are scored against the labels with :mod:`fashionserve.metrics`, the way training's
 own validation scores the PyTorch models (``fashionserve.train.validation``), so the two can be
 compared: a gap means serving differs from training (a coordinate, crop or taxonomy bug).
@@ -207,7 +207,7 @@ def observations(
     return out
 
 
-def score_val(
+def score_scenes(
     split: LabelledSplit, answers: Sequence[Sequence[Found]], taxonomy: Taxonomy
 ) -> dict[str, Any]:
     """Detection mAP@0.5, leaf-category and exclusive-tag accuracy on matched garments."""
@@ -240,10 +240,11 @@ def score_val(
         "category_accuracy": metrics.category_accuracy(pred_leaf, true_leaf),
         "tag_accuracy": tags["overall"],
         "tag_accuracy_per_group": {k: v for k, v in tags.items() if k != "overall"},
-        "val_images": len(split.images),
-        "val_garments": split.garments,
-        "val_matched_garments": len(true_leaf),
-        "val_detections": sum(len(a) for a in answers),
+        "scene_split": split.name,
+        "scene_images": len(split.images),
+        "scene_garments": split.garments,
+        "scene_matched_garments": len(true_leaf),
+        "scene_detections": sum(len(a) for a in answers),
     }
 
 
@@ -519,32 +520,34 @@ def evaluate(
     api_key: str | None = None,
     security: ChannelSecurity | None = None,
     report: Path | None = None,
-    report_split: str | None = None,
+    split: str | None = None,
     thresholds: Path | None = None,
 ) -> dict[str, Any]:
-    """Score the served ensemble on ``data``'s val, query and gallery splits.
+    """Score the served ensemble on ``data``'s scene split, query and gallery.
 
     Prints a table and returns (and writes to ``json_out``, if given) ``detector_map50``,
     ``category_accuracy``, ``tag_accuracy``, ``retrieval_acc1``, ``retrieval_acc10``, the
     counts behind them and throughput figures. Decisions use the thresholds in effect
     (:func:`thresholds_in_effect`). ``report``: also write the per-class report of
-    ``report_split`` (default ``test``, else ``val``) into that directory.
+    the scene split into that directory. ``split``: the scene split the detector, category
+    and tag figures (and the report) come from; default ``test`` (new products), else
+    ``val`` for data sets made before ``test`` existed; ``seen`` measures the training
+    products, for diagnosis.
     """
     backend = connect_backend(triton, gateway, api_key, security)
     served = backend.served
     batch = max(1, min(batch_size, backend.batch_limit or batch_size))
-    val, query, gallery = (load_labels(data, s) for s in ("val", "query", "gallery"))
-    splits = [val, query, gallery]
-    report_name = report_split or default_split(data, "test")
-    if report is not None and report_name not in ("val", "query", "gallery"):
-        splits.append(load_labels(data, report_name))
+    scenes, query, gallery = (
+        load_labels(data, s) for s in (split or default_split(data, "test"), "query", "gallery")
+    )
+    splits = [scenes, query, gallery]
     taxonomy = resolve_taxonomy(data, splits, served)
     decide, in_effect = thresholds_in_effect(taxonomy, served, thresholds)
 
     started = time.monotonic()
     answers = _run_splits(backend, splits, batch, echo)
     elapsed = time.monotonic() - started
-    images = sum(len(split.images) for split in splits)
+    images = sum(len(s.images) for s in splits)
     if thresholds is not None:  # the gateway decoded with its own: decide with the file's
         for garments in answers.values():
             for image in garments:
@@ -553,7 +556,7 @@ def evaluate(
                         g.decoded = decide.decide(g.tables)
 
     result: dict[str, Any] = {}
-    result.update(score_val(val, answers["val"], decide))
+    result.update(score_scenes(scenes, answers[scenes.name], decide))
     result.update(score_retrieval(query, answers["query"], gallery, answers["gallery"]))
     result.update(
         {
@@ -575,16 +578,15 @@ def evaluate(
         json_out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
         echo(f"wrote {json_out}")
     if report is not None:
-        split = next(s for s in splits if s.name == report_name)
         floor = float(served.get("min_score") or 0.0)
         rows = write_report(
             report,
-            split,
-            answers[split.name],
+            scenes,
+            answers[scenes.name],
             decide,
             {
                 "data": str(data),
-                "split": split.name,
+                "split": scenes.name,
                 "through": f"gateway {gateway}" if gateway else f"triton {triton}",
                 "thresholds": in_effect,
                 "detector_floor": floor,
@@ -593,7 +595,7 @@ def evaluate(
             floor,
         )
         result["report"] = rows
-        echo(f"wrote the per-class report of {split.name} to {report}")
+        echo(f"wrote the per-class report of {scenes.name} to {report}")
     return result
 
 
@@ -830,12 +832,13 @@ def format_table(result: dict[str, Any]) -> str:
         (
             "detector mAP@0.5",
             fmt(result.get("detector_map50")),
-            f"{result.get('val_images')} images, {result.get('val_garments')} garments",
+            f"{result.get('scene_split')}: {result.get('scene_images')} images, "
+            f"{result.get('scene_garments')} garments",
         ),
         (
             "category accuracy",
             fmt(result.get("category_accuracy")),
-            f"{result.get('val_matched_garments')} matched garments",
+            f"{result.get('scene_matched_garments')} matched garments",
         ),
         ("exclusive-tag accuracy", fmt(result.get("tag_accuracy")), "same garments"),
         (

@@ -224,7 +224,10 @@ def add_commands(subparsers: Any) -> None:
         help="write the per-class report (report.json, report.md, PR curves as PNG)",
     )
     p.add_argument(
-        "--split", help="the split the report covers (default: test, else val for older data)"
+        "--split",
+        help="the scene split the detector, category and tag figures and the report come "
+        "from (default: test, new products; else val for older data; seen: training "
+        "products, for diagnosis)",
     )
     p.add_argument(
         "--thresholds",
@@ -425,7 +428,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         security=security.from_flags(args),
         report=args.report,
-        report_split=args.split,
+        split=args.split,
         thresholds=args.thresholds,
     )
     return 0

@@ -350,7 +350,7 @@ def test_evaluate_scores_what_the_ensemble_serves(
     lines: list[str] = []
     result = evaluate(data, oracle_triton.grpc_url, json_out=out, echo=lines.append)
     assert result["detector_map50"] == pytest.approx(1.0)
-    assert result["val_garments"] == result["val_matched_garments"] == 20
+    assert result["scene_garments"] == result["scene_matched_garments"] == 20
     assert result["retrieval_acc1"] == pytest.approx(1.0)
     assert result["query_garments"] == result["gallery_items"] == 4
     assert json.loads(out.read_text())["retrieval_acc10"] == pytest.approx(1.0)
@@ -552,7 +552,7 @@ def test_served_quality_matches_pytorch_on_the_same_images(
     from fashionserve.train.validation import validate_pipeline
 
     served = evaluate(rendered, triton.grpc_url, echo=lambda _: None)
-    assert served["val_garments"] > 0 and served["query_garments"] > 0
+    assert served["scene_garments"] > 0 and served["query_garments"] > 0
     models = {
         k: load_checkpoint(checkpoints / f"{k}.pt").build_model() for k in ensemble.MODEL_KINDS
     }
@@ -569,7 +569,7 @@ def test_served_quality_matches_pytorch_on_the_same_images(
     # Same steps, but Triton runs the exported models with ONNX Runtime: a score or a
     # logit at a threshold may flip a garment or two on this small set.
     assert served["detector_map50"] == pytest.approx(reference["map50"], abs=0.03)
-    assert abs(served["val_matched_garments"] - reference["matched_garments"]) <= 2
+    assert abs(served["scene_matched_garments"] - reference["matched_garments"]) <= 2
     assert served["category_accuracy"] == pytest.approx(reference["category_accuracy"], abs=0.06)
     assert served["tag_accuracy"] == pytest.approx(
         reference["exclusive_tag_accuracy"]["overall"], abs=0.06

@@ -59,7 +59,7 @@ def test_calibrate_through_triton_then_evaluate_at_the_set(
         small_data,
         triton=triton.grpc_url,
         report=report,
-        report_split="val",
+        split="val",
         thresholds=out,
         echo=print,
     )
