@@ -258,7 +258,14 @@ def test_analyze_a_rendered_scene_as_json_and_drawn(first: Stack, tmp_path: Path
         for g in result["garments"]:
             x1, y1, x2, y2 = (g["box"][k] for k in ("x_min", "y_min", "x_max", "y_max"))
             assert 0 <= x1 < x2 <= result["width"] and 0 <= y1 < y2 <= result["height"]
-            assert g["category_path"][0]["name"] in ("top", "bottom", "full-body")
+            # A garment whose top-level category is below its threshold has an empty path.
+            assert [c["name"] for c in g["category_path"][:1]] in (
+                [],
+                ["top"],
+                ["bottom"],
+                ["full-body"],
+            )
+        assert any(g["category_path"] for g in result["garments"]), result
     # The boxes are where the garments are, in the original image's pixels.
     found = [
         [g["box"][k] for k in ("x_min", "y_min", "x_max", "y_max")]
