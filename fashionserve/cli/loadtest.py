@@ -401,7 +401,7 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--port", type=int, default=0, help="gRPC port (default: a free one)")
     p.add_argument("--ready-file", type=Path, help="write HOST:PORT here once answering")
     p.add_argument("--cores", type=_positive(int), default=2, help="CPUs of the Ray cluster")
-    p.add_argument("--replicas", type=_positive(int), default=2, help="replicas sharing them")
+    p.add_argument("--replicas", type=_positive(int), default=4, help="replicas sharing them")
     p.add_argument(
         "--max-batch-size", type=_positive(int), default=8, help="@serve.batch's (the gateway's)"
     )
@@ -459,7 +459,7 @@ def add_commands(subparsers: Any) -> None:
         "--ray-cores", type=_positive(int), default=2, help="CPUs of the Ray Serve reference"
     )
     p.add_argument(
-        "--ray-replicas", type=_positive(int), default=2, help="its replicas sharing them"
+        "--ray-replicas", type=_positive(int), default=4, help="its replicas sharing them"
     )
     ext = p.add_argument_group("an already running stack (default: start `fashionserve serve`)")
     ext.add_argument("--gateway", metavar="HOST:PORT", help="the gateway to measure")

@@ -423,11 +423,7 @@ def _ray_section(bench: Bench) -> list[str]:
         f"Served as: a Ray cluster of {s.ray_cores} CPUs; {s.ray_replicas} replicas of one "
         f"deployment with `num_cpus` {s.ray_cores / s.ray_replicas:g} each, ONNX Runtime "
         f"and decoding on {threads} thread(s) per replica; `@serve.batch` with the gateway's "
-        "max_batch_size and wait; tuned: `max_ongoing_requests` = 2 batches per replica "
-        "(Ray's default, 5, caps a batch below 8), the batch run in a thread so the event "
-        "loop keeps queueing the next one, access log off, no dashboard; the whole pipeline "
-        "in one deployment (one deployment per model ships source canvases and crops "
-        "through the object store between processes).",
+        'max_batch_size and wait; how it was tuned: "Ray Serve reference: tuning" above.',
         "",
     ]
 

@@ -44,6 +44,6 @@ class BenchSettings:
     phone_images: int = 16
     repository: Path | None = None
     ray_cores: int = 2
-    ray_replicas: int = 2
+    ray_replicas: int = 4
     progress: bool = True
     command: str = ""

@@ -12,7 +12,9 @@ the same machine, for ``fashionserve loadtest bench`` to measure side by side:
 - the same cores: replicas whose ``num_cpus`` add up to the cores given (2 by default), each
   running ONNX Runtime and the decoding with as many threads as its share.
 
-Tuned as Ray's guides advise (and noted in BENCHMARKS.md): ``max_ongoing_requests`` of two
+Tuned as Ray's guides advise (and noted in BENCHMARKS.md): 4 replicas of half a core
+each with one thread (faster than 2 x 1 and 1 x 2 on two cores: the Python parts of a
+batch hold the GIL, so processes overlap better than threads); ``max_ongoing_requests`` of two
 batches per replica so a batch can fill while the previous one runs (the default, 5, caps
 batches below 8); the batch runs in a thread so the replica's event loop keeps accepting
 requests; access logs off; no dashboard. The whole pipeline sits in one deployment rather
@@ -36,6 +38,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import ray
@@ -70,7 +73,7 @@ class RayServeSettings:
     repository: Path
     port: int = 0
     cores: int = 2
-    replicas: int = 2
+    replicas: int = 4  # measured best on 2 cores: see BENCHMARKS.md, "Ray Serve reference"
     max_batch_size: int = 8
     batch_wait_s: float = 0.0
 
@@ -80,14 +83,17 @@ class RayServeSettings:
         return max(1, self.cores // self.replicas)
 
 
-@serve.deployment
 class FashionPipeline:
-    """``Analyze`` of ``fashion.v1.FashionAnalysisService``, batched across callers."""
+    """``Analyze`` of ``fashion.v1.FashionAnalysisService``, batched across callers (the
+    deployment: :func:`serve_ray` wraps it with ``serve.deployment``)."""
 
     def __init__(self, spec: PipelineSpec, threads: int, max_batch_size: int, wait_s: float):
         self.pipeline = Pipeline(spec, threads)
-        self.analyze_batch.set_max_batch_size(max_batch_size)
-        self.analyze_batch.set_batch_wait_timeout_s(wait_s)
+        # serve.batch's setters, Ray's documented way to size batches at run time (its
+        # type hints do not show them).
+        handler: Any = self.analyze_batch
+        handler.set_max_batch_size(max_batch_size)
+        handler.set_batch_wait_timeout_s(wait_s)
 
     async def Analyze(  # the RPC's name: Ray's gRPC proxy calls the method named like it
         self, request: pb.AnalyzeRequest, grpc_context: RayServegRPCContext
@@ -151,11 +157,14 @@ def serve_ray(settings: RayServeSettings, ready_file: Path | None = None) -> int
             http_options={"host": "127.0.0.1", "port": free_port()},
             grpc_options=gRPCOptions(port=port, grpc_servicer_functions=[SERVICER_FUNCTION]),
         )
-        app = FashionPipeline.options(
+        deployment = serve.deployment(
             num_replicas=settings.replicas,
             ray_actor_options={"num_cpus": settings.cores / settings.replicas},
             max_ongoing_requests=2 * settings.max_batch_size,
-        ).bind(spec, settings.threads, settings.max_batch_size, settings.batch_wait_s)
+        )(FashionPipeline)
+        app = deployment.bind(
+            spec, settings.threads, settings.max_batch_size, settings.batch_wait_s
+        )
         serve.run(
             app,
             name=APP_NAME,
