@@ -38,6 +38,7 @@ writes the section; :func:`run_bench` runs the three in order.
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import tempfile
 from pathlib import Path
@@ -61,6 +62,12 @@ def run_bench(settings: BenchSettings) -> int:
     """Run the benchmark and write BENCHMARKS.md; 0 when it completed (targets missed
     are reported in the file, not as a failure: the benchmark's job is to tell). Raises
     :class:`BenchError` when the stack could not be started."""
+    if "ray" not in settings.skip and importlib.util.find_spec("ray") is None:
+        # Found now, not after the other runs: the Ray Serve reference comes last.
+        raise BenchError(
+            "Ray Serve is not installed: `pip install -e '.[peers]'` (make bench does), "
+            "or pass --skip ray"
+        )
     started = clock()
     logs = Path(tempfile.mkdtemp(prefix="fashionserve-bench-"))
     stack: Stack | None = None
