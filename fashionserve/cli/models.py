@@ -206,16 +206,7 @@ def add_commands(subparsers: Any) -> None:
     p = add_command(
         subparsers, "evaluate", _evaluate, "measure quality through the served ensemble"
     )
-    p.add_argument("--data", type=Path, required=True, help="a `data synth` directory")
-    through = p.add_mutually_exclusive_group(required=True)
-    through.add_argument("--triton", metavar="HOST:PORT", help="Triton gRPC address")
-    through.add_argument("--gateway", metavar="HOST:PORT", help="gateway address (public API)")
-    p.add_argument(
-        "--api-key",
-        default=os.environ.get("FASHIONSERVE_API_KEY"),
-        help="with --gateway (env FASHIONSERVE_API_KEY)",
-    )
-    security.add_flags(p)
+    _add_served_flags(p)
     p.add_argument("--json-out", type=Path, help="write the figures as JSON")
     p.add_argument(
         "--report",
@@ -242,16 +233,7 @@ def add_commands(subparsers: Any) -> None:
         _calibrate,
         "per-class thresholds reaching a target recall, measured through the served ensemble",
     )
-    p.add_argument("--data", type=Path, required=True, help="a `data synth` directory")
-    through = p.add_mutually_exclusive_group(required=True)
-    through.add_argument("--triton", metavar="HOST:PORT", help="Triton gRPC address")
-    through.add_argument("--gateway", metavar="HOST:PORT", help="gateway address (public API)")
-    p.add_argument(
-        "--api-key",
-        default=os.environ.get("FASHIONSERVE_API_KEY"),
-        help="with --gateway (env FASHIONSERVE_API_KEY)",
-    )
-    security.add_flags(p)
+    _add_served_flags(p)
     p.add_argument("--split", default="val", help="the calibration split (default: val)")
     p.add_argument("--target-recall", type=_probability, default=0.90)
     p.add_argument(
@@ -502,3 +484,17 @@ def _thresholds_publish(args: argparse.Namespace) -> int:
         f"`fashionserve repo versions rollout --model {args.model}`"
     )
     return 0
+
+
+def _add_served_flags(p: argparse.ArgumentParser) -> None:
+    """The data set and the served ensemble measured on it: Triton itself, or the gateway."""
+    p.add_argument("--data", type=Path, required=True, help="a `data synth` directory")
+    through = p.add_mutually_exclusive_group(required=True)
+    through.add_argument("--triton", metavar="HOST:PORT", help="Triton gRPC address")
+    through.add_argument("--gateway", metavar="HOST:PORT", help="gateway address (public API)")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("FASHIONSERVE_API_KEY"),
+        help="with --gateway (env FASHIONSERVE_API_KEY)",
+    )
+    security.add_flags(p)
