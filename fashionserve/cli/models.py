@@ -34,6 +34,12 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--images", type=int, default=3000, help="images in the train split")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--taxonomy", type=Path, help="taxonomy YAML (default: the packaged one)")
+    p.add_argument(
+        "--splits",
+        type=lambda v: tuple(s for s in v.split(",") if s),
+        help="comma-separated splits to write (default: all); e.g. val,test for a "
+        "calibration set of new products without rendering train",
+    )
 
     p = add_command(subparsers, "train", _train, "train the detector, tagger and embedder")
     p.add_argument("--data", type=Path, required=True, help="output of `data synth`")
@@ -263,7 +269,13 @@ def _synth(args: argparse.Namespace) -> int:
     from fashionserve.data.writer import synthesize
     from fashionserve.taxonomy import load_taxonomy
 
-    synthesize(args.out, images=args.images, seed=args.seed, taxonomy=load_taxonomy(args.taxonomy))
+    synthesize(
+        args.out,
+        images=args.images,
+        seed=args.seed,
+        taxonomy=load_taxonomy(args.taxonomy),
+        splits=args.splits,
+    )
     return 0
 
 

@@ -15,11 +15,13 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from fashionserve.data.catalog import CannotRender
 from fashionserve.data.dataset import plan_data_set, render_planned
 from fashionserve.data.reader import GroundTruth
 from fashionserve.data.scenes import SPLITS
@@ -36,6 +38,7 @@ def synthesize(
     *,
     workers: int | None = None,
     progress: bool = True,
+    splits: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Render the synthetic data set into ``out`` and return a summary.
 
@@ -44,35 +47,43 @@ def synthesize(
     (default: up to 2 for a large set; 1 renders in-process). Raises
     :class:`fashionserve.data.catalog.CannotRender` when the taxonomy names categories or
     tags the renderer cannot draw, or when ``images`` is too small for every category to
-    appear.
+    appear, or names an unknown split. ``splits``: only those are written (default: all; the
+    plan, so every image, stays that of the whole data set).
     """
+    splits = SPLITS if splits is None else splits
+    unknown = sorted(set(splits) - set(SPLITS))
+    if unknown or not splits:
+        raise CannotRender(f"splits {unknown or '(none)'} are not among {', '.join(SPLITS)}")
     start = time.monotonic()
     out = Path(out)
     plan = plan_data_set(images, seed, taxonomy)
-    for split in SPLITS:
+    wanted = [s for s in SPLITS if s in splits]
+    for split in wanted:
         (out / split / "images").mkdir(parents=True, exist_ok=True)
+    total = sum(1 for spec in plan.scenes if spec.split in wanted)
     if workers is None:
-        workers = min(2, os.cpu_count() or 1) if len(plan.scenes) > 200 else 1
-    rows: dict[str, list[ImageRow]] = {s: [] for s in SPLITS}
-    with tqdm(
-        total=len(plan.scenes), desc="synth", unit="img", disable=not progress or None
-    ) as bar:
-        for sample in render_planned(plan, SPLITS, workers):
+        workers = min(2, os.cpu_count() or 1) if total > 200 else 1
+    rows: dict[str, list[ImageRow]] = {s: [] for s in wanted}
+    with tqdm(total=total, desc="synth", unit="img", disable=not progress or None) as bar:
+        for sample in render_planned(plan, wanted, workers):
             (out / sample.split / "images" / sample.file_name).write_bytes(sample.image)
             rows[sample.split].append((sample.index, sample.width, sample.height, sample.garments))
             bar.update(1)
 
-    splits: dict[str, dict[str, int]] = {}
-    for split in SPLITS:
+    written: dict[str, dict[str, int]] = {}
+    for split in wanted:
         labels = _labels(rows[split], split, seed, taxonomy)
         (out / split / "labels.json").write_text(json.dumps(labels, indent=1) + "\n")
-        splits[split] = {"images": len(labels["images"]), "annotations": len(labels["annotations"])}
+        written[split] = {
+            "images": len(labels["images"]),
+            "annotations": len(labels["annotations"]),
+        }
     summary: dict[str, Any] = {"out": str(out), "seed": seed, "products": len(plan.products)}
-    summary["splits"] = splits
+    summary["splits"] = written
     summary["seconds"] = round(time.monotonic() - start, 2)
     print(
         f"synth: {out} seed={seed} products={len(plan.products)} "
-        + " ".join(f"{s}={v['images']}img/{v['annotations']}ann" for s, v in splits.items())
+        + " ".join(f"{s}={v['images']}img/{v['annotations']}ann" for s, v in written.items())
         + f" in {summary['seconds']:.1f}s"
     )
     return summary

@@ -253,3 +253,17 @@ def test_samples_rendered_in_memory_are_the_written_ones_read_back(runs: dict[st
     assert [(s.split, s.index) for s in in_memory] == [(s.split, s.index) for s in read_back]
     assert in_memory == read_back
     assert any(s.garments for s in in_memory)
+
+
+def test_only_the_splits_asked_are_written_with_the_same_bytes(
+    runs: dict[str, Any], taxonomy: Taxonomy, tmp_path: Path
+) -> None:
+    """A calibration set of new products need not render train: val and test alone are the
+    very files of the whole data set."""
+    summary = synthesize(tmp_path, IMAGES, 0, taxonomy, progress=False, splits=("test", "val"))
+    assert sorted(summary["splits"]) == ["test", "val"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["test", "val"]
+    whole = files(runs["a"][0])
+    assert {k: v for k, v in whole.items() if k.split("/")[0] in ("val", "test")} == files(tmp_path)
+    with pytest.raises(CannotRender, match="holdout"):
+        synthesize(tmp_path, IMAGES, 0, taxonomy, progress=False, splits=("holdout",))
