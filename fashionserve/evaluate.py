@@ -526,7 +526,8 @@ def evaluate(
     """Score the served ensemble on ``data``'s scene split, query and gallery.
 
     Prints a table and returns (and writes to ``json_out``, if given) ``detector_map50``,
-    ``category_accuracy``, ``tag_accuracy``, ``retrieval_acc1``, ``retrieval_acc10``, the
+    ``category_accuracy``, ``tag_accuracy``, ``retrieval_acc1``, ``retrieval_acc10`` (when the
+    data set has query and gallery), the
     counts behind them and throughput figures. Decisions use the thresholds in effect
     (:func:`thresholds_in_effect`). ``report``: also write the per-class report of
     the scene split into that directory. ``split``: the scene split the detector, category
@@ -537,10 +538,10 @@ def evaluate(
     backend = connect_backend(triton, gateway, api_key, security)
     served = backend.served
     batch = max(1, min(batch_size, backend.batch_limit or batch_size))
-    scenes, query, gallery = (
-        load_labels(data, s) for s in (split or default_split(data, "test"), "query", "gallery")
-    )
-    splits = [scenes, query, gallery]
+    scenes = load_labels(data, split or default_split(data, "test"))
+    # A calibration set may hold scenes only (`data synth --splits val,test`): no retrieval.
+    retrieval = all((Path(data) / s / "labels.json").is_file() for s in ("query", "gallery"))
+    splits = [scenes, *(load_labels(data, s) for s in ("query", "gallery") if retrieval)]
     taxonomy = resolve_taxonomy(data, splits, served)
     decide, in_effect = thresholds_in_effect(taxonomy, served, thresholds)
 
@@ -557,7 +558,9 @@ def evaluate(
 
     result: dict[str, Any] = {}
     result.update(score_scenes(scenes, answers[scenes.name], decide))
-    result.update(score_retrieval(query, answers["query"], gallery, answers["gallery"]))
+    if retrieval:
+        query, gallery = splits[1:]
+        result.update(score_retrieval(query, answers["query"], gallery, answers["gallery"]))
     result.update(
         {
             "images": images,
