@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from fashionserve import thresholds as threshold_sets
 from fashionserve.checkpoint import file_sha256
@@ -344,7 +344,15 @@ def recorded_taxonomy(model_dir: Path, version: int | None) -> TaxonomyRef | Non
     return manifest.taxonomy if manifest is not None else None
 
 
-def write_manifest(directory: Path, manifest: Manifest) -> Path:
+class ManifestDocument(Protocol):
+    """What a version's ``manifest.json`` is written from: a model version's
+    :class:`Manifest`, or another artifact's own (the search index's,
+    :mod:`fashionserve.search_index`)."""
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+def write_manifest(directory: Path, manifest: ManifestDocument) -> Path:
     """Write ``manifest.json`` into ``directory`` (replaced atomically); return its path."""
     path = directory / MANIFEST_FILE
     tmp = path.with_name(MANIFEST_FILE + ".tmp")
@@ -552,7 +560,7 @@ def _engines(f: _Fields | None) -> tuple[Engine, ...]:
 
 
 # -------------------------------------------------------------------------- publishing
-ManifestFactory = Callable[[int, Mapping[str, Artifact]], Manifest]
+ManifestFactory = Callable[[int, Mapping[str, Artifact]], ManifestDocument]
 
 
 def publish_version(model_dir: Path, files: Mapping[str, Path], manifest: ManifestFactory) -> Path:
