@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
@@ -26,7 +27,8 @@ from fashionserve.errors import Error, ErrorKind
 from fashionserve.gateway import __version__
 from fashionserve.gateway.auth.identity import LOCAL_IDENTITY, current_identity, require_scope
 from fashionserve.gateway.batcher import bounded_map
-from fashionserve.gateway.failures import ResourceExhausted, Unavailable, as_error
+from fashionserve.gateway.capture import Capture, Pending
+from fashionserve.gateway.failures import ResourceExhausted, Unavailable, as_error, request_id_var
 from fashionserve.gateway.image_checks import ImageCheckPool, cpu_limit
 from fashionserve.gateway.inference import BatchedInference
 from fashionserve.gateway.monitor import ServingMonitor
@@ -207,6 +209,7 @@ class Analyzer:
             queued=lambda: self.inference.queued,
             on_backend_error=telemetry.metrics.quota_backend_errors.inc,
         )
+        self.capture = Capture.from_settings(settings.capture, telemetry.metrics.capture_records)
 
     @property
     def taxonomy(self) -> Taxonomy:
@@ -221,12 +224,16 @@ class Analyzer:
     def start(self) -> None:
         """Start the batched inference path (inside the event loop)."""
         self.inference.start()
+        if self.capture is not None:
+            self.capture.start()
 
     async def close(self) -> None:
         """Stop taking requests and finish the batches in flight."""
         await self.inference.close()
         self.image_checks.close()
         await self.admission.close()
+        if self.capture is not None:  # writes what is queued: joins a thread, off the loop
+            await asyncio.to_thread(self.capture.close)
 
     # ------------------------------------------------------------------ options
     def resolve_options(self, raw: RawOptions) -> ValidatedOptions:
@@ -392,7 +399,26 @@ class Analyzer:
             taxonomy = await self._taxonomy_for(output)
             if pin is not None and output.garments:  # no logits: nothing tells versions apart
                 pin.check(taxonomy)
-            return assemble_result(output, taxonomy, options)
+            result = assemble_result(output, taxonomy, options)
+        self._capture(image, output, taxonomy)
+        return result
+
+    def _capture(self, image: bytes, output: ImageOutput, taxonomy: Taxonomy) -> None:
+        """Hand a sampled result to capture: references only, the rest is the writer's."""
+        tenant = _tenant()
+        if self.capture is None or not self.capture.sampled(tenant):
+            return
+        self.capture.offer(
+            Pending(
+                request_id_var.get(),
+                tenant,
+                time.time_ns() // 1_000_000,
+                image,
+                output,
+                taxonomy,
+                self.monitor.state.models,
+            )
+        )
 
     async def _taxonomy_for(self, output: ImageOutput) -> Taxonomy:
         """The taxonomy of the tagger that produced ``output``, told by its logit width.

@@ -163,6 +163,14 @@ class Metrics:
             registry=r,
         )
 
+        self.capture_records = Counter(
+            "fashionserve_capture_records",
+            "Served results sampled for capture, by outcome: written to a capture file, "
+            "dropped (the writer's queue was full) or failed (the write failed).",
+            ["outcome"],
+            registry=r,
+        )
+
     def value(self, name: str, **labels: str) -> float:
         """The current value of one sample (0 when it has not been recorded yet)."""
         return self.registry.get_sample_value(name, labels) or 0.0
