@@ -6,6 +6,88 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class SearchSimilarRequest(_message.Message):
+    __slots__ = ("image", "embedding", "k", "filter", "include_metadata")
+    class FilterEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_METADATA_FIELD_NUMBER: _ClassVar[int]
+    image: ImageQuery
+    embedding: EmbeddingQuery
+    k: int
+    filter: _containers.ScalarMap[str, str]
+    include_metadata: bool
+    def __init__(self, image: _Optional[_Union[ImageQuery, _Mapping]] = ..., embedding: _Optional[_Union[EmbeddingQuery, _Mapping]] = ..., k: _Optional[int] = ..., filter: _Optional[_Mapping[str, str]] = ..., include_metadata: _Optional[bool] = ...) -> None: ...
+
+class ImageQuery(_message.Message):
+    __slots__ = ("image", "garment_index", "box")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    GARMENT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    BOX_FIELD_NUMBER: _ClassVar[int]
+    image: Image
+    garment_index: int
+    box: Box
+    def __init__(self, image: _Optional[_Union[Image, _Mapping]] = ..., garment_index: _Optional[int] = ..., box: _Optional[_Union[Box, _Mapping]] = ...) -> None: ...
+
+class EmbeddingQuery(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class SearchSimilarResponse(_message.Message):
+    __slots__ = ("matches", "index", "query_garment")
+    MATCHES_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    QUERY_GARMENT_FIELD_NUMBER: _ClassVar[int]
+    matches: _containers.RepeatedCompositeFieldContainer[SearchMatch]
+    index: SearchIndexInfo
+    query_garment: Garment
+    def __init__(self, matches: _Optional[_Iterable[_Union[SearchMatch, _Mapping]]] = ..., index: _Optional[_Union[SearchIndexInfo, _Mapping]] = ..., query_garment: _Optional[_Union[Garment, _Mapping]] = ...) -> None: ...
+
+class SearchMatch(_message.Message):
+    __slots__ = ("product_id", "score", "metadata")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    PRODUCT_ID_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    product_id: str
+    score: float
+    metadata: _containers.ScalarMap[str, str]
+    def __init__(self, product_id: _Optional[str] = ..., score: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class SearchIndexInfo(_message.Message):
+    __slots__ = ("version", "size", "dimension", "kind", "embedder_version", "embedder_artifact_sha256", "metadata_keys")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDER_ARTIFACT_SHA256_FIELD_NUMBER: _ClassVar[int]
+    METADATA_KEYS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    size: int
+    dimension: int
+    kind: str
+    embedder_version: str
+    embedder_artifact_sha256: str
+    metadata_keys: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, version: _Optional[int] = ..., size: _Optional[int] = ..., dimension: _Optional[int] = ..., kind: _Optional[str] = ..., embedder_version: _Optional[str] = ..., embedder_artifact_sha256: _Optional[str] = ..., metadata_keys: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class Image(_message.Message):
     __slots__ = ("data",)
     DATA_FIELD_NUMBER: _ClassVar[int]
@@ -232,20 +314,22 @@ class GetServingInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetServingInfoResponse(_message.Message):
-    __slots__ = ("models", "taxonomy_version", "taxonomy_hash", "limits", "gateway_version", "threshold_set")
+    __slots__ = ("models", "taxonomy_version", "taxonomy_hash", "limits", "gateway_version", "threshold_set", "search_index")
     MODELS_FIELD_NUMBER: _ClassVar[int]
     TAXONOMY_VERSION_FIELD_NUMBER: _ClassVar[int]
     TAXONOMY_HASH_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     GATEWAY_VERSION_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_SET_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_INDEX_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ServedModel]
     taxonomy_version: str
     taxonomy_hash: str
     limits: Limits
     gateway_version: str
     threshold_set: ThresholdSetInfo
-    def __init__(self, models: _Optional[_Iterable[_Union[ServedModel, _Mapping]]] = ..., taxonomy_version: _Optional[str] = ..., taxonomy_hash: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., gateway_version: _Optional[str] = ..., threshold_set: _Optional[_Union[ThresholdSetInfo, _Mapping]] = ...) -> None: ...
+    search_index: SearchIndexInfo
+    def __init__(self, models: _Optional[_Iterable[_Union[ServedModel, _Mapping]]] = ..., taxonomy_version: _Optional[str] = ..., taxonomy_hash: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., gateway_version: _Optional[str] = ..., threshold_set: _Optional[_Union[ThresholdSetInfo, _Mapping]] = ..., search_index: _Optional[_Union[SearchIndexInfo, _Mapping]] = ...) -> None: ...
 
 class ServedModel(_message.Message):
     __slots__ = ("name", "version", "artifact_sha256")
@@ -258,7 +342,7 @@ class ServedModel(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., artifact_sha256: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_image_bytes", "max_image_pixels", "max_images_per_batch", "max_message_bytes", "accepted_formats", "max_garments_per_image", "embedding_dimension")
+    __slots__ = ("max_image_bytes", "max_image_pixels", "max_images_per_batch", "max_message_bytes", "accepted_formats", "max_garments_per_image", "embedding_dimension", "max_search_k")
     MAX_IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGES_PER_BATCH_FIELD_NUMBER: _ClassVar[int]
@@ -266,6 +350,7 @@ class Limits(_message.Message):
     ACCEPTED_FORMATS_FIELD_NUMBER: _ClassVar[int]
     MAX_GARMENTS_PER_IMAGE_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEARCH_K_FIELD_NUMBER: _ClassVar[int]
     max_image_bytes: int
     max_image_pixels: int
     max_images_per_batch: int
@@ -273,4 +358,5 @@ class Limits(_message.Message):
     accepted_formats: _containers.RepeatedScalarFieldContainer[str]
     max_garments_per_image: int
     embedding_dimension: int
-    def __init__(self, max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_images_per_batch: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., accepted_formats: _Optional[_Iterable[str]] = ..., max_garments_per_image: _Optional[int] = ..., embedding_dimension: _Optional[int] = ...) -> None: ...
+    max_search_k: int
+    def __init__(self, max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_images_per_batch: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., accepted_formats: _Optional[_Iterable[str]] = ..., max_garments_per_image: _Optional[int] = ..., embedding_dimension: _Optional[int] = ..., max_search_k: _Optional[int] = ...) -> None: ...

@@ -66,6 +66,11 @@ class FashionAnalysisServiceStub:
                 request_serializer=fashionserve_dot_protos_dot_fashion_dot_v1_dot_analysis__service__pb2.GetServingInfoRequest.SerializeToString,
                 response_deserializer=fashionserve_dot_protos_dot_fashion_dot_v1_dot_analysis__service__pb2.GetServingInfoResponse.FromString,
                 _registered_method=True)
+        self.SearchSimilar = channel.unary_unary(
+                '/fashion.v1.FashionAnalysisService/SearchSimilar',
+                request_serializer=fashionserve_dot_protos_dot_fashion_dot_v1_dot_analysis__service__pb2.SearchSimilarRequest.SerializeToString,
+                response_deserializer=fashionserve_dot_protos_dot_fashion_dot_v1_dot_analysis__service__pb2.SearchSimilarResponse.FromString,
+                _registered_method=True)
 
 
 class FashionAnalysisServiceServicer:
@@ -121,6 +126,28 @@ class FashionAnalysisServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SearchSimilar(self, request, context):
+        """SearchSimilar finds the catalog products that look most like a garment: visual search
+        over the served search index (GetServingInfoResponse.search_index), built from a
+        catalog with the served embedder. The query is a garment of an image (analysed like
+        Analyze, with the same auth, quotas and limits) or an embedding of your own. Needs the
+        "search" scope where scopes apply.
+
+        Errors beyond Analyze's: INVALID_ARGUMENT with reason INVALID_K (k is 0 or over
+        limits.max_search_k), NO_QUERY (neither query set), NO_GARMENT (the image has no
+        garment), GARMENT_NOT_FOUND (garment_index past the garments found, or a box that
+        overlaps none), WRONG_EMBEDDING_DIMENSION (an embedding of another length than
+        limits.embedding_dimension), BAD_EMBEDDING (NaN, infinite or all zeros),
+        UNKNOWN_FILTER_KEY (a filter key the index has no metadata for; metadata "available"
+        lists them, comma-separated); FAILED_PRECONDITION with reason NO_SEARCH_INDEX (the
+        gateway serves no index) or SEARCH_INDEX_EMBEDDER_MISMATCH (the index was built with
+        another embedder version than the one served: its metadata "indexEmbedderVersion" and
+        "servedEmbedderVersion" name both; rebuild the index).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FashionAnalysisServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -148,6 +175,11 @@ def add_FashionAnalysisServiceServicer_to_server(servicer, server):
                     servicer.GetServingInfo,
                     request_deserializer=fashionserve_dot_protos_dot_fashion_dot_v1_dot_analysis__service__pb2.GetServingInfoRequest.FromString,
                     response_serializer=fashionserve_dot_protos_dot_fashion_dot_v1_dot_analysis__service__pb2.GetServingInfoResponse.SerializeToString,
+            ),
+            'SearchSimilar': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchSimilar,
+                    request_deserializer=fashionserve_dot_protos_dot_fashion_dot_v1_dot_analysis__service__pb2.SearchSimilarRequest.FromString,
+                    response_serializer=fashionserve_dot_protos_dot_fashion_dot_v1_dot_analysis__service__pb2.SearchSimilarResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -292,6 +324,33 @@ class FashionAnalysisService:
             '/fashion.v1.FashionAnalysisService/GetServingInfo',
             fashionserve_dot_protos_dot_fashion_dot_v1_dot_analysis__service__pb2.GetServingInfoRequest.SerializeToString,
             fashionserve_dot_protos_dot_fashion_dot_v1_dot_analysis__service__pb2.GetServingInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchSimilar(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fashion.v1.FashionAnalysisService/SearchSimilar',
+            fashionserve_dot_protos_dot_fashion_dot_v1_dot_analysis__service__pb2.SearchSimilarRequest.SerializeToString,
+            fashionserve_dot_protos_dot_fashion_dot_v1_dot_analysis__service__pb2.SearchSimilarResponse.FromString,
             options,
             channel_credentials,
             insecure,
