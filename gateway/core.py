@@ -264,7 +264,17 @@ class Analyzer:
         past it, the image is not sent to Triton, and the Triton call ends by it. ``pin``:
         the model versions of the stream it belongs to.
         """
-        options = self.resolve_options(raw)
+        return await self.analyze_validated(image, self.resolve_options(raw), deadline, pin)
+
+    async def analyze_validated(
+        self,
+        image: bytes,
+        options: ValidatedOptions,
+        deadline: float | None = None,
+        pin: StreamPin | None = None,
+    ) -> ImageResult:
+        """:meth:`analyze` with options already validated: visual search asks for the
+        embedding it needs itself, which a caller without the "embed" scope may not."""
         async with self.admission.admit(_tenant(), 1):
             (checked,) = await self._check([image])
             if isinstance(checked, Error):

@@ -46,6 +46,7 @@ from fashionserve.gateway.endpoints import EndpointPool, RetryBudget
 from fashionserve.gateway.errors import ErrorInterceptor
 from fashionserve.gateway.inference import BatchedInference
 from fashionserve.gateway.monitor import ServingMonitor
+from fashionserve.gateway.search import Searcher, ServedIndex
 from fashionserve.gateway.servicer import SERVICE_NAME, FashionAnalysisServicer
 from fashionserve.gateway.settings import GatewaySettings
 from fashionserve.gateway.telemetry import (
@@ -218,7 +219,15 @@ async def create_server(
             *connection_options(settings),
         ],
     )
-    pb_grpc.add_FashionAnalysisServiceServicer_to_server(FashionAnalysisServicer(analyzer), server)
+    searcher = Searcher(
+        analyzer,
+        ServedIndex(settings.search_index_dir, settings.search_index_check_seconds),
+        settings.max_search_k,
+    )
+    await searcher.served.refresh()  # loaded before the first call, not by it
+    pb_grpc.add_FashionAnalysisServiceServicer_to_server(
+        FashionAnalysisServicer(analyzer, searcher), server
+    )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.reflection_enabled:
         reflection.enable_server_reflection(

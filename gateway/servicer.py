@@ -15,14 +15,17 @@ from collections.abc import AsyncIterator, Sequence
 from typing import overload
 
 import grpc
+import numpy as np
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 from fashionserve.errors import Error
 from fashionserve.gateway.core import Analyzer, RawOptions, ServingInfo, StreamItem, StreamOutcome
 from fashionserve.gateway.errors import status_code
 from fashionserve.gateway.results import Box, GarmentResult, ImageResult
+from fashionserve.gateway.search import ImageQuery, Searcher, SearchOutcome, SearchQuery
 from fashionserve.protos.fashion.v1 import analysis_service_pb2 as pb
 from fashionserve.protos.fashion.v1 import analysis_service_pb2_grpc as pb_grpc
+from fashionserve.search_index import IndexManifest
 from fashionserve.taxonomy import ScoredLabel, Taxonomy
 from fashionserve.thresholds import ThresholdSet
 
@@ -38,6 +41,27 @@ def options_from_pb(options: pb.AnalyzeOptions) -> RawOptions:
         include_embeddings=options.include_embeddings,
         include_probability_tables=options.include_probability_tables,
     )
+
+
+def search_query_from_pb(request: pb.SearchSimilarRequest) -> SearchQuery:
+    """A SearchSimilar request as plain data."""
+    query: ImageQuery | np.ndarray | None = None
+    which = request.WhichOneof("query")
+    if which == "image":
+        image = request.image
+        selected = image.WhichOneof("garment")
+        query = ImageQuery(
+            image.image.data,
+            garment_index=image.garment_index if selected == "garment_index" else None,
+            box=_box_from_pb(image.box) if selected == "box" else None,
+        )
+    elif which == "embedding":
+        query = np.asarray(request.embedding.values, np.float32)
+    return SearchQuery(query, request.k, dict(request.filter), request.include_metadata)
+
+
+def _box_from_pb(box: pb.Box) -> Box:
+    return Box(box.x_min, box.y_min, box.x_max, box.y_max)
 
 
 class ImageBytes(Sequence[bytes]):
@@ -155,10 +179,38 @@ def taxonomy_to_pb(
     )
 
 
-def serving_info_to_pb(info: ServingInfo) -> pb.GetServingInfoResponse:
+def search_index_to_pb(manifest: IndexManifest) -> pb.SearchIndexInfo:
+    """The served search index."""
+    return pb.SearchIndexInfo(
+        version=manifest.version,
+        size=manifest.count,
+        dimension=manifest.dimension,
+        kind=manifest.kind,
+        embedder_version=manifest.embedder.version,
+        embedder_artifact_sha256=manifest.embedder.artifact_sha256,
+        metadata_keys=list(manifest.metadata_columns),
+    )
+
+
+def search_outcome_to_pb(outcome: SearchOutcome) -> pb.SearchSimilarResponse:
+    """The matches, best first, with the index they come from."""
+    return pb.SearchSimilarResponse(
+        matches=[
+            pb.SearchMatch(product_id=m.product_id, score=m.score, metadata=dict(m.metadata))
+            for m in outcome.matches
+        ],
+        index=search_index_to_pb(outcome.index),
+        query_garment=garment_to_pb(outcome.query_garment) if outcome.query_garment else None,
+    )
+
+
+def serving_info_to_pb(
+    info: ServingInfo, search_index: IndexManifest | None = None, max_search_k: int = 0
+) -> pb.GetServingInfoResponse:
     """What is served and the limits."""
     lim = info.limits
     return pb.GetServingInfoResponse(
+        search_index=search_index_to_pb(search_index) if search_index is not None else None,
         models=[
             pb.ServedModel(name=m.name, version=m.version, artifact_sha256=m.artifact_sha256)
             for m in info.models
@@ -173,6 +225,7 @@ def serving_info_to_pb(info: ServingInfo) -> pb.GetServingInfoResponse:
             accepted_formats=list(lim.accepted_formats),
             max_garments_per_image=lim.max_garments_per_image,
             embedding_dimension=lim.embedding_dimension,
+            max_search_k=max_search_k,
         ),
         gateway_version=info.gateway_version,
         threshold_set=threshold_set_to_pb(info.thresholds),
@@ -188,8 +241,9 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
 class FashionAnalysisServicer(pb_grpc.FashionAnalysisServiceServicer):
     """fashion.v1.FashionAnalysisService over :class:`fashionserve.gateway.core.Analyzer`."""
 
-    def __init__(self, analyzer: Analyzer) -> None:
+    def __init__(self, analyzer: Analyzer, searcher: Searcher) -> None:
         self.analyzer = analyzer
+        self.searcher = searcher
 
     async def Analyze(
         self, request: pb.AnalyzeRequest, context: grpc.aio.ServicerContext
@@ -253,5 +307,17 @@ class FashionAnalysisServicer(pb_grpc.FashionAnalysisServiceServicer):
     async def GetServingInfo(
         self, request: pb.GetServingInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetServingInfoResponse:
-        """Served models and limits."""
-        return serving_info_to_pb(await self.analyzer.serving_info())
+        """Served models, the search index and limits."""
+        index = await self.searcher.served.current()
+        return serving_info_to_pb(
+            await self.analyzer.serving_info(),
+            index.manifest if index is not None else None,
+            self.searcher.max_k,
+        )
+
+    async def SearchSimilar(
+        self, request: pb.SearchSimilarRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SearchSimilarResponse:
+        """Visual search: the catalog entries most like a garment or an embedding."""
+        outcome = await self.searcher.search(search_query_from_pb(request), deadline_of(context))
+        return search_outcome_to_pb(outcome)

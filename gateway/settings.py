@@ -364,6 +364,26 @@ class GatewaySettings(BaseSettings):
         "taxonomy (its hash must then match the served tagger's); otherwise the gateway "
         "decodes with the taxonomy the served ensemble publishes.",
     )
+    search_index_dir: Path | None = Field(
+        None,
+        description="The folder of search index versions SearchSimilar serves: "
+        "`<model repository>/embedder/search_index`, as `fashionserve catalog build` writes "
+        "it (the pinned version, else the newest). Unset: SearchSimilar answers "
+        "FAILED_PRECONDITION (NO_SEARCH_INDEX).",
+    )
+    search_index_check_seconds: float = Field(
+        5.0,
+        gt=0,
+        le=3600,
+        description="How often the gateway looks for a newly published or pinned search "
+        "index version (loaded without a restart).",
+    )
+    max_search_k: int = Field(
+        100,
+        ge=1,
+        le=10_000,
+        description="The most matches one SearchSimilar call may ask for (its k).",
+    )
     log_format: Literal["text", "json"] = Field(
         "text",
         description="Log line format. `json` lines carry the request id, tenant, trace id "
@@ -730,6 +750,7 @@ def read_settings_file(path: Path) -> dict[str, Any]:
         "tls_key_file",
         "tls_client_ca_file",
         "quota_backend_password_file",
+        "search_index_dir",
     ):
         value = data.get(key)
         if isinstance(value, str) and value and not Path(value).is_absolute():

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 from fashionserve.gateway.failures import PermissionDenied
 
-SCOPES: tuple[str, ...] = ("analyze", "embed", "admin")
-"""``analyze``: the analysis RPCs; ``embed``: embeddings in results; ``admin``: reserved."""
+SCOPES: tuple[str, ...] = ("analyze", "embed", "search", "admin")
+"""``analyze``: the analysis RPCs; ``embed``: embeddings in results; ``search``:
+SearchSimilar (visual search); ``admin``: reserved."""
 TENANT = re.compile(r"[A-Za-z0-9._-]{1,64}")
 """What a tenant name may be, from a key file or a token: it becomes a log field and a
 Prometheus label value, so it can neither forge a log line nor grow without bound."""

@@ -56,6 +56,7 @@ METHOD_SCOPES: dict[str, str] = {
     "/fashion.v1.FashionAnalysisService/Analyze": "analyze",
     "/fashion.v1.FashionAnalysisService/BatchAnalyze": "analyze",
     "/fashion.v1.FashionAnalysisService/StreamAnalyze": "analyze",
+    "/fashion.v1.FashionAnalysisService/SearchSimilar": "search",
 }
 """The scope each method needs beyond a valid key (GetTaxonomy and GetServingInfo need none)."""
 
