@@ -1,8 +1,9 @@
 """What callers import to use the fashion analysis service.
 
 * :class:`FashionClient` (blocking) and :class:`AsyncFashionClient` (asyncio): the same
-  methods, ``analyze``, ``batch_analyze``, ``stream_analyze``, ``get_taxonomy`` and
-  ``get_serving_info``, returning the typed results of :mod:`fashionserve.clients.types`;
+  methods, ``analyze``, ``batch_analyze``, ``stream_analyze``, ``search_similar``,
+  ``get_taxonomy`` and ``get_serving_info``, returning the typed results of
+  :mod:`fashionserve.clients.types`;
 * :class:`FashionServeError`: every failed call, with its status code, reason and metadata;
 * :class:`ChannelSecurity`: TLS (optionally mutual) or plaintext, as the clients' keyword
   arguments say; :class:`ClientSetupError` when a client would send credentials in
@@ -34,6 +35,9 @@ if TYPE_CHECKING:
         ItemError,
         Limits,
         ScoredLabel,
+        SearchIndexInfo,
+        SearchMatch,
+        SearchResult,
         ServedModel,
         ServingInfo,
         StreamEntry,
@@ -58,6 +62,9 @@ _MODULES: dict[str, str] = {
     "ItemError": "fashionserve.clients.types",
     "Limits": "fashionserve.clients.types",
     "RetryPolicy": "fashionserve.clients.retry",
+    "SearchIndexInfo": "fashionserve.clients.types",
+    "SearchMatch": "fashionserve.clients.types",
+    "SearchResult": "fashionserve.clients.types",
     "ScoredLabel": "fashionserve.clients.types",
     "ServedModel": "fashionserve.clients.types",
     "ServingInfo": "fashionserve.clients.types",
@@ -84,6 +91,9 @@ __all__ = [
     "Limits",
     "RetryPolicy",
     "ScoredLabel",
+    "SearchIndexInfo",
+    "SearchMatch",
+    "SearchResult",
     "ServedModel",
     "ServingInfo",
     "StreamEntry",

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TypeAlias
 
-from fashionserve.clients.types import AnalyzeOptions, StreamRequest
+from fashionserve.clients.types import AnalyzeOptions, Box, StreamRequest
 from fashionserve.protos.fashion.v1 import analysis_service_pb2 as pb
 
 ImageInput: TypeAlias = bytes | bytearray | memoryview | str | os.PathLike[str]
@@ -83,3 +83,30 @@ def stream_requests(
             request_id, image = item
             item = StreamRequest(request_id=request_id, image=image_bytes(image))
         yield item.to_proto(options)
+
+
+def search_request(
+    query: ImageInput | Sequence[float],
+    k: int,
+    *,
+    garment_index: int | None = None,
+    box: Box | None = None,
+    filter: Mapping[str, str] | None = None,
+    include_metadata: bool = False,
+) -> pb.SearchSimilarRequest:
+    """A SearchSimilar request: ``query`` is an image (bytes or a path; then
+    ``garment_index`` or ``box`` picks its garment) or an embedding (a sequence of floats)."""
+    request = pb.SearchSimilarRequest(
+        k=k, filter=dict(filter or {}), include_metadata=include_metadata
+    )
+    if isinstance(query, bytes | bytearray | memoryview | str | os.PathLike):
+        request.image.image.data = image_bytes(query)
+        if garment_index is not None:
+            request.image.garment_index = garment_index
+        elif box is not None:
+            request.image.box.CopyFrom(
+                pb.Box(x_min=box.x_min, y_min=box.y_min, x_max=box.x_max, y_max=box.y_max)
+            )
+    else:
+        request.embedding.values.extend(float(v) for v in query)
+    return request

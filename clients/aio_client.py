@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -29,6 +29,7 @@ from fashionserve.clients._call import (
     batch_request,
     call_metadata,
     channel_options,
+    search_request,
     stream_requests,
 )
 from fashionserve.clients.errors import FashionServeError
@@ -37,12 +38,15 @@ from fashionserve.clients.security import ChannelSecurity
 from fashionserve.clients.types import (
     AnalyzeOptions,
     BatchEntry,
+    Box,
     ImageResult,
+    SearchResult,
     ServingInfo,
     StreamEntry,
     TaxonomyInfo,
     batch_entry_from_proto,
     image_result_from_proto,
+    search_result_from_proto,
     serving_info_from_proto,
     stream_entry_from_proto,
     taxonomy_from_proto,
@@ -168,6 +172,37 @@ class AsyncFashionClient:
             self._stub.GetTaxonomy, pb.GetTaxonomyRequest(), timeout, pb.GetTaxonomyResponse
         )
         return taxonomy_from_proto(response)
+
+    async def search_similar(
+        self,
+        query: ImageInput | Sequence[float],
+        k: int = 10,
+        *,
+        garment_index: int | None = None,
+        box: Box | None = None,
+        filter: Mapping[str, str] | None = None,
+        include_metadata: bool = False,
+        timeout: float | None = None,
+    ) -> SearchResult:
+        """Visual search: the ``k`` catalog products most like a garment, best first.
+
+        ``query`` is an image (bytes or a path: its garment ``garment_index``, or the one
+        overlapping ``box`` most, else the highest-scored) or an embedding (floats, of
+        ``limits.embedding_dimension``). ``filter`` keeps entries whose metadata equal
+        every value (``{"category": "top"}``); ``include_metadata`` returns it.
+        """
+        request = search_request(
+            query,
+            k,
+            garment_index=garment_index,
+            box=box,
+            filter=filter,
+            include_metadata=include_metadata,
+        )
+        response = await self._unary(
+            self._stub.SearchSimilar, request, timeout, pb.SearchSimilarResponse
+        )
+        return search_result_from_proto(response)
 
     async def get_serving_info(self, *, timeout: float | None = None) -> ServingInfo:
         """The served model versions, taxonomy identity and the limits callers must respect."""

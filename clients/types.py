@@ -297,6 +297,40 @@ class Limits:
     accepted_formats: tuple[str, ...]
     max_garments_per_image: int
     embedding_dimension: int
+    max_search_k: int = 0
+
+
+@dataclass(frozen=True)
+class SearchIndexInfo:
+    """The search index SearchSimilar uses: its version, size, and the embedder it was
+    built with."""
+
+    version: int
+    size: int
+    dimension: int
+    kind: str
+    embedder_version: str
+    embedder_artifact_sha256: str
+    metadata_keys: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SearchMatch:
+    """One catalog entry found: its product id, cosine similarity and metadata."""
+
+    product_id: str
+    score: float
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """SearchSimilar's answer: matches best first, the index they come from and, for an
+    image query, the garment searched with."""
+
+    matches: tuple[SearchMatch, ...]
+    index: SearchIndexInfo
+    query_garment: GarmentResult | None = None
 
 
 @dataclass(frozen=True)
@@ -309,6 +343,7 @@ class ServingInfo:
     limits: Limits
     gateway_version: str
     threshold_set: ThresholdSetInfo | None = None
+    search_index: SearchIndexInfo | None = None
 
 
 # --------------------------------------------------------------------------- conversion
@@ -433,9 +468,37 @@ def serving_info_from_proto(s: pb.GetServingInfoResponse) -> ServingInfo:
             accepted_formats=tuple(lim.accepted_formats),
             max_garments_per_image=int(lim.max_garments_per_image),
             embedding_dimension=int(lim.embedding_dimension),
+            max_search_k=int(lim.max_search_k),
         ),
         gateway_version=s.gateway_version,
         threshold_set=_threshold_set(s),
+        search_index=search_index_from_proto(s.search_index)
+        if s.HasField("search_index")
+        else None,
+    )
+
+
+def search_index_from_proto(i: pb.SearchIndexInfo) -> SearchIndexInfo:
+    """Convert a ``fashion.v1.SearchIndexInfo``."""
+    return SearchIndexInfo(
+        version=int(i.version),
+        size=int(i.size),
+        dimension=int(i.dimension),
+        kind=i.kind,
+        embedder_version=i.embedder_version,
+        embedder_artifact_sha256=i.embedder_artifact_sha256,
+        metadata_keys=tuple(i.metadata_keys),
+    )
+
+
+def search_result_from_proto(r: pb.SearchSimilarResponse) -> SearchResult:
+    """Convert a ``fashion.v1.SearchSimilarResponse``."""
+    return SearchResult(
+        matches=tuple(
+            SearchMatch(m.product_id, float(m.score), dict(m.metadata)) for m in r.matches
+        ),
+        index=search_index_from_proto(r.index),
+        query_garment=garment_from_proto(r.query_garment) if r.HasField("query_garment") else None,
     )
 
 
