@@ -8,6 +8,7 @@ command registered with :func:`fashionserve.cli.command.add_command`:
 * :mod:`~fashionserve.cli.serve`: ``serve``, the whole stack on localhost;
 * :mod:`~fashionserve.cli.gateway`: ``gateway`` and ``keys create``;
 * :mod:`~fashionserve.cli.analyze`: ``analyze``, a caller of the gateway;
+* :mod:`~fashionserve.cli.search`: ``catalog build|versions|pin`` and ``search`` (visual search);
 * :mod:`~fashionserve.cli.loadtest`: ``loadtest run|soak|capacity|naive-server|bench``;
 * :mod:`fashionserve.bulk.cli`: ``batch run|status``, bulk tagging through the gateway.
 
@@ -28,7 +29,7 @@ import sys
 from collections.abc import Sequence
 
 from fashionserve.bulk import cli as batch
-from fashionserve.cli import analyze, gateway, loadtest, models, serve
+from fashionserve.cli import analyze, gateway, loadtest, models, search, serve
 from fashionserve.clients.errors import ClientSetupError, FashionServeError
 from fashionserve.errors import Error
 
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for area in (models, analyze, serve, gateway, loadtest, batch):
+    for area in (models, analyze, search, serve, gateway, loadtest, batch):
         area.add_commands(subparsers)
     return parser
 
