@@ -19,8 +19,8 @@ pinned one (``search_index/pinned.json``), else the newest
 (:func:`fashionserve.repository.version_to_serve`), as for models.
 
 The index kind follows the catalog's size: below :data:`EXACT_MAX_VECTORS` vectors an exact
-``IndexFlatIP`` (a query costs ``count x dimension`` multiply-adds: about 2 ms at 50k x 128
-on one core), from there an ``IndexHNSWFlat`` graph (:data:`HNSW_M` links per vector), whose
+``IndexFlatIP`` (a query costs ``count x dimension`` multiply-adds: 0.2 ms at 20k x 128 on
+one core, ``loadtest/search_bench.py``), from there an ``IndexHNSWFlat`` graph (:data:`HNSW_M` links per vector), whose
 recall@10 against exact search ``loadtest/search_bench.py`` measures.
 
 An index answers only for the embedder it was built with: a vector of another embedder
@@ -65,10 +65,10 @@ EXACT_MAX_VECTORS = 50_000
 HNSW_M = 32
 """Links per vector of the HNSW graph (memory: about ``2 x M x 4`` bytes per vector on top
 of the vector itself)."""
-HNSW_EF_CONSTRUCTION = 80
+HNSW_EF_CONSTRUCTION = 40
 HNSW_EF_SEARCH = 128
-"""Candidates an HNSW search keeps: recall@10 >= 0.95 against exact search on clustered
-vectors at 1M (``loadtest/search_bench.py``); raise it for recall, lower it for speed."""
+"""Candidates an HNSW search keeps: ``loadtest/search_bench.py`` measures its recall@10
+against exact search (target >= 0.95); raise it for recall, lower it for speed."""
 FILTER_EXACT_MAX = 20_000
 """A filter leaving at most this many vectors is searched exactly over them: a graph search
 restricted to a small subset walks mostly through excluded vectors and may return fewer
@@ -323,6 +323,21 @@ def publish(
 
 
 # ---------------------------------------------------------------------------- searching
+def search_one_thread_each() -> None:
+    """Make every faiss search run on the calling thread alone.
+
+    A server searches one query per call, from many threads at once. faiss's OpenMP team
+    would otherwise split each search across every core, and on a busy machine each call
+    waits for cores the others hold: a 20k x 128 exact search took 24 ms with 2 OpenMP
+    threads against 0.4 ms with 1 on the shared 2-core machine (load average 6).
+    Concurrency comes from the callers' threads instead. Index builds are unaffected when
+    they run in another process (``fashionserve catalog build``).
+    """
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+
+
 @dataclass(frozen=True)
 class Match:
     """One catalog entry found: its product, cosine similarity, and metadata."""

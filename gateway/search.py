@@ -43,6 +43,7 @@ class ServedIndex:
     def __init__(self, root: Path | None, check_seconds: float) -> None:
         self.root = root
         self.check_seconds = check_seconds
+        search_index.search_one_thread_each()
         self.index: SearchIndex | None = None
         self._checked = -float("inf")
         self._loading: asyncio.Task[None] | None = None
