@@ -292,6 +292,50 @@ def score_retrieval(
     }
 
 
+def search_retrieval(
+    query: LabelledSplit,
+    query_answers: Sequence[Sequence[Found]],
+    address: str,
+    api_key: str | None,
+    security: ChannelSecurity | None = None,
+) -> dict[str, Any]:
+    """Acc@1 and Acc@10 of query garments through the gateway's SearchSimilar: each
+    matched query garment's embedding searched in the served index (which must hold the
+    gallery: ``fashionserve catalog build --images DATA/gallery``); unmatched queries miss.
+    """
+    from fashionserve.clients import ChannelSecurity, FashionClient, FashionServeError
+
+    hits = {1: 0, 10: 0}
+    total = 0
+    with FashionClient(address, api_key, **asdict(security or ChannelSecurity())) as client:
+        try:
+            index = client.get_serving_info().search_index
+            if index is None:
+                raise EvaluationError(
+                    f"the gateway at {address} serves no search index: build one from the "
+                    "gallery split (fashionserve catalog build --images DATA/gallery)"
+                )
+            for img, garments in zip(query.images, query_answers, strict=True):
+                boxes, scores, _ = _detections(garments)
+                match = metrics.match_detections(boxes, scores, img.boxes, iou=MATCH_IOU)
+                for ann, p in zip(img.annotations, match, strict=True):
+                    total += 1
+                    if p < 0:
+                        continue
+                    found = client.search_similar(list(map(float, garments[p].embedding)), k=10)
+                    ranked = [m.product_id for m in found.matches]
+                    truth = str(ann["product_id"])
+                    hits[1] += ranked[:1] == [truth]
+                    hits[10] += truth in ranked
+        except FashionServeError as exc:
+            raise EvaluationError(f"SearchSimilar failed at {address}: {exc}") from exc
+    return {
+        "search_acc1": hits[1] / max(total, 1),
+        "search_acc10": hits[10] / max(total, 1),
+        "search_index": {"version": index.version, "size": index.size, "kind": index.kind},
+    }
+
+
 # ------------------------------------------------------------------------- command
 def resolve_taxonomy(
     data: Path, splits: Sequence[LabelledSplit], served: dict[str, str]
@@ -522,6 +566,7 @@ def evaluate(
     report: Path | None = None,
     split: str | None = None,
     thresholds: Path | None = None,
+    search: bool = False,
 ) -> dict[str, Any]:
     """Score the served ensemble on ``data``'s scene split, query and gallery.
 
@@ -533,8 +578,12 @@ def evaluate(
     the scene split into that directory. ``split``: the scene split the detector, category
     and tag figures (and the report) come from; default ``test`` (new products), else
     ``val`` for data sets made before ``test`` existed; ``seen`` measures the training
-    products, for diagnosis.
+    products, for diagnosis. ``search`` (through the gateway): also ``search_acc1`` and
+    ``search_acc10``, the query garments searched through SearchSimilar in the served
+    index, which must be built from the gallery split (:func:`search_retrieval`).
     """
+    if search and gateway is None:
+        raise EvaluationError("search accuracy is measured through the gateway (gateway=...)")
     backend = connect_backend(triton, gateway, api_key, security)
     served = backend.served
     batch = max(1, min(batch_size, backend.batch_limit or batch_size))
@@ -561,6 +610,8 @@ def evaluate(
     if retrieval:
         query, gallery = splits[1:]
         result.update(score_retrieval(query, answers["query"], gallery, answers["gallery"]))
+    if search and gateway is not None:
+        result.update(search_retrieval(query, answers["query"], gateway, api_key, security))
     result.update(
         {
             "images": images,
@@ -852,6 +903,16 @@ def format_table(result: dict[str, Any]) -> str:
         ),
         ("retrieval Acc@10", fmt(result.get("retrieval_acc10")), ""),
     ]
+    if "search_acc1" in result:
+        index = result.get("search_index", {})
+        rows += [
+            (
+                "SearchSimilar Acc@1",
+                fmt(result["search_acc1"]),
+                f"same queries, served index v{index.get('version')} ({index.get('size')} items)",
+            ),
+            ("SearchSimilar Acc@10", fmt(result["search_acc10"]), ""),
+        ]
     width = max(len(r[0]) for r in rows)
     lines = [f"{'metric'.ljust(width)}  value  over", f"{'-' * width}  -----  ----"]
     lines += [f"{name.ljust(width)}  {value:>5}  {over}".rstrip() for name, value, over in rows]
