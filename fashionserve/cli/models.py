@@ -232,6 +232,12 @@ def add_commands(subparsers: Any) -> None:
         metavar="FILE",
         help="decide with this threshold set instead of the served one",
     )
+    p.add_argument(
+        "--search",
+        action="store_true",
+        help="with --gateway: also Acc@1/Acc@10 of the query garments through SearchSimilar "
+        "(the served index built from the gallery split with `fashionserve catalog build`)",
+    )
 
     p = add_command(
         subparsers,
@@ -424,6 +430,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         report=args.report,
         split=args.split,
         thresholds=args.thresholds,
+        search=args.search,
     )
     return 0
 
