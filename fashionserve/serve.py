@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 from fashionserve.clients.security import API_KEY_ENV  # what `fashionserve analyze` reads
 from fashionserve.ensemble import MODEL_KINDS, MODEL_NAME
 from fashionserve.errors import Error, FailedPrecondition
+from fashionserve.search_index import index_root
 from fashionserve.stack import COMMITTED_CHECKPOINTS, Workdir, resolve_checkpoints
 
 if TYPE_CHECKING:
@@ -248,6 +249,8 @@ def write_gateway_config(wd: Workdir, listen: str, triton_url: str, max_batch_si
         "auth_enabled": True,
         "api_keys_file": str(wd.keys_file.resolve()),
         "max_batch_size": max_batch_size,
+        # Where `fashionserve catalog build --repository <the model repository>` publishes.
+        "search_index_dir": str(index_root(wd.repository).resolve()),
     }
     text = "# Written by `fashionserve serve` on each start.\n" + yaml.safe_dump(doc)
     _write_atomic(wd.gateway_config, text.encode(), mode=0o644)
