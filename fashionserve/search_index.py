@@ -215,6 +215,24 @@ def pin(root: Path, version: int | None) -> None:
     write_pin(root, version)
 
 
+def rebuild_notice(repository: Path, embedder_version: str) -> str | None:
+    """What to say when ``embedder_version`` becomes the served embedder of
+    ``repository``: the served search index, built with another version, must be rebuilt
+    (``None`` when there is no index or it matches)."""
+    root = index_root(repository)
+    version = served_version(root)
+    if version is None:
+        return None
+    built = read_manifest(root / str(version)).embedder
+    if built.version == embedder_version:
+        return None
+    return (
+        f"the served search index (version {version}) was built with {built.describe()}: "
+        f"SearchSimilar fails until it is rebuilt with embedder version {embedder_version} "
+        f"(fashionserve catalog build --repository {repository} ...)"
+    )
+
+
 # ---------------------------------------------------------------------------- building
 def normalised(vectors: np.ndarray, dimension: int | None = None) -> np.ndarray:
     """``vectors`` ([n, d] or [d]) as float32 rows of unit length; refuses a wrong

@@ -40,7 +40,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fashionserve.ensemble import MODEL_KINDS, MODEL_NAME, TAGGER, TAGGER_OUTPUT
+from fashionserve import search_index
+from fashionserve.ensemble import EMBEDDER, MODEL_KINDS, MODEL_NAME, TAGGER, TAGGER_OUTPUT
 from fashionserve.errors import ErrorKind
 from fashionserve.model_repository.build import build_repository
 from fashionserve.model_repository.exported import model_version
@@ -250,6 +251,11 @@ def rollout(
             say(f"{address}: {what}; serving {model} {target}")
             switched.append(address)
     log.info("%s: serving version %s (was %s)%s", model, target, old, " pinned" if pin else "")
+    if model == EMBEDDER and old != target:
+        notice = search_index.rebuild_notice(repo, str(target))
+        if notice is not None:
+            log.warning("%s", notice)
+            say(f"warning: {notice}")
     return Switch(model, old, target, changes, bool(tritons), tuple(switched))
 
 

@@ -103,3 +103,13 @@ def test_an_inconsistent_catalog_is_refused(tmp_path: Path) -> None:
     with pytest.raises(SearchInputError):
         search_index.publish(tmp_path, vectors, ids, {"product_id": ids}, EMBEDDER)
     assert not (tmp_path / "1").exists()
+
+
+def test_serving_another_embedder_says_the_index_must_be_rebuilt(tmp_path: Path) -> None:
+    assert search_index.rebuild_notice(tmp_path, "4") is None  # no index: nothing to say
+    vectors, ids, meta = _catalog()
+    search_index.publish(search_index.index_root(tmp_path), vectors, ids, meta, EMBEDDER)
+    assert search_index.rebuild_notice(tmp_path, "3") is None
+    notice = search_index.rebuild_notice(tmp_path, "4")
+    assert notice is not None
+    assert "embedder version 3" in notice and "rebuilt with embedder version 4" in notice
