@@ -274,6 +274,7 @@ def build_index(
     rows = normalised(vectors)
     kind = kind or choose_kind(len(rows))
     dimension = rows.shape[1]
+    index: Any  # faiss's stubs type the two index classes apart
     if kind == "flat":
         index = faiss.IndexFlatIP(dimension)
         params: dict[str, int] = {}
@@ -398,7 +399,7 @@ class SearchIndex:
                 raise SearchIndexError(f"{version_dir}: {name} missing or not in the manifest")
             if file_sha256(path) != recorded.sha256:
                 raise SearchIndexError(f"{path} does not match the sha256 its manifest records")
-        index = faiss.read_index(str(version_dir / INDEX_FILE))
+        index: Any = faiss.read_index(str(version_dir / INDEX_FILE))
         table = pq.read_table(version_dir / METADATA_FILE)
         if index.ntotal != manifest.count or index.d != manifest.dimension:
             raise SearchIndexError(
@@ -484,9 +485,10 @@ class SearchIndex:
         selector = faiss.IDSelectorBatch(eligible)
         if self.manifest.kind == "hnsw":
             ef = max(int(self.index.hnsw.efSearch), 2 * k)
-            params: Any = faiss.SearchParametersHNSW(sel=selector, efSearch=ef)
+            # faiss's stubs lack the search parameter classes' keyword constructors.
+            params: Any = faiss.SearchParametersHNSW(sel=selector, efSearch=ef)  # type: ignore[attr-defined]
         else:
-            params = faiss.SearchParameters(sel=selector)
+            params = faiss.SearchParameters(sel=selector)  # type: ignore[call-arg]
         return cast(tuple[np.ndarray, np.ndarray], self.index.search(rows, k, params=params))
 
     def _match(self, i: int, score: float, include_metadata: bool) -> Match:
