@@ -332,11 +332,11 @@ class Capture:
                 if len(rows) == 1:
                     opened = time.monotonic()
                 size += item.size + (len(item.image) if self.settings.include_images else 0)
+                if size >= self.settings.max_file_bytes:
+                    self._write(rows)
+                    rows, size = [], 0
             closing = self._closing and not self._queue
-            due = rows and (
-                size >= self.settings.max_file_bytes
-                or time.monotonic() - opened >= self.settings.max_file_seconds
-            )
+            due = rows and time.monotonic() - opened >= self.settings.max_file_seconds
             if rows and (due or closing):
                 self._write(rows)
                 rows, size = [], 0
@@ -344,7 +344,7 @@ class Capture:
                 return
 
     def _write(self, rows: list[dict[str, Any]]) -> None:
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")  # sorts oldest first
         name = f"{FILE_PREFIX}{stamp}-{secrets.token_hex(4)}{FILE_SUFFIX}"
         try:
             where = self.sink.write(name, pa.Table.from_pylist(rows, schema=SCHEMA))

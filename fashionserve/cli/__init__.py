@@ -10,7 +10,8 @@ command registered with :func:`fashionserve.cli.command.add_command`:
 * :mod:`~fashionserve.cli.analyze`: ``analyze``, a caller of the gateway;
 * :mod:`~fashionserve.cli.search`: ``catalog build|versions|pin`` and ``search`` (visual search);
 * :mod:`~fashionserve.cli.loadtest`: ``loadtest run|soak|capacity|naive-server|bench``;
-* :mod:`fashionserve.bulk.cli`: ``batch run|status``, bulk tagging through the gateway.
+* :mod:`fashionserve.bulk.cli`: ``batch run|status``, bulk tagging through the gateway;
+* :mod:`~fashionserve.cli.active`: ``active select|experiment``, active learning.
 
 A command's handler calls the component that does the work and returns the exit status.
 Errors are caught here, once: an :class:`fashionserve.errors.Error` (every error raised on
@@ -29,7 +30,7 @@ import sys
 from collections.abc import Sequence
 
 from fashionserve.bulk import cli as batch
-from fashionserve.cli import analyze, gateway, loadtest, models, search, serve
+from fashionserve.cli import active, analyze, gateway, loadtest, models, search, serve
 from fashionserve.clients.errors import ClientSetupError, FashionServeError
 from fashionserve.errors import Error
 
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for area in (models, analyze, search, serve, gateway, loadtest, batch):
+    for area in (models, analyze, search, serve, gateway, loadtest, batch, active):
         area.add_commands(subparsers)
     return parser
 

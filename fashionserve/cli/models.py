@@ -52,6 +52,18 @@ def add_commands(subparsers: Any) -> None:
         default=1.0,
         help="fraction of the standard training schedule (0.05 for a smoke run)",
     )
+    p.add_argument(
+        "--init",
+        type=Path,
+        help="checkpoint directory to fine-tune from (a lower learning rate; the models not "
+        "in --models are copied to --out unchanged)",
+    )
+    p.add_argument(
+        "--extra-labels",
+        type=Path,
+        help="labelled COCO file of `fashionserve active select --format coco`: its garments "
+        "join the tagger's (and, with a product_id, the embedder's) training",
+    )
 
     p = add_command(
         subparsers, "export", _export, "export a checkpoint as a new model version (ONNX, engine)"
@@ -288,7 +300,15 @@ def _synth(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from fashionserve.train import train_all
 
-    train_all(args.data, args.out, seed=args.seed, models=args.models, budget=args.budget)
+    train_all(
+        args.data,
+        args.out,
+        seed=args.seed,
+        models=args.models,
+        budget=args.budget,
+        init=args.init,
+        extra_labels=args.extra_labels,
+    )
     return 0
 
 

@@ -21,6 +21,7 @@ from fashionserve.imaging import decode_image, letterbox, square_crop
 from fashionserve.model_repository.python_models.steps import DEFAULT_CROP_MARGIN
 from fashionserve.models.detector import encode_targets
 from fashionserve.taxonomy import Taxonomy
+from fashionserve.train.labels import LabelsError, read_labels, resolve_image
 
 
 @dataclass
@@ -213,3 +214,55 @@ class CropData:
             out[j] = crop[:, ::-1] if rng is not None and rng.random() < 0.5 else crop
         x = to_tensor(out)
         return x if rng is None else jitter_colour(x, rng)
+
+
+EXTRA_SHARE = 0.25
+"""Share of the garments a batch draws from ``--extra-labels``: a few hundred new labels
+among thousands of training garments would otherwise be seen a handful of times."""
+EXTRA_PRODUCT_OFFSET = 1 << 40
+"""Added to the labeller's product ids: they are another namespace than the data set's."""
+
+
+def load_extra(path: Path, taxonomy: Taxonomy) -> Split:
+    """The labelled garments of an extra-labels file (:mod:`fashionserve.train.labels`),
+    their images decoded. A garment without ``product_id`` gets -1: the tagger learns from
+    it, the embedder does not."""
+    labels = read_labels(path, taxonomy)
+    used = sorted({b.image for b in labels.labelled()})
+    if not used:
+        raise LabelsError(f"{path}: no labelled garment (every category_path is empty)")
+    where = {image: i for i, image in enumerate(used)}
+    encoded = [resolve_image(path, labels.images[i].file_name).read_bytes() for i in used]
+    garments = [
+        Garment(
+            image=where[b.image],
+            box=b.box,
+            path=list(b.category_path),
+            tags=dict(b.tags),
+            product_id=-1 if b.product_id is None else EXTRA_PRODUCT_OFFSET + int(b.product_id),
+        )
+        for b in labels.labelled()
+    ]
+    return Split("extra", [decode_image(e) for e in encoded], garments, labels.info, encoded)
+
+
+def mixed(train: Split, extra: Split, share: float = EXTRA_SHARE, products: bool = False) -> Split:
+    """``train`` with ``extra``'s garments repeated to make about ``share`` of the
+    garments. ``products``: only the extra garments with a product id (for the embedder)."""
+    chosen = [g for g in extra.garments if g.product_id >= 0] if products else extra.garments
+    if not chosen:
+        return train
+    repeat = max(1, round(share * len(train.garments) / ((1 - share) * len(chosen))))
+    offset = len(train.images)
+    added = [
+        Garment(offset + g.image, g.box, g.path, g.tags, g.product_id)
+        for _ in range(repeat)
+        for g in chosen
+    ]
+    return Split(
+        train.name,
+        train.images + extra.images,
+        train.garments + added,
+        train.info,
+        train.encoded + extra.encoded,
+    )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from fashionserve.ensemble import ModelKind
 from fashionserve.models import DEFAULT_ARCH, build_model
 from fashionserve.models.detector import CenterNetDetector, detector_loss
 from fashionserve.models.embedder import Embedder, batch_hard_triplet_loss
@@ -76,6 +77,31 @@ SCHEDULES: dict[str, Schedule] = {
     "embedder": Schedule(steps=900, batch=128, lr=3e-3),
 }
 EMBEDDER_K = 4  # instances per product in a P x K batch
+FINE_TUNE_LR = 0.3
+"""Learning-rate factor when training starts from a checkpoint (``--init``): the weights
+are already good, a full rate would mostly undo them before the new labels count."""
+
+
+def _start(
+    kind: ModelKind,
+    taxonomy: Taxonomy,
+    mean: Sequence[float],
+    std: Sequence[float],
+    init: nn.Module | None,
+) -> nn.Module:
+    """A fresh model normalised with ``mean``/``std``, or ``init`` (its own statistics
+    kept: its weights were learnt with them)."""
+    if init is not None:
+        return init
+    model = build_model(kind, DEFAULT_ARCH[kind], params_for(kind, taxonomy), taxonomy)
+    model.normalize.set_stats(mean, std)  # type: ignore[operator]
+    return model
+
+
+def fine_tuning(schedule: Schedule) -> Schedule:
+    """``schedule`` for a model that starts from a checkpoint: the same steps and batch,
+    :data:`FINE_TUNE_LR` of the rate."""
+    return replace(schedule, lr=schedule.lr * FINE_TUNE_LR)
 
 
 def make_optimizer(
@@ -144,13 +170,13 @@ def train_detector(
     seed: int,
     mean: Sequence[float],
     std: Sequence[float],
+    init: CenterNetDetector | None = None,
 ) -> tuple[CenterNetDetector, dict[str, Any]]:
-    """Train the CenterNet detector on letterboxed canvases."""
+    """Train the CenterNet detector on letterboxed canvases (from ``init`` if given)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 1])
-    model = build_model("detector", DEFAULT_ARCH["detector"], _detector_params(taxonomy), taxonomy)
+    model = _start("detector", taxonomy, mean, std, init)
     assert isinstance(model, CenterNetDetector)
-    model.normalize.set_stats(mean, std)
     # channels-last convolutions are about 25% faster on CPU (oneDNN).
     model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     model.train()
@@ -183,13 +209,13 @@ def train_tagger(
     seed: int,
     mean: Sequence[float],
     std: Sequence[float],
+    init: Tagger | None = None,
 ) -> tuple[Tagger, dict[str, Any]]:
-    """Train the tagger on jittered ground-truth crops."""
+    """Train the tagger on jittered ground-truth crops (from ``init``'s weights if given)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 2])
-    model = build_model("tagger", DEFAULT_ARCH["tagger"], _crop_params(), taxonomy)
+    model = _start("tagger", taxonomy, mean, std, init)
     assert isinstance(model, Tagger)
-    model.normalize.set_stats(mean, std)
     model.train()
     encoded = [taxonomy.encode_targets(g.path, g.tags) for g in data.split.garments]
     targets = torch.from_numpy(np.stack([e[0] for e in encoded]))
@@ -239,14 +265,15 @@ def train_embedder(
     seed: int,
     mean: Sequence[float],
     std: Sequence[float],
+    init: Embedder | None = None,
 ) -> tuple[Embedder, dict[str, Any]]:
     """BNNeck embedder: ID cross-entropy (label smoothing 0.1) on the post-BN feature plus
-    batch-hard triplet on the pre-BN feature, P x K batches over product ids."""
+    batch-hard triplet on the pre-BN feature, P x K batches over product ids (from
+    ``init``'s weights if given; the ID classifier is new either way)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 3])
-    model = build_model("embedder", DEFAULT_ARCH["embedder"], _embed_params(), taxonomy)
+    model = _start("embedder", taxonomy, mean, std, init)
     assert isinstance(model, Embedder)
-    model.normalize.set_stats(mean, std)
     model.train()
     products = np.array([g.product_id for g in data.split.garments])
     ids, labels = np.unique(products, return_inverse=True)

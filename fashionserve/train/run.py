@@ -7,12 +7,23 @@ with the fresh models, or the checkpoints already in the output directory for th
 not requested, and the checkpoints are written again with their validation figures.
 ``budget`` scales every schedule: 1.0 is the standard run (about ten minutes for all three
 on 2 cores), 0.02 a smoke test.
+
+Fine-tuning: ``init`` (a checkpoint directory) starts each requested model from its
+checkpoint there, at a fraction of the learning rate (``loops.FINE_TUNE_LR``), and copies
+the models not requested to ``out`` unchanged, so ``out`` is a whole set to export.
+``extra_labels`` (a labelled ``active select --format coco`` file) adds its garments to
+the training split's, about a quarter of every tagger batch (``data.EXTRA_SHARE``), and of
+every embedder batch for the garments labelled with a product. The detector never learns
+from them: a selection labels some garments of an image, not all, and the others would be
+taught as background.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -27,12 +38,21 @@ from fashionserve.errors import FailedPrecondition
 from fashionserve.models import DEFAULT_ARCH
 from fashionserve.models.blocks import count_parameters
 from fashionserve.taxonomy import Taxonomy, load_taxonomy
-from fashionserve.train.data import CropData, DetectorData, Split, image_stats, load_split
+from fashionserve.train.data import (
+    CropData,
+    DetectorData,
+    Split,
+    image_stats,
+    load_extra,
+    load_split,
+    mixed,
+)
 from fashionserve.train.loops import (
     CROP_SIZE,
     DETECTOR_SIZE,
     SCHEDULES,
     bf16_supported,
+    fine_tuning,
     params_for,
     train_detector,
     train_embedder,
@@ -56,7 +76,15 @@ class TaxonomyMismatch(FailedPrecondition):
 
 
 def train_all(
-    data: Path, out: Path, seed: int, models: list[str], budget: float, bf16: bool | None = None
+    data: Path,
+    out: Path,
+    seed: int,
+    models: list[str],
+    budget: float,
+    bf16: bool | None = None,
+    *,
+    init: Path | None = None,
+    extra_labels: Path | None = None,
 ) -> dict:
     """Train ``models`` on ``data`` (a ``data synth`` directory) and write checkpoints.
 
@@ -79,6 +107,12 @@ def train_all(
     gallery = load_split(data, "gallery")
     _check_taxonomy(train, taxonomy)
     mean, std = image_stats(train.images)
+    extra = load_extra(extra_labels, taxonomy) if extra_labels is not None else None
+    starts = _initial_models(init, models, out) if init is not None else {}
+    if init is not None:
+        # The statistics the starting weights were learnt with (one set for the three).
+        first = load_checkpoint(Path(init) / f"{models[0]}.pt")
+        mean, std = list(first.mean), list(first.std)
     load_s = time.perf_counter() - t0
     log.info(
         "loaded %d train / %d val / %d query / %d gallery images in %.1f s",
@@ -100,6 +134,15 @@ def train_all(
         "query_images": len(query.images),
         "gallery_images": len(gallery.images),
     }
+    if init is not None:
+        data_info["init"] = {k: _checkpoint_hash(Path(init) / f"{k}.pt") for k in models}
+    if extra is not None:
+        data_info["extra_labels"] = {
+            "path": str(extra_labels),
+            "garments": len(extra.garments),
+            "with_product": sum(g.product_id >= 0 for g in extra.garments),
+            "info": extra.info,
+        }
 
     trained: dict[str, nn.Module] = {}
     reports: dict[str, dict[str, Any]] = {}
@@ -143,20 +186,23 @@ def train_all(
         if kind not in models:
             continue
         schedule = SCHEDULES[kind].scaled(budget, use_bf16)
+        if kind in starts:
+            schedule = fine_tuning(schedule)
         t0, c0 = time.perf_counter(), time.process_time()
         model: nn.Module
+        start_from: Any = starts.get(kind)
         if kind == "detector":
             det_data = DetectorData(train, taxonomy, DETECTOR_SIZE)
-            model, extra = train_detector(det_data, taxonomy, schedule, seed, mean, std)
+            model, figures = train_detector(
+                det_data, taxonomy, schedule, seed, mean, std, start_from
+            )
             del det_data
         elif kind == "tagger":
-            model, extra = train_tagger(
-                CropData(train, CROP_SIZE), taxonomy, schedule, seed, mean, std
-            )
+            crops = CropData(mixed(train, extra) if extra else train, CROP_SIZE)
+            model, figures = train_tagger(crops, taxonomy, schedule, seed, mean, std, start_from)
         else:
-            model, extra = train_embedder(
-                CropData(train, CROP_SIZE), taxonomy, schedule, seed, mean, std
-            )
+            crops = CropData(mixed(train, extra, products=True) if extra else train, CROP_SIZE)
+            model, figures = train_embedder(crops, taxonomy, schedule, seed, mean, std, start_from)
         seconds = time.perf_counter() - t0
         cpu_seconds = time.process_time() - c0
         trained[kind] = model
@@ -168,7 +214,7 @@ def train_all(
             "cpu_seconds": cpu_seconds,
             "precision": "bf16-autocast" if use_bf16 else "fp32",
             "parameters": count_parameters(model),
-            **extra,
+            **figures,
         }
         # Saved now and again with the validation figures: a failure in validation
         # does not lose the training.
@@ -213,6 +259,23 @@ def train_all(
     }
     print(format_summary(summary))
     return summary
+
+
+def _initial_models(init: Path, models: list[str], out: Path) -> dict[str, nn.Module]:
+    """The requested models as ``init`` holds them; the others copied from it to ``out``."""
+    init = Path(init)
+    missing = [k for k in MODEL_KINDS if not (init / f"{k}.pt").is_file()]
+    if missing:
+        raise FailedPrecondition(f"--init {init}: no {', '.join(f'{k}.pt' for k in missing)}")
+    out.mkdir(parents=True, exist_ok=True)
+    for kind in MODEL_KINDS:
+        if kind not in models and init.resolve() != out.resolve():
+            shutil.copyfile(init / f"{kind}.pt", out / f"{kind}.pt")
+    return {kind: load_checkpoint(init / f"{kind}.pt").build_model() for kind in models}
+
+
+def _checkpoint_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _plain(value: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,2 @@
+"""Active learning: pick the served garments worth labelling (``select``), and the loop
+measured on synthetic data (``experiment``)."""
