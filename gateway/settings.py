@@ -108,42 +108,42 @@ class CaptureSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     directory: str | None = Field(
-        None,
+        default=None,
         max_length=2048,
         description="Where capture Parquet files go: a local directory, or object storage "
         "through fsspec (s3://bucket/prefix..., the cloud extra). Unset: capture is off.",
     )
     sample_rate: float = Field(
-        0.01, ge=0, le=1, description="Share of each tenant's served images captured."
+        default=0.01, ge=0, le=1, description="Share of each tenant's served images captured."
     )
     tenant_sample_rates: dict[str, float] = Field(
         default_factory=dict,
         description="Per-tenant exceptions to sample_rate, by tenant name (0 captures none).",
     )
     include_images: bool = Field(
-        False,
+        default=False,
         description="Keep the image bytes in the records (else only their sha256): only "
         "where the tenants' terms allow keeping their images.",
     )
     max_queued_records: int = Field(
-        1024,
+        default=1024,
         ge=1,
         le=1_000_000,
         description="Records waiting for the writer; past it records are dropped and "
         'counted (fashionserve_capture_records_total{outcome="dropped"}), never waited for.',
     )
     max_queued_bytes: int = Field(
-        64 * MIB,
+        default=64 * MIB,
         ge=MIB,
         le=16 * 1024 * MIB,
         description="Bytes the waiting records hold (their images, outputs); past it too "
         "records are dropped.",
     )
     max_file_bytes: int = Field(
-        32 * MIB, ge=1, le=4096 * MIB, description="A capture file is written at this size."
+        default=32 * MIB, ge=1, le=4096 * MIB, description="A capture file is written at this size."
     )
     max_file_seconds: float = Field(
-        300.0,
+        default=300.0,
         gt=0,
         le=86400,
         description="...or when its first record is this old (and at shutdown).",

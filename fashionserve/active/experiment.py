@@ -62,15 +62,23 @@ def served_outputs(
     """Every image of ``split`` through the served path: boxes, logits, embeddings; and
     the crops the tagger was given."""
     encoded = [img.path.read_bytes() for img in split.images]
-    served = serve_images(models["detector"], encoded, crop_size=models["tagger"].input_size)
+    tagger: Any = models["tagger"]
+    crop_size = int(tagger.input_size)
+    served = serve_images(models["detector"], encoded, crop_size=crop_size)
     outputs = []
     for img, (boxes, scores, classes), crops in zip(
         split.images, served.kept, served.crops, strict=True
     ):
-        logits = run_crops(models["tagger"], crops) if len(crops) else []
-        embeddings = run_crops(models["embedder"], crops) if len(crops) else []
+        logits = run_crops(models["tagger"], crops) if len(crops) else np.zeros((0, 0))
+        embeddings = run_crops(models["embedder"], crops) if len(crops) else np.zeros((0, 0))
         garments = [
-            Garment(tuple(map(float, b)), float(s), int(c), logits[i], embeddings[i])
+            Garment(
+                (float(b[0]), float(b[1]), float(b[2]), float(b[3])),
+                float(s),
+                int(c),
+                logits[i],
+                embeddings[i],
+            )
             for i, (b, s, c) in enumerate(zip(boxes, scores, classes, strict=True))
         ]
         outputs.append(ImageOutput(img.width, img.height, garments))
@@ -146,7 +154,7 @@ def score(
     ``fashionserve evaluate`` scores the ensemble."""
     answers = []
     for output, c in zip(outputs, crops, strict=True):
-        logits = run_crops(tagger.eval(), c) if len(c) else []
+        logits = run_crops(tagger.eval(), c) if len(c) else np.zeros((0, 0))
         answers.append(
             [
                 Garment(g.box, g.score, g.detector_class, logits[i], g.embedding)
@@ -213,8 +221,8 @@ def run_experiment(
         tasks = workdir / strategy / "tasks.json"
         run_select(workdir / "capture", budget, strategy, tasks, "coco", taxonomy, seed=seed,
                    recall_report=report / "report.json")  # fmt: skip
-        labelled = workdir / strategy / "labelled.json"
-        arms.append((strategy, labelled, label_from_truth(tasks, labelled, traffic, taxonomy)))
+        done = workdir / strategy / "labelled.json"
+        arms.append((strategy, done, label_from_truth(tasks, done, traffic, taxonomy)))
     for name, labelled, count in arms:
         out = workdir / "runs" / name.split(",")[0].replace(" ", "-")
         torch.manual_seed(seed)

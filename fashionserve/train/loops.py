@@ -94,7 +94,8 @@ def _start(
     if init is not None:
         return init
     model = build_model(kind, DEFAULT_ARCH[kind], params_for(kind, taxonomy), taxonomy)
-    model.normalize.set_stats(mean, std)  # type: ignore[operator]
+    normalize: Any = model.normalize
+    normalize.set_stats(mean, std)
     return model
 
 
