@@ -10,10 +10,11 @@ exactly as :meth:`Taxonomy.decide` decides:
   is reached by all). Its score is its probability given its parent when it is the most
   likely sibling, else 0 (decoding takes the best sibling only). Garments reaching the
   parent that are not of this category are its negatives: they count against precision;
-* a tag label concerns the garments its group applies to, by their true or their decoded
-  path. Its score is its probability (for an exclusive group, only when it is the group's
-  best label) where the group applies to the decoded path, else 0: a tag never decoded is
-  a miss.
+* a tag label concerns the garments whose decoded path its group applies to (every garment
+  for a group without scope, such as colour; a scoped group, such as sleeve, only where the
+  path reached its scope): its recall is *at its level* too, like a category's. Its score is
+  its probability (for an exclusive group, only when it is the group's best label). Garments
+  decoded into the group's scope that truly lie outside it are negatives.
 
 :func:`calibrate` picks, for each decision, the highest threshold whose recall reaches the
 target (scikit-learn's ``precision_recall_curve``), categories top-down so that a child is
@@ -23,9 +24,9 @@ decided), then tags on the decoded paths. A decision with fewer than
 :data:`MIN_SUPPORT` positives keeps its default and is flagged. Recall and precision come
 with 95% Wilson score intervals, which widen as support shrinks.
 
-A category's recall here is *at its level* (given its parent passed); its end-to-end recall
-(garments of that category whose decoded path contains it) is the product along the path,
-and :func:`class_report` reports both.
+A category's recall here is *at its level* (given its parent passed), a tag's given its
+group was decided; the end-to-end recall (garments of that class that get it decoded) is
+the product along the path, and :func:`class_report` reports both.
 """
 
 from __future__ import annotations
@@ -158,22 +159,19 @@ def decisions(
                 continue
             rows = []
             for o, d in zip(observations, decided, strict=True):
-                names = [s.name for s in d.category_path]
-                on_decoded = bool(names) and taxonomy.group_applies(group, names)
-                truth = o.tags.get(group.name)
-                if truth is None and not on_decoded:
+                if not taxonomy.group_applies(group, [s.name for s in d.category_path]):
                     continue
-                positive = label == truth if isinstance(truth, str) else label in (truth or ())
+                truth = o.tags.get(group.name)
+                positive = _has_tag(truth, label)
                 table = o.tables[group.name]
-                if not on_decoded:
-                    score = 0.0
-                elif group.exclusive:
-                    score = _best(table, label)
-                else:
-                    score = float(table[label])
+                score = _best(table, label) if group.exclusive else float(table[label])
                 rows.append((positive, score))
             out[key] = _decision(key, seg.kind, rows)
     return out
+
+
+def _has_tag(truth: Any, label: str) -> bool:
+    return label == truth if isinstance(truth, str) else label in (truth or ())
 
 
 def _reaches(decoded: Decoded, owner: str) -> bool:
@@ -415,6 +413,13 @@ def class_report(
                 counts_at(decision, taxonomy.threshold(decision.kind, label, group)),
                 average_precision(decision),
             )
+            truly = [_has_tag(o.tags.get(group), label) for o in observations]
+            found = sum(
+                1
+                for t, d in zip(truly, decoded, strict=True)
+                if t and any(s.name == label for s in d.tags.get(group, ()))
+            )
+            row["recall_end_to_end"] = _round(found / sum(truly)) if any(truly) else None
         rows.append(row)
     return rows
 

@@ -283,7 +283,10 @@ class Taxonomy:
         names = [s.name for s in path]
         tags: dict[str, list[ScoredLabel]] = {}
         for group in self.groups:
-            if not names or not self.group_applies(group, names):
+            # A group for every garment (colour, pattern) is decided even when no category
+            # passed its threshold: a colour needs no category. A scoped one (sleeve) needs
+            # the decoded path to reach its scope.
+            if not self.group_applies(group, names):
                 continue
             table = tables[group.name]
             if group.exclusive:

@@ -152,20 +152,29 @@ def test_children_are_calibrated_on_garments_that_pass_their_parent(
     assert report["top/shirt"]["recall_end_to_end"] == pytest.approx(0.5)
 
 
-def test_tags_not_decoded_are_misses(taxonomy: Taxonomy) -> None:
+def test_tags_are_decided_at_their_level(taxonomy: Taxonomy) -> None:
+    """A colour is decided on every garment, a sleeve only where the decoded path reached
+    a top or full-body garment: 10 red long-sleeved tops whose category is not decoded at
+    all still count for colour, and drop out of sleeve's support."""
     observations = shirts(taxonomy, [0.9] * 40)
-    # 10 red shirts whose category is not decoded at all: their colour never is either.
     observations += [
         Observation(
-            tables_for(taxonomy, {"colour": ("red", 0.9)}),
+            tables_for(taxonomy, {"colour": ("red", 0.9), "sleeve": ("long", 0.9)}),
             ["top", "shirt"],
-            {"colour": "red"},
+            {"colour": "red", "pattern": "plain", "sleeve": "long", "details": []},
         )
         for _ in range(10)
     ]
-    red = decisions(observations, taxonomy, ["colour/red"])["colour/red"]
-    assert red.support == 50
-    assert int((red.score > 0).sum()) == 40
+    found = decisions(observations, taxonomy, ["colour/red", "sleeve/long"])
+    assert found["colour/red"].support == 50
+    assert int((found["colour/red"].score > 0).sum()) == 50
+    assert found["sleeve/long"].support == 40
+    # The end-to-end recall of sleeve/long counts the 10 undecided tops as misses.
+    rows = {r["name"]: r for r in class_report(observations, taxonomy)}
+    assert rows["colour/red"]["recall_end_to_end"] == 1.0
+    long_sleeves = rows["sleeve/long"]
+    assert long_sleeves["recall_end_to_end"] <= 0.8 * 1.0001
+    assert long_sleeves["support"] == 40
 
 
 def test_detector_curves_match_greedily_by_score() -> None:
