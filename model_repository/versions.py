@@ -65,6 +65,8 @@ log = logging.getLogger(__name__)
 # old version is unloaded: more than the gateway's default request timeout would be safest,
 # a few seconds covers the pipeline's own latency.
 DEFAULT_DRAIN_SECONDS = 5.0
+# How long a Triton may take to serve the ensemble again after a load.
+READY_TIMEOUT_SECONDS = 60.0
 # The gateway's syntax for "every address of this name" (its triton_urls setting); the
 # gateway's resolver is a layer above this one, hence this synchronous twin.
 DNS_SCHEME = "dns:///"
@@ -450,6 +452,16 @@ def _load(triton_url: str, models: list[str], headers: dict[str, str]) -> None:
     try:
         for name in models:
             client.load_model(name, headers=headers or None)
+        # Reloading a step also reloads the ensemble that calls it, which is not ready for
+        # a second or two after load_model returns: a step is done when the ensemble serves.
+        deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+        while not client.is_model_ready(MODEL_NAME):
+            if time.monotonic() > deadline:
+                raise RepositoryError(
+                    f"Triton at {triton_url}: {MODEL_NAME} not ready "
+                    f"{READY_TIMEOUT_SECONDS:.0f} s after loading {', '.join(models)}"
+                )
+            time.sleep(0.2)
     except InferenceServerException as exc:
         raise RepositoryError(
             f"Triton at {triton_url} did not load {name}: {exc.message() or exc} (it must run "
