@@ -158,7 +158,9 @@ def build_catalog(
         raise CatalogError("the served pipeline does not report its embedder version")
     roots = _taxonomy(served).roots
     batch = max(1, min(batch_size, backend.batch_limit or batch_size))
-    echo(f"embedding {len(catalog.images)} catalog images ({catalog.kind}) with {embedder.describe()}")
+    echo(
+        f"embedding {len(catalog.images)} catalog images ({catalog.kind}) with {embedder.describe()}"
+    )
     started = time.monotonic()
     answers = analyse(backend.infer, catalog.images, batch)
     seconds = time.monotonic() - started
@@ -214,4 +216,3 @@ def describe_versions(repository: Path) -> list[str]:
             f"{m.created}"
         )
     return lines
-

@@ -8,7 +8,6 @@ from typing import Any
 
 from fashionserve.cli.command import add_command, add_group
 
-
 STRATEGIES = ("margin", "entropy", "kcenter", "hybrid", "random")  # active.select.STRATEGIES
 
 
