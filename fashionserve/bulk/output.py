@@ -12,7 +12,8 @@ reason, such as ``CORRUPT_IMAGE``), ``message`` (why, when not ok), ``sha256`` o
 read, ``width`` and ``height`` (after EXIF orientation), ``garments`` (a list of structs:
 box in pixels, detector score and class, category path and tags with probabilities, and
 ``embedding`` only in a run with ``--include-embeddings``), and the served ``models``
-(name, version), ``taxonomy_version`` and ``taxonomy_hash`` (which covers the thresholds)
+(name, version: the tagger's version names its calibrated threshold set), ``taxonomy_version``
+and ``taxonomy_hash``
 that produced the row. Each part file carries the format version in its schema metadata.
 A part file is written under a hidden name and renamed in, so readers (``pyarrow``,
 ``pandas.read_parquet(DIR/data)``) never see half a file; read once ``_SUCCESS`` exists.
