@@ -140,9 +140,14 @@ def test_analyze_returns_each_garment_in_original_pixels(gw: Gateway, scene: byt
             (box.x_min / SCENE_W, box.y_min / SCENE_H, box.x_max / SCENE_W, box.y_max / SCENE_H),
             abs=1e-5,
         )
-        assert garment.category_path and garment.category_path[0].name == garment.detector_class
+        # The oracle tagger's root probability is a softmax of the crop's mean colour, about
+        # 0.5 for the darker garment: under the default threshold (0.5 given the parent)
+        # its path may stay empty; a decided root is the detector's class.
+        if garment.category_path:
+            assert garment.category_path[0].name == garment.detector_class
         assert {t.group for t in garment.tag_groups} <= {"colour", "pattern", "sleeve", "details"}
         assert not garment.embedding and not garment.probability_tables  # not asked for
+    assert result.garments[0].category_path, "the red top's root is decided"
 
 
 def test_analyze_options(gw: Gateway, scene: bytes) -> None:

@@ -316,7 +316,7 @@ def test_evaluate_through_the_gateway_matches_triton(first: Stack, tmp_path: Pat
     for key in ("category_accuracy", "tag_accuracy"):
         # Probabilities cross the API as float32: only a tie at a threshold could differ.
         assert through[key] == pytest.approx(direct[key], abs=0.02), key
-    assert through["val_detections"] == direct["val_detections"]
+    assert through["scene_detections"] == direct["scene_detections"]
 
 
 def test_a_killed_triton_is_restarted_and_analyze_answers_again(first: Stack) -> None:
