@@ -31,6 +31,7 @@ from fashionserve.gateway.core import FALLBACK_MAX_GARMENTS, Analyzer
 from fashionserve.gateway.failures import InvalidArgument
 from fashionserve.gateway.results import Box, GarmentResult
 from fashionserve.gateway.validation import ValidatedOptions
+from fashionserve.metrics import box_iou
 from fashionserve.search_index import EmbedderRef, Match, SearchIndex
 
 log = logging.getLogger(__name__)
@@ -121,14 +122,8 @@ class SearchOutcome:
     query_garment: GarmentResult | None = None
 
 
-def _iou(a: Box, b: Box) -> float:
-    w = min(a.x_max, b.x_max) - max(a.x_min, b.x_min)
-    h = min(a.y_max, b.y_max) - max(a.y_min, b.y_min)
-    if w <= 0 or h <= 0:
-        return 0.0
-    inter = w * h
-    area = (a.x_max - a.x_min) * (a.y_max - a.y_min) + (b.x_max - b.x_min) * (b.y_max - b.y_min)
-    return inter / (area - inter)
+def _corners(box: Box) -> tuple[float, float, float, float]:
+    return (box.x_min, box.y_min, box.x_max, box.y_max)
 
 
 def choose_garment(garments: list[GarmentResult], query: ImageQuery) -> int:
@@ -137,7 +132,9 @@ def choose_garment(garments: list[GarmentResult], query: ImageQuery) -> int:
     if not garments:
         raise InvalidArgument("NO_GARMENT", "no garment was found in the image")
     if query.box is not None:
-        overlaps = [_iou(g.box, query.box) for g in garments]
+        overlaps = box_iou(
+            np.array([_corners(query.box)]), np.array([_corners(g.box) for g in garments])
+        )[0]
         best = int(np.argmax(overlaps))
         if overlaps[best] <= 0:
             raise InvalidArgument(

@@ -23,6 +23,7 @@ from fashionserve.imaging import (
     letterbox,
 )
 from fashionserve.loadtest.images import PhotoFormat, render_photo, synthetic_images
+from fashionserve.metrics import box_iou
 from fashionserve.model_repository.python_models import steps
 from fashionserve.model_repository.settings import RepositorySettings
 
@@ -171,11 +172,7 @@ def test_preprocess_finds_the_same_garments_as_a_full_decode() -> None:
     canvas_pixel = reduced.image_sizes.max(axis=1)[found.image_index] / det_size
     close = np.abs(found.boxes - expected.boxes).max(axis=1) < 0.5 * canvas_pixel
     assert close.mean() >= 0.9, close
-    lo = np.maximum(found.boxes[:, :2], expected.boxes[:, :2])
-    hi = np.minimum(found.boxes[:, 2:], expected.boxes[:, 2:])
-    inter = np.prod(np.clip(hi - lo, 0, None), axis=1)
-    area = lambda b: np.prod(b[:, 2:] - b[:, :2], axis=1)  # noqa: E731
-    iou = inter / (area(found.boxes) + area(expected.boxes) - inter)
+    iou = np.diag(box_iou(found.boxes, expected.boxes))
     assert (iou >= 0.9).all(), iou
     np.testing.assert_allclose(found.scores, expected.scores, atol=0.02)
 
