@@ -48,6 +48,7 @@ from fashionserve.errors import FailedPrecondition
 from fashionserve.gateway.results import ImageOutput, clip_box
 from fashionserve.gateway.served_state import ServedModel
 from fashionserve.gateway.settings import CaptureSettings
+from fashionserve.parquet import read_versioned
 from fashionserve.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
@@ -364,16 +365,7 @@ def capture_files(directory: Path) -> list[Path]:
 
 def read_capture_file(path: Path) -> pa.Table:
     """One capture file, checked to be of this format version."""
-    try:
-        metadata = pq.read_schema(path).metadata or {}
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise CaptureFormatError(f"{path}: not a Parquet file ({exc})") from None
-    version = metadata.get(VERSION_KEY)
-    if version != str(FORMAT_VERSION).encode():
-        raise CaptureFormatError(
-            f"{path}: capture format {version!r}, this version reads {FORMAT_VERSION}"
-        )
-    return pq.read_table(path)
+    return read_versioned(path, VERSION_KEY, FORMAT_VERSION, "capture", CaptureFormatError)
 
 
 def read_capture(directory: Path) -> list[dict[str, Any]]:

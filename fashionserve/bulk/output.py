@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 
 from fashionserve.bulk.errors import OutputFormatError
 from fashionserve.clients.types import ImageResult, ServingInfo
+from fashionserve.parquet import read_versioned
 
 FORMAT_VERSION = 1
 VERSION_KEY = b"fashionserve.bulk.format_version"
@@ -198,17 +199,7 @@ def part_files(output: Path) -> list[Path]:
 
 def read_part(path: Path) -> pa.Table:
     """One part file, checked to be of this format version."""
-    try:
-        metadata = pq.read_schema(path).metadata or {}
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise OutputFormatError(f"{path}: not a Parquet file ({exc})") from None
-    version = metadata.get(VERSION_KEY)
-    if version != str(FORMAT_VERSION).encode():
-        raise OutputFormatError(
-            f"{path}: bulk output format {version!r}, this version reads {FORMAT_VERSION}",
-            metadata={"path": path},
-        )
-    table = pq.read_table(path)
+    table = read_versioned(path, VERSION_KEY, FORMAT_VERSION, "bulk output", OutputFormatError)
     missing = [c for c in COLUMNS if c not in table.column_names]
     if missing:
         raise OutputFormatError(f"{path}: missing columns {', '.join(missing)}")
