@@ -73,7 +73,7 @@ class ServeOptions:
     port: int = 50051
     ready_file: Path | None = None
     checkpoints: Path | None = None
-    train_images: int = 3000
+    train_images: int = 6000
     train_budget: float = 1.0
     ready_timeout: float = READY_TIMEOUT
 

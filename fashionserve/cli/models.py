@@ -31,7 +31,7 @@ def add_commands(subparsers: Any) -> None:
     data = add_group(subparsers, "data", "synthetic data")
     p = add_command(data, "synth", _synth, "render the seeded synthetic garment data set")
     p.add_argument("--out", type=Path, required=True, help="output directory")
-    p.add_argument("--images", type=int, default=3000, help="images in the train split")
+    p.add_argument("--images", type=int, default=6000, help="images in the train split")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--taxonomy", type=Path, help="taxonomy YAML (default: the packaged one)")
     p.add_argument(

@@ -73,7 +73,7 @@ class Schedule:
 
 SCHEDULES: dict[str, Schedule] = {
     "detector": Schedule(steps=1600, batch=32, lr=3e-3),
-    "tagger": Schedule(steps=800, batch=128, lr=3e-3),
+    "tagger": Schedule(steps=1600, batch=128, lr=3e-3),
     "embedder": Schedule(steps=900, batch=128, lr=3e-3),
 }
 EMBEDDER_K = 4  # instances per product in a P x K batch
