@@ -1,11 +1,13 @@
 """``fashionserve active experiment``: the active-learning loop measured on synthetic data,
 where ground truth stands in for the labeller.
 
-1. Data, all rendered here: ``replay`` (seed 0, the demo checkpoints' own catalog: the
-   labels the models already had, replayed while fine-tuning, and its ``val`` split, new
-   products, for the per-class recall report); ``traffic`` (another seed: products the
-   models never saw, served as a day's traffic); ``eval`` (a third seed's ``val`` and
-   ``test``: held-out new products, the figure).
+1. Data, all rendered here: ``replay`` (the tagger's own training data, re-rendered from
+   the seed and size its checkpoint's fingerprint records: the labels the models already
+   had, replayed while fine-tuning, and its ``val`` split, new products, for the
+   per-class recall report); ``traffic`` (another seed: products the models never saw,
+   served as a day's traffic, twenty times the budget or more so that a strategy has
+   something to choose from); ``eval`` (a third seed's ``val`` and ``test``: held-out new
+   products, the figure).
 2. The traffic goes through the served path (the serving steps' own code with the
    checkpoints in PyTorch, :mod:`fashionserve.train.validation`; the same computation as
    Triton's ensemble) and every result is captured by the gateway's capture code
@@ -50,9 +52,8 @@ from fashionserve.train.labels import read_labels, write_labels
 from fashionserve.train.loops import SCHEDULES
 from fashionserve.train.validation import run_crops, serve_images
 
-REPLAY_IMAGES = 600
-TRAFFIC_IMAGES = 600
-EVAL_PLAN_IMAGES = 3000  # its val + test: 600 scenes of held-out products
+TRAFFIC_PER_LABEL = 10  # traffic images per garment of budget: ~20 garments per label
+EVAL_PLAN_IMAGES = 10000  # its val + test: 2000 scenes (~4000 garments) of new products
 STRATEGIES: tuple[Strategy, ...] = ("hybrid", "random")
 
 
@@ -169,22 +170,25 @@ def run_experiment(
     workdir: Path,
     budget: int,
     seed: int = 0,
-    steps: int = 120,
+    steps: int = 300,
     echo: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
     """Run the loop for each strategy; print and return the table's rows."""
     start = time.monotonic()
     taxonomy = load_taxonomy()
     workdir = Path(workdir)
+    trained_on = load_checkpoint(Path(checkpoints) / "tagger.pt").training["data"]["fingerprint"]
     data = {
-        "replay": (REPLAY_IMAGES, 0, None),
-        "traffic": (TRAFFIC_IMAGES, 101 + seed, ("train",)),
+        "replay": (int(trained_on["images"]), int(trained_on["seed"]), None),
+        "traffic": (TRAFFIC_PER_LABEL * budget, 101 + seed, ("train",)),
         "eval": (EVAL_PLAN_IMAGES, 202 + seed, ("val", "test")),
     }
     for name, (images, data_seed, splits) in data.items():
-        if not (workdir / name / "_done").exists():
+        # Rendered once per workdir and parameters: a rerun with another budget re-renders.
+        done, made = workdir / name / "_done", f"{images} images, seed {data_seed}, {splits}"
+        if not done.exists() or done.read_text() != made:
             synthesize(workdir / name, images, data_seed, taxonomy, splits=splits, progress=False)
-            (workdir / name / "_done").write_text("")
+            done.write_text(made)
     echo(f"data rendered ({time.monotonic() - start:.0f} s)")
 
     served = _models(Path(checkpoints))

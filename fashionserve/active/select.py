@@ -10,11 +10,12 @@ output (:mod:`fashionserve.bulk.output`), one per garment found. A strategy pick
 * ``kcenter``: k-center greedy on the embeddings (cosine distance), the first centre drawn
   with the seed: each pick the garment farthest from every garment picked, so the batch
   covers the traffic rather than repeating one look;
-* ``hybrid``: k-center greedy where each garment's distance is weighted by its
-  uncertainty (1 - margin), its detector score (a box that is no garment wastes a label)
-  and its predicted class's weight: classes of low recall in ``--recall-report`` (an
-  ``evaluate --report`` ``report.json``) weigh more. Uncertain, different, and where the
-  models are weakest.
+* ``hybrid``: each garment weighs its uncertainty (1 - margin), its detector score (a box
+  that is no garment wastes a label) and its predicted class's weight: classes of low
+  recall in ``--recall-report`` (an ``evaluate --report`` ``report.json``) weigh more. The
+  :data:`HYBRID_SHORTLIST` x ``budget`` heaviest are kept, and k-center greedy, each
+  distance weighted the same way, picks among them (the "diverse mini-batch" recipe of
+  Zhdanov, 2019). Uncertain, different, and where the models are weakest.
 
 Every strategy is deterministic for a seed: candidates are ordered by their key (image
 hash or URI, garment index) before anything is drawn, and ties keep that order.
@@ -46,6 +47,8 @@ Strategy = Literal["margin", "entropy", "kcenter", "hybrid", "random"]
 STRATEGIES: tuple[Strategy, ...] = ("margin", "entropy", "kcenter", "hybrid", "random")
 TaskFormat = Literal["label-studio", "coco"]
 IMAGES_DIR = "images"
+HYBRID_SHORTLIST = 4
+"""``hybrid`` runs k-center over the ``HYBRID_SHORTLIST x budget`` most uncertain garments."""
 CAPTURE_GLOB = f"{FILE_PREFIX}*{FILE_SUFFIX}"
 
 
@@ -203,15 +206,17 @@ def select(
     emb = np.stack([c.embedding for c in pool if c.embedding is not None]).astype(np.float64)
     emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
     if strategy == "kcenter":
-        weight = np.ones(len(pool))
-        first = int(rng.integers(len(pool)))
-    else:
-        w = weights or {}
-        weight = np.array(
-            [(1.0 - c.margin + 1e-3) * c.detector_score * w.get(c.category, 1.0) for c in pool]
-        )
-        first = int(np.argmax(weight))
-    return [pool[i] for i in _kcenter(emb, weight, n, first)]
+        return [pool[i] for i in _kcenter(emb, np.ones(len(pool)), n, int(rng.integers(len(pool))))]
+    w = weights or {}
+    weight = np.array(
+        [(1.0 - c.margin + 1e-3) * c.detector_score * w.get(c.category, 1.0) for c in pool]
+    )
+    # Uncertainty first, then diversity within the uncertain: over the whole pool, k-center
+    # picks what is far from everything (a new product, a stray box) however sure the
+    # models are of it, and labels go where they teach nothing.
+    shortlist = np.argsort(-weight, kind="stable")[: HYBRID_SHORTLIST * n]
+    picked = _kcenter(emb[shortlist], weight[shortlist], n, 0)
+    return [pool[int(shortlist[i])] for i in picked]
 
 
 def _kcenter(emb: np.ndarray, weight: np.ndarray, n: int, first: int) -> list[int]:

@@ -45,7 +45,7 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--workdir", type=Path, required=True, help="data sets and runs go here")
     p.add_argument("--budget", type=int, default=300, help="garments labelled per strategy")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=120, help="fine-tuning steps of the tagger")
+    p.add_argument("--steps", type=int, default=300, help="fine-tuning steps of the tagger")
 
 
 def _select(args: argparse.Namespace) -> int:

@@ -9,7 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fashionserve.active.select import STRATEGIES, read_candidates, run_select, select
+from fashionserve.active.select import (
+    HYBRID_SHORTLIST,
+    STRATEGIES,
+    read_candidates,
+    run_select,
+    select,
+)
 from fashionserve.cli.active import STRATEGIES as CLI_STRATEGIES
 from fashionserve.ensemble import Garment
 from fashionserve.gateway.capture import Capture, Pending
@@ -80,6 +86,17 @@ def test_uncertainty_strategies_pick_the_least_sure(capture_dir: Path) -> None:
     assert min(c.entropy for c in by_entropy) >= max(
         c.entropy for c in candidates if c not in by_entropy
     )
+
+
+def test_hybrid_picks_diverse_garments_among_the_least_sure(capture_dir: Path) -> None:
+    candidates = read_candidates(capture_dir)
+    weight = {c.key: (1.0 - c.margin + 1e-3) * c.detector_score for c in candidates}
+    picked = select(candidates, 5, "hybrid")
+    shortlist = sorted(weight.values(), reverse=True)[: HYBRID_SHORTLIST * 5]
+    assert all(weight[c.key] >= shortlist[-1] for c in picked)
+    assert weight[picked[0].key] == shortlist[0]  # the least sure garment first
+    # k-center, not the top 5 by weight: the picks spread over the shortlist.
+    assert sorted(weight[c.key] for c in picked) != sorted(shortlist[:5])
 
 
 def test_hybrid_favours_classes_of_low_recall(capture_dir: Path, tmp_path: Path) -> None:
