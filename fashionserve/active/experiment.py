@@ -40,7 +40,7 @@ from fashionserve import evaluate, metrics
 from fashionserve.active.select import Strategy, run_select
 from fashionserve.checkpoint import load_checkpoint
 from fashionserve.data.writer import synthesize
-from fashionserve.ensemble import Garment
+from fashionserve.ensemble import MODEL_KINDS, Garment
 from fashionserve.gateway.capture import Capture, Pending
 from fashionserve.gateway.results import ImageOutput
 from fashionserve.gateway.settings import CaptureSettings
@@ -84,13 +84,6 @@ def served_outputs(
         ]
         outputs.append(ImageOutput(img.width, img.height, garments))
     return outputs, served.crops
-
-
-def _models(checkpoints: Path) -> dict[str, nn.Module]:
-    return {
-        kind: load_checkpoint(checkpoints / f"{kind}.pt").build_model().eval()
-        for kind in ("detector", "tagger", "embedder")
-    }
 
 
 def capture_traffic(
@@ -177,7 +170,8 @@ def run_experiment(
     start = time.monotonic()
     taxonomy = load_taxonomy()
     workdir = Path(workdir)
-    trained_on = load_checkpoint(Path(checkpoints) / "tagger.pt").training["data"]["fingerprint"]
+    loaded = {kind: load_checkpoint(Path(checkpoints) / f"{kind}.pt") for kind in MODEL_KINDS}
+    trained_on = loaded["tagger"].training["data"]["fingerprint"]
     data = {
         "replay": (int(trained_on["images"]), int(trained_on["seed"]), None),
         "traffic": (TRAFFIC_PER_LABEL * budget, 101 + seed, ("train",)),
@@ -191,7 +185,7 @@ def run_experiment(
             done.write_text(made)
     echo(f"data rendered ({time.monotonic() - start:.0f} s)")
 
-    served = _models(Path(checkpoints))
+    served: dict[str, nn.Module] = {k: c.build_model().eval() for k, c in loaded.items()}
     traffic = evaluate.load_labels(workdir / "traffic", "train")
     traffic_out, _ = served_outputs(served, traffic)
     capture_traffic(traffic_out, traffic, taxonomy, workdir / "capture")

@@ -21,7 +21,7 @@ from fashionserve.imaging import decode_image, letterbox, square_crop
 from fashionserve.model_repository.python_models.steps import DEFAULT_CROP_MARGIN
 from fashionserve.models.detector import encode_targets
 from fashionserve.taxonomy import Taxonomy
-from fashionserve.train.labels import LabelsError, read_labels, resolve_image
+from fashionserve.train.labels import LabelsError, read_image, read_labels
 
 
 @dataclass
@@ -232,7 +232,7 @@ def load_extra(path: Path, taxonomy: Taxonomy) -> Split:
     if not used:
         raise LabelsError(f"{path}: no labelled garment (every category_path is empty)")
     where = {image: i for i, image in enumerate(used)}
-    encoded = [_image_bytes(path, labels.images[i].file_name) for i in used]
+    encoded = [read_image(path, labels.images[i].file_name) for i in used]
     garments = [
         Garment(
             image=where[b.image],
@@ -244,16 +244,6 @@ def load_extra(path: Path, taxonomy: Taxonomy) -> Split:
         for b in labels.labelled()
     ]
     return Split("extra", [decode_image(e) for e in encoded], garments, labels.info, encoded)
-
-
-def _image_bytes(labels_path: Path, file_name: str) -> bytes:
-    where = resolve_image(labels_path, file_name)
-    try:
-        return where.read_bytes()
-    except OSError as exc:  # a LabelsError names the labels file, a bare OSError does not
-        raise LabelsError(
-            f"{labels_path}: image {file_name}: cannot read {where}: {exc.strerror}"
-        ) from None
 
 
 def mixed(train: Split, extra: Split, share: float = EXTRA_SHARE, products: bool = False) -> Split:

@@ -160,12 +160,20 @@ def _check(path: Path, ann_id: Any, box: LabelBox, taxonomy: Taxonomy) -> None:
             raise LabelsError(f"{where}: unknown {group} labels {unknown}")
 
 
-def resolve_image(labels_path: Path, file_name: str) -> Path:
-    """Where an image reference of the file at ``labels_path`` is on disk."""
+def read_image(labels_path: Path, file_name: str) -> bytes:
+    """The bytes of an image reference of the file at ``labels_path`` (a path relative to
+    that file, or absolute); a reference that cannot be read is a :class:`LabelsError`
+    naming the file, the reference and the path tried."""
     if file_name.startswith("sha256:"):
         raise LabelsError(
             f"{labels_path}: image {file_name} was not kept by the capture "
             "(capture.include_images): put the image's path in file_name"
         )
     ref = Path(file_name)
-    return ref if ref.is_absolute() else Path(labels_path).parent / ref
+    where = ref if ref.is_absolute() else Path(labels_path).parent / ref
+    try:
+        return where.read_bytes()
+    except OSError as exc:
+        raise LabelsError(
+            f"{labels_path}: image {file_name}: cannot read {where}: {exc.strerror}"
+        ) from None
