@@ -7,7 +7,8 @@ where ground truth stands in for the labeller.
    per-class recall report); ``traffic`` (another seed: products the models never saw,
    served as a day's traffic, twenty times the budget or more so that a strategy has
    something to choose from); ``eval`` (a third seed's ``val`` and ``test``: held-out new
-   products, the figure).
+   products, the figure). With ``trend``, traffic and eval show a season the models were
+   not trained on (:data:`fashionserve.data.catalog.TRENDS`); replay stays as trained.
 2. The traffic goes through the served path (the serving steps' own code with the
    checkpoints in PyTorch, :mod:`fashionserve.train.validation`; the same computation as
    Triton's ensemble) and every result is captured by the gateway's capture code
@@ -164,6 +165,7 @@ def run_experiment(
     budget: int,
     seed: int = 0,
     steps: int = 300,
+    trend: str | None = None,
     echo: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
     """Run the loop for each strategy; print and return the table's rows."""
@@ -173,15 +175,17 @@ def run_experiment(
     loaded = {kind: load_checkpoint(Path(checkpoints) / f"{kind}.pt") for kind in MODEL_KINDS}
     trained_on = loaded["tagger"].training["data"]["fingerprint"]
     data = {
-        "replay": (int(trained_on["images"]), int(trained_on["seed"]), None),
-        "traffic": (TRAFFIC_PER_LABEL * budget, 101 + seed, ("train",)),
-        "eval": (EVAL_PLAN_IMAGES, 202 + seed, ("val", "test")),
+        "replay": (int(trained_on["images"]), int(trained_on["seed"]), None, None),
+        "traffic": (TRAFFIC_PER_LABEL * budget, 101 + seed, ("train",), trend),
+        "eval": (EVAL_PLAN_IMAGES, 202 + seed, ("val", "test"), trend),
     }
-    for name, (images, data_seed, splits) in data.items():
+    for name, (images, data_seed, splits, data_trend) in data.items():
         # Rendered once per workdir and parameters: a rerun with another budget re-renders.
-        done, made = workdir / name / "_done", f"{images} images, seed {data_seed}, {splits}"
+        done = workdir / name / "_done"
+        made = f"{images} images, seed {data_seed}, {splits}, trend {data_trend}"
         if not done.exists() or done.read_text() != made:
-            synthesize(workdir / name, images, data_seed, taxonomy, splits=splits, progress=False)
+            synthesize(workdir / name, images, data_seed, taxonomy, splits=splits,
+                       progress=False, trend=data_trend)  # fmt: skip
             done.write_text(made)
     echo(f"data rendered ({time.monotonic() - start:.0f} s)")
 
@@ -237,7 +241,7 @@ def run_experiment(
             }
         )
         echo(f"{name}: done ({time.monotonic() - start:.0f} s)")
-    table = format_table(rows, budget, steps, seed, held_out)
+    table = format_table(rows, budget, steps, seed, trend, held_out)
     echo(table)
     (workdir / "result.json").write_text(json.dumps(rows, indent=2, default=float) + "\n")
     (workdir / "result.md").write_text(table + "\n")
@@ -249,12 +253,13 @@ def format_table(
     budget: int,
     steps: int,
     seed: int,
+    trend: str | None,
     split: evaluate.LabelledSplit,
 ) -> str:
     """The README table."""
     lines = [
-        f"budget {budget} garments per strategy, seed {seed}, tagger fine-tuned {steps} steps; "
-        f"held-out new products: {len(split.images)} scenes, "
+        f"budget {budget} garments per strategy, seed {seed}, tagger fine-tuned {steps} steps, "
+        f"trend {trend or 'none'}; held-out new products: {len(split.images)} scenes, "
         f"{sum(len(i.annotations) for i in split.images)} garments",
         "",
         "| run | garments labelled | category accuracy | exclusive-tag accuracy |",

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from fashionserve.cli.command import add_command, add_group
+from fashionserve.data.catalog import TRENDS
 
 STRATEGIES = ("margin", "entropy", "kcenter", "hybrid", "random")  # active.select.STRATEGIES
 
@@ -46,6 +47,11 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--budget", type=int, default=300, help="garments labelled per strategy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=300, help="fine-tuning steps of the tagger")
+    p.add_argument(
+        "--trend",
+        choices=sorted(TRENDS),
+        help="traffic and held-out products show this trend, which training never had",
+    )
 
 
 def _select(args: argparse.Namespace) -> int:
@@ -69,5 +75,7 @@ def _select(args: argparse.Namespace) -> int:
 def _experiment(args: argparse.Namespace) -> int:
     from fashionserve.active.experiment import run_experiment
 
-    run_experiment(args.checkpoints, args.workdir, args.budget, args.seed, args.steps)
+    run_experiment(
+        args.checkpoints, args.workdir, args.budget, args.seed, args.steps, trend=args.trend
+    )
     return 0

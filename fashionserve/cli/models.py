@@ -19,6 +19,7 @@ from typing import Any
 
 from fashionserve.cli.command import add_command, add_group
 from fashionserve.clients import security
+from fashionserve.data.catalog import TRENDS
 from fashionserve.ensemble import MODEL_KINDS
 
 # Where `repo versions rollout|pin|rollback --triton-admin-header` reads the key of Triton's
@@ -39,6 +40,12 @@ def add_commands(subparsers: Any) -> None:
         type=lambda v: tuple(s for s in v.split(",") if s),
         help="comma-separated splits to write (default: all); e.g. val,test for a "
         "calibration set of new products without rendering train",
+    )
+    p.add_argument(
+        "--trend",
+        choices=sorted(TRENDS),
+        help="draw the products with a trend's sleeve priors: a style the demo models "
+        "never saw (default: none)",
     )
 
     p = add_command(subparsers, "train", _train, "train the detector, tagger and embedder")
@@ -293,6 +300,7 @@ def _synth(args: argparse.Namespace) -> int:
         seed=args.seed,
         taxonomy=load_taxonomy(args.taxonomy),
         splits=args.splits,
+        trend=args.trend,
     )
     return 0
 

@@ -72,6 +72,13 @@ _SLEEVE_PRIOR: dict[str, dict[str, float]] = {
     "jumpsuit": {"sleeveless": 0.35, "short": 0.35, "long": 0.3},
     "coat": {"long": 1.0},
 }
+# A trend: sleeve priors that replace the leaf's above, for data sets that show a season the
+# demo models were never trained on (the active-learning experiment's shifted traffic).
+TRENDS: dict[str, dict[str, dict[str, float]]] = {
+    # Sweaters with short sleeves: a band cuff and a rib hem, like every sweater, on the
+    # sleeve of a t-shirt. The standard catalog has none.
+    "short-sleeve-sweaters": {"sweater": {"short": 0.6, "long": 0.3, "sleeveless": 0.1}},
+}
 # Details that make sense per leaf; each is drawn with probability _DETAIL_P.
 _DETAIL_ALLOWED: dict[str, tuple[str, ...]] = {
     "shirt": ("buttons", "pockets", "bow"),
@@ -129,9 +136,15 @@ def check_taxonomy(taxonomy: Taxonomy) -> None:
         )
 
 
-def make_catalog(taxonomy: Taxonomy, count: int, seed: int) -> list[Product]:
+def make_catalog(
+    taxonomy: Taxonomy, count: int, seed: int, trend: str | None = None
+) -> list[Product]:
     """``count`` products, leaves in turn; (colour, pattern) pairs distinct within a leaf
-    until the pairs run out, so most products differ from each other in their labels."""
+    until the pairs run out, so most products differ from each other in their labels.
+    ``trend``: a key of :data:`TRENDS` whose sleeve priors replace the standard ones."""
+    if trend is not None and trend not in TRENDS:
+        raise CannotRender(f"unknown trend {trend!r}: known are {', '.join(TRENDS)}")
+    sleeve_prior = {**_SLEEVE_PRIOR, **(TRENDS[trend] if trend else {})}
     rng = np.random.default_rng([seed, 0, 1])
     groups = {g.name: g for g in taxonomy.groups}
     colours = list(groups["colour"].labels) if "colour" in groups else ["grey"]
@@ -158,7 +171,7 @@ def make_catalog(taxonomy: Taxonomy, count: int, seed: int) -> list[Product]:
         sleeve_group = groups.get("sleeve")
         sleeve_applies = sleeve_group is not None and taxonomy.group_applies(sleeve_group, path)
         if LEAF_ROOTS[leaf] != "bottom":
-            prior = _SLEEVE_PRIOR[leaf]
+            prior = sleeve_prior[leaf]
             labels = [s for s in prior if sleeve_group is None or s in sleeve_group.labels]
             if not labels:
                 labels = list(sleeve_group.labels) if sleeve_group else ["long"]

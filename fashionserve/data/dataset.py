@@ -61,7 +61,7 @@ class Plan:
     scenes: tuple[SceneSpec, ...]
 
 
-def plan_data_set(images: int, seed: int, taxonomy: Taxonomy) -> Plan:
+def plan_data_set(images: int, seed: int, taxonomy: Taxonomy, trend: str | None = None) -> Plan:
     """The plan of the data set with ``images`` train scenes for ``seed`` and ``taxonomy``.
 
     The catalog holds about a quarter as many training products as train shows garments,
@@ -69,10 +69,10 @@ def plan_data_set(images: int, seed: int, taxonomy: Taxonomy) -> Plan:
     ``max(20, images // 10)`` scenes each, seen ``max(20, images // 20)``. Raises
     :class:`CannotRender` when the taxonomy names
     categories or tags the renderer cannot draw, or when ``images`` is too small for every
-    category to appear.
+    category to appear. ``trend``: see :func:`fashionserve.data.catalog.make_catalog`.
     """
     check_taxonomy(taxonomy)
-    products, scenes = _plan(images, seed, taxonomy)
+    products, scenes = _plan(images, seed, taxonomy, trend)
     return Plan(seed, tuple(products), tuple(scenes))
 
 
@@ -188,7 +188,9 @@ def _assign(
     return [tuple(ids) for ids in images]
 
 
-def _plan(images: int, seed: int, taxonomy: Taxonomy) -> tuple[list[Product], list[SceneSpec]]:
+def _plan(
+    images: int, seed: int, taxonomy: Taxonomy, trend: str | None
+) -> tuple[list[Product], list[SceneSpec]]:
     rng = np.random.default_rng([seed, 0, 0])
     n_leaves = len(taxonomy.leaves)
     counts = _garment_counts(rng, images)
@@ -207,7 +209,7 @@ def _plan(images: int, seed: int, taxonomy: Taxonomy) -> tuple[list[Product], li
         )
     n_new = max(MIN_NEW_PRODUCTS, images // 15)
     # Leaves come in turn in the catalog, so the last n_new products cover every leaf.
-    products = make_catalog(taxonomy, n_train + n_new, seed)
+    products = make_catalog(taxonomy, n_train + n_new, seed, trend)
     train_ids = [p.id for p in products[:n_train]]
     new_products = products[n_train:]
     new_ids = [p.id for p in new_products]

@@ -39,6 +39,7 @@ def synthesize(
     workers: int | None = None,
     progress: bool = True,
     splits: Sequence[str] | None = None,
+    trend: str | None = None,
 ) -> dict[str, Any]:
     """Render the synthetic data set into ``out`` and return a summary.
 
@@ -48,7 +49,9 @@ def synthesize(
     :class:`fashionserve.data.catalog.CannotRender` when the taxonomy names categories or
     tags the renderer cannot draw, or when ``images`` is too small for every category to
     appear, or names an unknown split. ``splits``: only those are written (default: all; the
-    plan, so every image, stays that of the whole data set).
+    plan, so every image, stays that of the whole data set). ``trend``: products drawn
+    with a trend's priors (:data:`fashionserve.data.catalog.TRENDS`), recorded in each
+    split's ``info``.
     """
     splits = SPLITS if splits is None else splits
     unknown = sorted(set(splits) - set(SPLITS))
@@ -56,7 +59,7 @@ def synthesize(
         raise CannotRender(f"splits {unknown or '(none)'} are not among {', '.join(SPLITS)}")
     start = time.monotonic()
     out = Path(out)
-    plan = plan_data_set(images, seed, taxonomy)
+    plan = plan_data_set(images, seed, taxonomy, trend)
     wanted = [s for s in SPLITS if s in splits]
     for split in wanted:
         (out / split / "images").mkdir(parents=True, exist_ok=True)
@@ -72,7 +75,7 @@ def synthesize(
 
     written: dict[str, dict[str, int]] = {}
     for split in wanted:
-        labels = _labels(rows[split], split, seed, taxonomy)
+        labels = _labels(rows[split], split, seed, taxonomy, trend)
         (out / split / "labels.json").write_text(json.dumps(labels, indent=1) + "\n")
         written[split] = {
             "images": len(labels["images"]),
@@ -89,7 +92,9 @@ def synthesize(
     return summary
 
 
-def _labels(rows: list[ImageRow], split: str, seed: int, taxonomy: Taxonomy) -> dict[str, Any]:
+def _labels(
+    rows: list[ImageRow], split: str, seed: int, taxonomy: Taxonomy, trend: str | None
+) -> dict[str, Any]:
     """The COCO-style ``labels.json`` document of one split."""
     categories = [
         {
@@ -120,13 +125,16 @@ def _labels(rows: list[ImageRow], split: str, seed: int, taxonomy: Taxonomy) -> 
                     "product_id": garment.product_id,
                 }
             )
+    info: dict[str, Any] = {
+        "seed": seed,
+        "split": split,
+        "taxonomy_version": taxonomy.version,
+        "taxonomy_hash": taxonomy.hash,
+    }
+    if trend is not None:
+        info["trend"] = trend
     return {
-        "info": {
-            "seed": seed,
-            "split": split,
-            "taxonomy_version": taxonomy.version,
-            "taxonomy_hash": taxonomy.hash,
-        },
+        "info": info,
         "images": image_rows,
         "annotations": ann_rows,
         "categories": categories,

@@ -73,8 +73,8 @@ class Schedule:
 
 SCHEDULES: dict[str, Schedule] = {
     "detector": Schedule(steps=1600, batch=32, lr=3e-3),
-    "tagger": Schedule(steps=1600, batch=128, lr=3e-3),
-    "embedder": Schedule(steps=900, batch=128, lr=3e-3),
+    "tagger": Schedule(steps=1000, batch=128, lr=3e-3),
+    "embedder": Schedule(steps=600, batch=128, lr=3e-3),
 }
 EMBEDDER_K = 4  # instances per product in a P x K batch
 FINE_TUNE_LR = 0.3
@@ -318,7 +318,7 @@ def _detector_params(taxonomy: Taxonomy) -> dict[str, Any]:
         "stem": 16,
         "widths": [24, 48, 96, 128],
         "depth": [1, 2, 2, 2],
-        "neck": 48,
+        "neck": 32,
     }
 
 

@@ -267,3 +267,30 @@ def test_only_the_splits_asked_are_written_with_the_same_bytes(
     assert {k: v for k, v in whole.items() if k.split("/")[0] in ("val", "test")} == files(tmp_path)
     with pytest.raises(CannotRender, match="holdout"):
         synthesize(tmp_path, IMAGES, 0, taxonomy, progress=False, splits=("holdout",))
+
+
+def test_a_trend_draws_sleeves_training_never_had_and_is_recorded(
+    taxonomy: Taxonomy, tmp_path: Path
+) -> None:
+    """``--trend short-sleeve-sweaters``: the active-learning experiment's shifted traffic.
+    The standard catalog has no short-sleeved sweater; the trend's data set has them,
+    labelled as such, and says which trend it shows."""
+
+    def sweater_sleeves(labels: dict[str, Any]) -> collections.Counter[str]:
+        return collections.Counter(
+            a["tags"]["sleeve"]
+            for a in labels["annotations"]
+            if a["category_path"][-1] == "sweater"
+        )
+
+    synthesize(tmp_path / "s", 200, 3, taxonomy, progress=False, splits=("val",))
+    synthesize(tmp_path / "t", 200, 3, taxonomy, progress=False, splits=("val",),
+               trend="short-sleeve-sweaters")  # fmt: skip
+    standard = json.loads((tmp_path / "s" / "val" / "labels.json").read_text())
+    trend = json.loads((tmp_path / "t" / "val" / "labels.json").read_text())
+    assert sweater_sleeves(standard)["short"] == 0 and sum(sweater_sleeves(standard).values())
+    assert sweater_sleeves(trend)["short"] > sum(sweater_sleeves(trend).values()) / 3
+    assert "trend" not in standard["info"]
+    assert trend["info"]["trend"] == "short-sleeve-sweaters"
+    with pytest.raises(CannotRender, match="unknown trend 'neon'"):
+        synthesize(tmp_path / "u", 200, 3, taxonomy, progress=False, trend="neon")

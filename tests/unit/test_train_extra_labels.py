@@ -20,7 +20,7 @@ from fashionserve.train import train_all
 from fashionserve.train.data import load_split
 from fashionserve.train.labels import LabelBox, LabelImage, LabelsError, LabelsFile, write_labels
 
-BUDGET = 0.002  # a smoke schedule: the tagger's 3 steps (of 1600)
+BUDGET = 0.002  # a smoke schedule: the tagger's 2 steps (of 1000)
 LABELLED = 6  # garments the "labeller" completed
 
 
