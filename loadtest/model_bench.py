@@ -101,7 +101,9 @@ def run(checkpoints: Path, device: torch.device, seconds: float) -> list[Row]:
 def image_ceiling(rows: list[Row], precision: str, batch: int, garments: float) -> float:
     """Whole images per second when each model runs at ``batch`` in ``precision``."""
     rate = {r.model: r.items_per_s for r in rows if r.precision == precision and r.batch == batch}
-    return 1.0 / (1.0 / rate["detector"] + garments * (1.0 / rate["tagger"] + 1.0 / rate["embedder"]))
+    return 1.0 / (
+        1.0 / rate["detector"] + garments * (1.0 / rate["tagger"] + 1.0 / rate["embedder"])
+    )
 
 
 def markdown(rows: list[Row], device_name: str, garments: float) -> str:
@@ -134,7 +136,9 @@ def markdown(rows: list[Row], device_name: str, garments: float) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoints", type=Path, default=Path("checkpoints"))
-    parser.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda")
+    parser.add_argument(
+        "--device", default="auto", help="auto (a GPU when there is one), cpu, cuda"
+    )
     parser.add_argument("--seconds", type=float, default=2.0, help="timed per row")
     parser.add_argument("--garments-per-image", type=float, default=GARMENTS_PER_IMAGE)
     parser.add_argument("--json-out", type=Path)
