@@ -175,7 +175,12 @@ def run_experiment(
     loaded = {kind: load_checkpoint(Path(checkpoints) / f"{kind}.pt") for kind in MODEL_KINDS}
     trained_on = loaded["tagger"].training["data"]["fingerprint"]
     data = {
-        "replay": (int(trained_on["images"]), int(trained_on["seed"]), None, None),
+        "replay": (
+            int(trained_on["images"]),
+            int(trained_on["seed"]),
+            None,
+            trained_on.get("trend"),
+        ),
         "traffic": (TRAFFIC_PER_LABEL * budget, 101 + seed, ("train",), trend),
         "eval": (EVAL_PLAN_IMAGES, 202 + seed, ("val", "test"), trend),
     }

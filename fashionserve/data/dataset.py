@@ -59,6 +59,7 @@ class Plan:
     seed: int
     products: tuple[Product, ...]
     scenes: tuple[SceneSpec, ...]
+    trend: str | None = None  # a key of catalog.TRENDS the products were drawn with
 
 
 def plan_data_set(images: int, seed: int, taxonomy: Taxonomy, trend: str | None = None) -> Plan:
@@ -73,7 +74,7 @@ def plan_data_set(images: int, seed: int, taxonomy: Taxonomy, trend: str | None 
     """
     check_taxonomy(taxonomy)
     products, scenes = _plan(images, seed, taxonomy, trend)
-    return Plan(seed, tuple(products), tuple(scenes))
+    return Plan(seed, tuple(products), tuple(scenes), trend)
 
 
 def render_planned(

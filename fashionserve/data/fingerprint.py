@@ -1,7 +1,8 @@
 """The fingerprint of a synthetic data set: what a checkpoint records of the data it was
 trained on, so that a test can tell when the renderer no longer makes that data.
 
-A fingerprint names the seed, the number of train images and the taxonomy, and holds two
+A fingerprint names the seed, the number of train images, the trend if the set was drawn
+with one, and the taxonomy, and holds two
 hashes: one of the *plan* (the catalog and which products every scene of every split
 shows) and one of a fixed *sample* of train scenes (their JPEG bytes and labels). The
 sample is small enough to re-render in a second, and any change to the catalog, the scene
@@ -49,16 +50,17 @@ def written_fingerprint(data: Path, taxonomy: Taxonomy | None = None) -> dict[st
     if "seed" not in train.info:
         raise NotSynthetic(f"{data}/train/labels.json names no seed: not a `data synth` set")
     images = len(train.samples)
-    plan = plan_data_set(images, int(train.info["seed"]), taxonomy or load_taxonomy())
+    seed, trend = int(train.info["seed"]), train.info.get("trend")
+    plan = plan_data_set(images, seed, taxonomy or load_taxonomy(), trend)
     wanted = set(sample_indices(images))
     return _fingerprint(plan, images, [s for s in train.samples if s.index in wanted])
 
 
 def rendered_fingerprint(
-    images: int, seed: int, taxonomy: Taxonomy | None = None
+    images: int, seed: int, taxonomy: Taxonomy | None = None, trend: str | None = None
 ) -> dict[str, Any]:
-    """The fingerprint of the data set ``images``/``seed``, rendered now."""
-    plan = plan_data_set(images, seed, taxonomy or load_taxonomy())
+    """The fingerprint of the data set ``images``/``seed`` (and ``trend``), rendered now."""
+    plan = plan_data_set(images, seed, taxonomy or load_taxonomy(), trend)
     wanted = set(sample_indices(images))
     specs = [s for s in plan.scenes if s.split == "train" and s.index in wanted]
     return _fingerprint(plan, images, list(render_specs(plan, specs)))
@@ -74,13 +76,16 @@ def _fingerprint(plan: Plan, images: int, samples: Iterable[Sample]) -> dict[str
     for sample in sorted(samples, key=lambda s: s.index):
         sample_hash.update(sample.image)
         sample_hash.update(_canonical([_label(g) for g in sample.garments]))
-    return {
+    fingerprint: dict[str, Any] = {
         "seed": plan.seed,
         "images": images,
         "plan_sha256": plan_hash.hexdigest(),
         "sample_indices": sample_indices(images),
         "sample_sha256": sample_hash.hexdigest(),
     }
+    if plan.trend is not None:  # absent otherwise: fingerprints made before trends still match
+        fingerprint["trend"] = plan.trend
+    return fingerprint
 
 
 def _label(garment: GroundTruth) -> dict[str, Any]:

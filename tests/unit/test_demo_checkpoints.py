@@ -38,7 +38,9 @@ def test_the_renderer_still_makes_the_data_the_checkpoints_were_trained_on(
     trained_on: dict[str, dict],
 ) -> None:
     recorded = trained_on["tagger"]
-    now = rendered_fingerprint(recorded["images"], recorded["seed"], load_taxonomy())
+    now = rendered_fingerprint(
+        recorded["images"], recorded["seed"], load_taxonomy(), recorded.get("trend")
+    )
     assert now["plan_sha256"] == recorded["plan_sha256"], (
         "the catalog or the scene plan changed: the committed checkpoints were trained on "
         "another data set; retrain them"

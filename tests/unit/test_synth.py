@@ -11,6 +11,7 @@ import pytest
 
 from fashionserve.data.catalog import CannotRender
 from fashionserve.data.dataset import render_samples
+from fashionserve.data.fingerprint import rendered_fingerprint, written_fingerprint
 from fashionserve.data.reader import read_split
 from fashionserve.data.scenes import SPLITS
 from fashionserve.data.writer import synthesize
@@ -294,3 +295,13 @@ def test_a_trend_draws_sleeves_training_never_had_and_is_recorded(
     assert trend["info"]["trend"] == "short-sleeve-sweaters"
     with pytest.raises(CannotRender, match="unknown trend 'neon'"):
         synthesize(tmp_path / "u", 200, 3, taxonomy, progress=False, trend="neon")
+
+
+def test_a_trend_data_set_fingerprints_as_itself(taxonomy: Taxonomy, tmp_path: Path) -> None:
+    """A model trained on a trend's data records a fingerprint that re-renders with the
+    trend (and differs from the standard data set of the same seed)."""
+    synthesize(tmp_path, 24, 5, taxonomy, progress=False, trend="short-sleeve-sweaters")
+    written = written_fingerprint(tmp_path, taxonomy)
+    assert written["trend"] == "short-sleeve-sweaters"
+    assert written == rendered_fingerprint(24, 5, taxonomy, "short-sleeve-sweaters")
+    assert written["plan_sha256"] != rendered_fingerprint(24, 5, taxonomy)["plan_sha256"]
